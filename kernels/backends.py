@@ -1,0 +1,36 @@
+"""Run-time detection of DeepSeek's optional GPU kernel libraries.
+
+DeepGEMM, FlashMLA and DeepEP are installed from their upstream sources on Hopper nodes (their
+PyPI uploads do not build). This module answers "is backend X usable for this tensor?" once per
+process; everything else falls back to the reference torch kernels.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+_DISABLE = {s.strip() for s in os.environ.get("RAYINFER_DISABLE_BACKENDS", "").split(",") if s.strip()}
+
+
+@functools.cache
+def module(name: str):
+    """The imported backend module, or None when absent, disabled, or without a Hopper GPU."""
+    if name in _DISABLE or not torch.cuda.is_available():
+        return None
+    if torch.cuda.get_device_capability()[0] < 9:
+        return None
+    try:
+        return importlib.import_module(name)
+    except Exception:  # a broken install must not take the reference path down with it
+        return None
+
+
+def usable(name: str, *tensors: torch.Tensor) -> bool:
+    return all(t.is_cuda for t in tensors) and module(name) is not None
+
+
+def available() -> dict[str, bool]:
+    return {n: module(n) is not None for n in ("deep_gemm", "flash_mla", "deep_ep")}

@@ -1,0 +1,29 @@
+"""Grouped expert FFN: `down(silu(gate(x)) * up(x))` over tokens sorted by expert.
+
+Rows of `x` arrive grouped by local expert slot (`counts[s]` rows for slot s, in slot order).
+The reference runs one fused gate/up matmul and one down matmul per non-empty slot; the
+DeepGEMM backend would run the same as one grouped FP8 GEMM over 128-aligned segments.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rayinfer.kernels import fp8
+
+
+def grouped_ffn(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor,
+                w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, H] grouped by slot; w13 [S, 2I, H] (gate rows then up rows); w2 [S, H, I] -> [N, H]."""
+    assert len(counts) == w13.shape[0] and sum(counts) == x.shape[0]
+    out = torch.empty(x.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for s, n in enumerate(counts):
+        if n == 0:
+            continue
+        seg = x[start:start + n]
+        h = fp8.linear(seg, w13[s], None if w13_scale is None else w13_scale[s])  # [n, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        out[start:start + n] = fp8.linear(F.silu(gate) * up, w2[s], None if w2_scale is None else w2_scale[s])
+        start += n
+    return out

@@ -1,0 +1,1 @@
+"""One rank's engine: sequences, scheduler, paged block manager, model runner, sampler, step loop."""

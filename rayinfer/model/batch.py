@@ -1,0 +1,84 @@
+"""The model's input contract for one forward step: ragged sequences flattened into rows.
+
+Sequence i owns rows [query_start[i], query_start[i+1]) of the step's tokens: its `query_lens[i]`
+new tokens, which sit at the end of a context of `context_lens[i]` tokens. With a paged cache
+(`kv_caches`, one [pages, 64, D] tensor per layer), new tokens' latents are written to
+`slot_mapping` rows and earlier context is read through `block_tables`. Without a cache every
+sequence is self-contained (query_len == context_len). The engine builds one per step; the
+grouping of sequences into attention paths is derived here once, not once per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rayinfer.kernels.mla import PAGE_SIZE
+
+
+@dataclass
+class ForwardBatch:
+    positions: torch.Tensor  # [T] int64
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: torch.Tensor | None = None  # [B, max_pages] int64
+    slot_mapping: torch.Tensor | None = None  # [T] int64, page * 64 + offset
+    kv_caches: list[torch.Tensor] | None = None  # per layer [pages, 64, kv_cache_dim]
+    # Derived once per step:
+    decode_rows: torch.Tensor | None = field(default=None, init=False)  # [Bd] row of each decode sequence
+    decode_seqs: list[int] = field(default_factory=list, init=False)
+    prefill_groups: list["PrefillGroup"] = field(default_factory=list, init=False)
+
+    def __post_init__(self):
+        assert len(self.query_lens) == len(self.context_lens)
+        starts, s = [], 0
+        for q in self.query_lens:
+            starts.append(s)
+            s += q
+        assert s == self.positions.shape[0], "positions must cover every query row"
+        self.num_tokens = s
+        cached = self.kv_caches is not None
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens)):
+            assert q <= c and (cached or q == c), f"sequence {i}: query {q} vs context {c}"
+            if q == 0:
+                continue
+            if cached and q == 1:
+                self.decode_seqs.append(i)
+            else:
+                by_shape.setdefault((q, c), []).append(i)
+        dev = self.positions.device
+        if self.decode_seqs:
+            self.decode_rows = torch.tensor([starts[i] for i in self.decode_seqs], device=dev)
+        for (q, c), seqs in by_shape.items():
+            rows = torch.tensor([[starts[i] + j for j in range(q)] for i in seqs], device=dev)  # [G, q]
+            ctx_rows = None
+            if cached:
+                pos = torch.arange(c, device=dev)
+                pages = self.block_tables[seqs][:, pos // PAGE_SIZE]  # [G, c]
+                ctx_rows = pages * PAGE_SIZE + pos % PAGE_SIZE
+            self.prefill_groups.append(PrefillGroup(q, c, rows, ctx_rows))
+
+    @staticmethod
+    def dense(batch: int, length: int, device="cpu") -> "ForwardBatch":
+        """B equal-length sequences, no cache: the full-sequence forward."""
+        pos = torch.arange(length, device=device).repeat(batch)
+        return ForwardBatch(pos, [length] * batch, [length] * batch)
+
+    def last_rows(self) -> torch.Tensor:
+        """Row of each sequence's last new token (where its next-token logits come from)."""
+        ends, s = [], 0
+        for q in self.query_lens:
+            s += q
+            ends.append(s - 1)
+        return torch.tensor(ends, device=self.positions.device)
+
+
+@dataclass
+class PrefillGroup:
+    """Sequences with the same (query_len, context_len), attended together by the naive path."""
+
+    query_len: int
+    context_len: int
+    rows: torch.Tensor  # [G, q] rows of the step's tokens
+    ctx_rows: torch.Tensor | None  # [G, c] flat cache rows of the whole context, when cached

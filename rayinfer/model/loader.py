@@ -1,0 +1,233 @@
+"""Loading Hugging Face safetensors checkpoints into `DeepseekV3`.
+
+Owns the mapping from checkpoint tensor names to model parameters: HF per-expert tensors are
+stacked into slots, `model.layers.{N+k}` becomes MTP module k, FP8 weights (`weight` +
+`weight_scale_inv`, 128x128 blocks) are dequantised (or kept in FP8 where asked and aligned).
+Single-file, sharded (`model.safetensors.index.json`) and unindexed multi-file checkpoints load
+the same way. Only the tensors the instance needs are read: a rank holding a subset of experts
+never touches the other experts' bytes. Any missing or unexpected tensor is an error that lists them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+
+from rayinfer.config import ModelConfig
+from rayinfer.kernels import fp8
+from rayinfer.model.deepseek_v3 import DeepseekV3
+
+_EXPERT = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint on disk does not match the model its config.json describes."""
+
+
+@dataclass
+class LoadReport:
+    read_keys: set[str] = field(default_factory=set)
+    bytes_read: int = 0
+
+
+def checkpoint_index(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file holding it."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {path!r}")
+    out = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), "pt") as f:
+            out.update({k: os.path.join(path, name) for k in f.keys()})
+    return out
+
+
+def _model_name(key: str, num_layers: int) -> str | None:
+    """Checkpoint tensor name -> our parameter name (None: a known tensor we deliberately skip)."""
+    name = key[len("model."):] if key.startswith("model.") else key
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= num_layers:
+        rest = m.group(2)
+        if rest.startswith("embed_tokens."):
+            return None  # MTP modules share the main embedding
+        name = f"mtp.{int(m.group(1)) - num_layers}.{rest}"
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    return name
+
+
+class _Reader:
+    """Opens each file once and reads tensors by name, counting what it read."""
+
+    def __init__(self, index: dict[str, str], report: LoadReport):
+        self.index, self.report, self.handles = index, report, {}
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self.index[key]
+        if path not in self.handles:
+            self.handles[path] = safe_open(path, "pt", device="cpu")
+        t = self.handles[path].get_tensor(key)
+        self.report.read_keys.add(key)
+        self.report.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+def load_weights(model: DeepseekV3, path: str, keep_fp8: bool = False, progress: bool = False) -> LoadReport:
+    cfg = model.cfg
+    index = checkpoint_index(path)
+    report = LoadReport()
+    reader = _Reader(index, report)
+    params = dict(model.named_parameters())
+    slots = _expert_slots(model)  # (layer, logical expert) -> [(RoutedExperts, slot)]
+    filled: set[str] = set()
+    unexpected, experts_seen = [], set()
+    moe_layers = {moe.layer_idx for moe in model.moe_layers}
+    keys = [k for k in index if not k.endswith("_scale_inv")]
+    for key in _progress(keys, progress, "loading weights"):
+        name = _model_name(key, cfg.num_hidden_layers)
+        if name is None:
+            continue
+        m = _EXPERT.match(name)
+        if m:
+            layer = int(m.group(2)) + (cfg.num_hidden_layers if m.group(1) == "mtp" else 0)
+            expert, proj = int(m.group(3)), m.group(4)
+            if layer not in moe_layers or expert >= cfg.n_routed_experts:
+                unexpected.append(key)
+                continue
+            experts_seen.add((layer, expert, proj))
+            for experts, s in slots.get((layer, expert), []):
+                _load_expert(experts, s, proj, key, reader, index)
+            continue
+        if name not in params:
+            unexpected.append(key)
+            continue
+        _load_param(model, name, params[name], key, reader, index, keep_fp8)
+        filled.add(name)
+    missing = [_hf_name(n, cfg.num_hidden_layers) for n in params if n not in filled and not _is_expert_param(n)]
+    missing += [f"layer {layer} expert {e} {p}" for (layer, e) in slots for p in ("gate_proj", "up_proj", "down_proj")
+                if (layer, e, p) not in experts_seen]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path!r} does not match its config: "
+                              f"missing {_listing(missing)}; unexpected {_listing(unexpected)}")
+    return report
+
+
+def _hf_name(name: str, num_layers: int) -> str:
+    """Our parameter name -> its checkpoint tensor name (inverse of `_model_name`)."""
+    if name.startswith("mtp."):
+        k, rest = name[4:].split(".", 1)
+        name = f"layers.{num_layers + int(k)}.{rest}"
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _listing(items: list[str]) -> str:
+    if not items:
+        return "none"
+    head = ", ".join(items[:12])
+    return f"{len(items)} ({head}{', ...' if len(items) > 12 else ''})"
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="tensor")
+
+
+def _is_expert_param(name: str) -> bool:
+    return name.endswith(".experts.w13") or name.endswith(".experts.w2")
+
+
+def _expert_slots(model: DeepseekV3) -> dict[tuple[int, int], list]:
+    out: dict[tuple[int, int], list] = {}
+    for moe in model.moe_layers:
+        for s, logical in enumerate(moe.experts.logical_ids):
+            out.setdefault((moe.layer_idx, logical), []).append((moe.experts, s))
+    return out
+
+
+def _read(key: str, reader: _Reader, index: dict[str, str], dtype: torch.dtype, keep_fp8: bool):
+    """(tensor, fp8 scale or None): FP8 tensors are dequantised unless kept."""
+    t = reader.get(key)
+    scale_key = key + "_scale_inv"
+    if t.dtype != fp8.FP8:
+        return t.to(dtype), None
+    if scale_key not in index:
+        raise CheckpointError(f"FP8 tensor {key!r} has no {scale_key!r}")
+    scale = reader.get(scale_key).float()
+    aligned = all(d % fp8.BLOCK == 0 for d in t.shape)
+    if keep_fp8 and aligned:
+        return t, scale
+    return fp8.dequantize_weight_blocks(t, scale, dtype), None
+
+
+def _load_param(model, name, param, key, reader, index, keep_fp8):
+    # The routing bias stays fp32: it decides expert selection among close scores.
+    dtype = torch.float32 if name.endswith("e_score_correction_bias") else param.dtype
+    t, scale = _read(key, reader, index, dtype, keep_fp8)
+    if tuple(t.shape) != tuple(param.shape):
+        raise CheckpointError(f"tensor {key!r} has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}")
+    if scale is not None:
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        param.data = t.to(param.device)
+        module.weight_scale_inv = scale.to(param.device)
+    else:
+        param.data = t.to(param.device) if dtype != param.dtype else param.data.copy_(t)
+
+
+def _load_expert(experts, slot: int, proj: str, key, reader, index):
+    inter = experts.w2.shape[2]
+    dst, rows = (experts.w2, slice(None)) if proj == "down_proj" else \
+        (experts.w13, slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter))
+    t, _ = _read(key, reader, index, dst.dtype, keep_fp8=False)
+    want = tuple(dst[slot, rows].shape)
+    if tuple(t.shape) != want:
+        raise CheckpointError(f"tensor {key!r} has shape {tuple(t.shape)}, the config implies {want}")
+    with torch.no_grad():
+        dst[slot, rows].copy_(t)
+
+
+def load_model(path_or_preset: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               local_experts: dict[int, list[int]] | None = None, keep_fp8: bool = False,
+               progress: bool = False) -> DeepseekV3:
+    """A ready model from a checkpoint directory or a built-in preset name ("tiny", "small")."""
+    from rayinfer.model.presets import resolve_model_path
+
+    path = resolve_model_path(path_or_preset)
+    cfg = ModelConfig.from_file(path)
+    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in checkpoint_index(path)):
+        # Declared but not shipped (transformers' save_pretrained drops it): serve without MTP.
+        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    with torch.device(device):
+        model = DeepseekV3(cfg, local_experts).to(dtype)
+    load_weights(model, path, keep_fp8=keep_fp8, progress=progress)
+    model.checkpoint_path = path
+    return model.eval().requires_grad_(False)
+
+
+def to_hf_state_dict(model: DeepseekV3) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face checkpoint names (experts unstacked, MTP as layer N+k)."""
+    n = model.cfg.num_hidden_layers
+    out = {}
+    for name, t in model.state_dict().items():
+        if not _is_expert_param(name):
+            out[_hf_name(name, n)] = t
+    for moe in model.moe_layers:
+        inter = moe.experts.w2.shape[2]
+        for s, e in enumerate(moe.experts.logical_ids):
+            pre = f"model.layers.{moe.layer_idx}.mlp.experts.{e}."
+            out[pre + "gate_proj.weight"] = moe.experts.w13[s, :inter]
+            out[pre + "up_proj.weight"] = moe.experts.w13[s, inter:]
+            out[pre + "down_proj.weight"] = moe.experts.w2[s]
+    return {k: v.contiguous() for k, v in out.items()}

@@ -1,0 +1,102 @@
+"""Mixture-of-experts: the routing gate, the routed experts a model instance holds, the MoE layer.
+
+Gate (noaux_tc): sigmoid scores; `e_score_correction_bias` is added for expert *selection* only;
+group score = sum of each group's top-2 biased scores; the top `topk_group` groups stay eligible;
+weights are the unbiased scores of the chosen experts, normalised and scaled by
+`routed_scaling_factor`. A model instance may hold only some experts: `RoutedExperts` owns a
+list of slots, each holding one logical expert's weights. Which slot a token goes to, and how it
+gets there (local call or all-to-all), is decided by the parallel context passed to `forward`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rayinfer.config import ModelConfig
+from rayinfer.kernels.moe import grouped_ffn
+from rayinfer.model.layers import MLP
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        bias = torch.empty(cfg.n_routed_experts) if cfg.topk_method == "noaux_tc" else None
+        self.e_score_correction_bias = nn.Parameter(bias) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, K] fp32, logical expert ids [T, K])."""
+        cfg = self.cfg
+        logits = torch.nn.functional.linear(x.float(), self.weight.float())  # [T, E]
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        if cfg.n_group > 1 and cfg.topk_method != "greedy":
+            grouped = choice.view(x.shape[0], cfg.n_group, -1)  # [T, G, E/G]
+            if self.e_score_correction_bias is not None:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
+            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1)
+        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, K]
+        weights = scores.gather(1, idx)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, idx
+
+
+class RoutedExperts(nn.Module):
+    """Expert weights stacked by local slot: w13 [S, 2I, H] (gate rows, then up rows), w2 [S, H, I]."""
+
+    def __init__(self, cfg: ModelConfig, logical_ids: list[int]):
+        super().__init__()
+        s, h, i = len(logical_ids), cfg.hidden_size, cfg.moe_intermediate_size
+        self.logical_ids = list(logical_ids)
+        self.w13 = nn.Parameter(torch.empty(s, 2 * i, h))
+        self.w2 = nn.Parameter(torch.empty(s, h, i))
+        self.w13_scale: torch.Tensor | None = None  # FP8 block scales, when kept in FP8
+        self.w2_scale: torch.Tensor | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.logical_ids)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; slots [N, K] local slot per choice (-1: not here); weights [N, K] -> weighted sum [N, H]."""
+        n, k = slots.shape
+        flat = slots.reshape(-1)
+        valid = (flat >= 0).nonzero().squeeze(1)  # [M] (token, choice) pairs served here
+        order = flat[valid].argsort(stable=True)
+        pair = valid[order]
+        counts = torch.bincount(flat[pair], minlength=self.num_slots).tolist()
+        token = pair // k
+        y = grouped_ffn(x[token], counts, self.w13, self.w2, self.w13_scale, self.w2_scale)  # [M, H]
+        y = y * weights.reshape(-1)[pair].unsqueeze(1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, logical_ids: list[int] | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        ids = list(range(cfg.n_routed_experts)) if logical_ids is None else logical_ids
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(cfg, ids)
+        shared = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, shared) if shared else None
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        """x [T, H] -> [T, H]. Without a parallel context every expert must be local, slot == logical id."""
+        weights, idx = self.gate(x)
+        if ctx is None:
+            assert self.experts.logical_ids == list(range(self.gate.weight.shape[0])), \
+                "this model holds a subset of experts: pass the parallel context that reaches the others"
+            routed = self.experts(x, idx, weights)
+        else:
+            routed = ctx.routed_experts(self.layer_idx, self.experts, x, idx, weights)
+        return routed + self.shared(x)

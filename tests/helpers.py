@@ -1,0 +1,95 @@
+"""Test helpers: random tiny DeepSeek-V3 checkpoints written by transformers, FP8 conversion, paged runs."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rayinfer.kernels import fp8
+from rayinfer.kernels.mla import PAGE_SIZE
+from rayinfer.model import ForwardBatch
+
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, n_group=2,
+            topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=512,
+            routed_scaling_factor=2.5, bos_token_id=0, eos_token_id=1)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
+
+
+def hf_checkpoint(path: str, seed: int = 0, **overrides):
+    """Builds a random DeepseekV3ForCausalLM with transformers, saves it with save_pretrained; returns the model."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(BASE, **overrides)
+    kw.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0})
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**kw)).eval()
+    with torch.no_grad():
+        # O(1) activations everywhere, so every component (and any bug in it) shows in the logits.
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0)
+            elif name.endswith("gate.weight"):
+                p.normal_(0.0, 0.1)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand(b.shape) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def quantize_checkpoint_fp8(src: str, dst: str, dequant_dst: str) -> None:
+    """Rewrites a checkpoint the way DeepSeek stores FP8: linear `weight` as e4m3 + fp32 `weight_scale_inv`
+    per 128x128 block, into `dst`; and the dequantised weights (what the FP8 checkpoint really holds)
+    as a plain checkpoint into `dequant_dst`."""
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out, dequant = {}, {}
+    for k, t in tensors.items():
+        linear = t.dim() == 2 and (k.endswith("proj.weight") or k.endswith("proj_with_mqa.weight"))
+        if linear:
+            q, s = fp8.quantize_weight_blocks(t)
+            out[k], out[k.replace(".weight", ".weight_scale_inv")] = q, s
+            dequant[k] = fp8.dequantize_weight_blocks(q, s)
+        else:
+            out[k] = dequant[k] = t
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    for path, tensors, extra in ((dequant_dst, dequant, {}), (dst, out, {"quantization_config": {
+            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}})):
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(dict(cfg, **extra), f)
+
+
+class PagedCache:
+    """A minimal paged latent cache: each sequence gets its own contiguous run of pages."""
+
+    def __init__(self, model, seq_capacity: list[int]):
+        cfg = model.cfg
+        pages = [-(-n // PAGE_SIZE) for n in seq_capacity]
+        dtype = next(model.parameters()).dtype
+        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        self.kv = [torch.zeros(sum(pages), PAGE_SIZE, cfg.kv_cache_dim, dtype=dtype) for _ in range(n_layers)]
+        width = max(pages)
+        table, start = [], 0
+        for p in pages:
+            table.append(list(range(start, start + p)) + [0] * (width - p))
+            start += p
+        self.block_tables = torch.tensor(table)
+
+    def batch(self, seqs: list[int], starts: list[int], lens: list[int]) -> ForwardBatch:
+        """Sequences `seqs` each add `lens[i]` tokens at positions starting `starts[i]`."""
+        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
+        table = self.block_tables[seqs]
+        slots = torch.cat([table[i, torch.arange(s, s + n) // PAGE_SIZE] * PAGE_SIZE + torch.arange(s, s + n) % PAGE_SIZE
+                           for i, (s, n) in enumerate(zip(starts, lens))])
+        return ForwardBatch(pos, list(lens), [s + n for s, n in zip(starts, lens)], table, slots, self.kv)

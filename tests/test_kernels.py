@@ -1,0 +1,73 @@
+"""Reference kernels against straightforward formulas."""
+import torch
+import torch.nn.functional as F
+
+from rayinfer.kernels import fp8
+from rayinfer.kernels.mla import PAGE_SIZE, mla_decode
+from rayinfer.kernels.moe import grouped_ffn
+
+
+def test_fp8_block_roundtrip_and_layout():
+    w = torch.randn(300, 200) * torch.logspace(-2, 1, 200)  # columns of very different scale
+    q, s = fp8.quantize_weight_blocks(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2) and s.dtype == torch.float32
+    back = fp8.dequantize_weight_blocks(q, s)
+    # e4m3 keeps 3 mantissa bits: relative error per element <= 2^-4 of the block max
+    for bi in range(3):
+        for bj in range(2):
+            blk = (slice(bi * 128, (bi + 1) * 128), slice(bj * 128, (bj + 1) * 128))
+            assert (back[blk] - w[blk]).abs().max() <= w[blk].abs().max() / 16
+    assert torch.allclose(s[0, 0], w[:128, :128].abs().max() / 448)
+
+
+def test_fp8_activation_groups_and_linear():
+    x = torch.randn(5, 256)
+    xq, xs = fp8.quantize_act_groups(x)
+    assert xs.shape == (5, 2)
+    err = (xq.float().view(5, 2, 128) * xs[..., None] - x.view(5, 2, 128)).abs().amax(-1)  # [5, 2]
+    assert (err <= x.view(5, 2, 128).abs().amax(-1) / 16).all()
+    w = torch.randn(64, 256)
+    wq, ws = fp8.quantize_weight_blocks(w)
+    assert torch.allclose(fp8.linear(x, wq, ws), x @ fp8.dequantize_weight_blocks(wq, ws).T, atol=1e-5)
+    assert torch.equal(fp8.linear(x, w), F.linear(x, w))
+
+
+def _attend(q, keys, dv, scale):
+    """q [s_q, h, D] over keys [S, D]: plain causal softmax attention, the last s_q keys being the queries'."""
+    s_q, s = q.shape[0], keys.shape[0]
+    scores = torch.einsum("qhd,sd->qhs", q, keys) * scale
+    mask = torch.ones(s_q, s, dtype=torch.bool).tril(s - s_q)
+    return torch.einsum("qhs,sr->qhr", scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1), keys[:, :dv])
+
+
+def test_mla_decode_over_scattered_pages():
+    g = torch.Generator().manual_seed(0)
+    h, d, dv, lens = 4, 40, 32, [1, 64, 65, 150]
+    n_pages = sum(-(-n // PAGE_SIZE) for n in lens) + 3
+    cache = torch.randn(n_pages, PAGE_SIZE, d, generator=g)
+    perm = torch.randperm(n_pages, generator=g).tolist()  # pages deliberately out of order
+    width = max(-(-n // PAGE_SIZE) for n in lens)
+    table, seqs = [], []
+    for n in lens:
+        pages = [perm.pop() for _ in range(-(-n // PAGE_SIZE))]
+        table.append(pages + [0] * (width - len(pages)))
+        seqs.append(cache[pages].view(-1, d)[:n])
+    for s_q in (1, 2):
+        q = torch.randn(len(lens), s_q, h, d, generator=g)
+        out = mla_decode(q, cache, torch.tensor(table), torch.tensor(lens), dv, 0.3)
+        for b, keys in enumerate(seqs):
+            if keys.shape[0] >= s_q:
+                assert torch.allclose(out[b], _attend(q[b], keys, dv, 0.3), atol=1e-5)
+
+
+def test_grouped_ffn_matches_per_token():
+    g = torch.Generator().manual_seed(1)
+    s, h, i = 3, 16, 8
+    w13, w2 = torch.randn(s, 2 * i, h, generator=g), torch.randn(s, h, i, generator=g)
+    counts = [2, 0, 3]
+    x = torch.randn(5, h, generator=g)
+    out = grouped_ffn(x, counts, w13, w2)
+    slot_of_row = [0, 0, 2, 2, 2]
+    for r, e in enumerate(slot_of_row):
+        gate, up = (w13[e] @ x[r]).chunk(2)
+        assert torch.allclose(out[r], w2[e] @ (F.silu(gate) * up), atol=1e-5)
