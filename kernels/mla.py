@@ -26,6 +26,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     kv = kv_cache[block_table].view(b, -1, d)  # [B, M*64, D]
     lens = cache_seqlens.to(kv.device).long()
     key_pos = torch.arange(kv.shape[1], device=kv.device)  # [S]
+    # Rows past a sequence's length hold whatever the page held; zero them so 0-weight x garbage stays 0.
+    kv.masked_fill_((key_pos[None, :] >= lens[:, None])[..., None], 0)
     limit = lens[:, None] - s_q + 1 + torch.arange(s_q, device=kv.device)[None] if causal else \
         lens[:, None].expand(b, s_q)  # [B, s_q] keys visible to each query
     visible = key_pos[None, None, :] < limit[:, :, None]  # [B, s_q, S]

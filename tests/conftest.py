@@ -3,3 +3,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+# The tiny preset's ops are far too small to gain from intra-op threads, and on a 2-core machine
+# shared with Ray rank processes, spinning OpenMP workers slow every op down by 10x or more.
+torch.set_num_threads(int(os.environ.get("RAYINFER_TEST_THREADS", "1")))

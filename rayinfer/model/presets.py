@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from rayinfer.config import ModelConfig
 
-REVISION = "r1"  # bump when preset weights or files change, so stale caches are not reused
+REVISION = "r2"  # bump when preset weights or files change, so stale caches are not reused
 BOS, EOS, PAD, USER, ASSISTANT = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>",
                                   "<｜User｜>", "<｜Assistant｜>")
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT]  # ids 0..4; byte b is id len(SPECIAL_TOKENS) + b
@@ -117,6 +117,10 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:  # projections, expert stacks: fan-in scaled
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            if name.endswith("lm_head.weight") or name.endswith("shared_head.head.weight"):
+                # Favour printable ASCII so random outputs read as (gibberish) text, not broken UTF-8.
+                first = len(SPECIAL_TOKENS)
+                p[first + 32:first + 127] *= 3
 
 
 def save_checkpoint(tensors: dict[str, torch.Tensor], config: dict, path: str, shards: int = 1) -> None:

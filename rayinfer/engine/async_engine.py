@@ -1,0 +1,101 @@
+"""Drives an `Engine` from a background thread so asyncio code can stream a request's deltas.
+
+`async for delta in engine.stream(request)` submits the request and yields its deltas as steps
+produce them; leaving the loop early (a client went away) aborts the request. The step thread
+sleeps while there is no work, so an idle engine costs no CPU. All engine calls happen on that
+thread; other threads only enqueue commands.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import AsyncIterator
+
+from rayinfer.engine.engine import Engine
+from rayinfer.messages import Delta, EngineRequest
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="rayinfer-engine", daemon=True)
+        self._thread.start()
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        q: asyncio.Queue = asyncio.Queue()
+        self._submit(("add", request, asyncio.get_running_loop(), q))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._submit(("abort", request.request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _submit(self, cmd) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    def _deliver(self, rid: str, item) -> None:
+        target = self._streams.get(rid)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                del self._streams[rid]
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, req, loop, q = cmd
+                self._streams[req.request_id] = (loop, q)
+                try:
+                    self.engine.add_request(req)
+                except ValueError as e:
+                    self._deliver(req.request_id, e)
+            else:
+                self.engine.abort(cmd[1])
+                self._streams.pop(cmd[1], None)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._wake.clear()
+            self._drain()
+            if not self.engine.has_unfinished():
+                self._wake.wait()
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception as e:  # fail every waiting stream rather than hang it
+                self.error = e
+                for rid in list(self._streams):
+                    self.engine.abort(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
+                continue
+            for d in deltas:
+                self._deliver(d.request_id, d)

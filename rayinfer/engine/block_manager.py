@@ -1,0 +1,116 @@
+"""Pages of the MLA latent cache: allocation, reference counts, prefix caching, LRU eviction.
+
+Plain Python: block ids index the per-layer cache tensors the model runner owns. A full block
+of computed tokens gets a chained content hash (hash of the previous block's hash and its own
+tokens), so a new request whose prompt starts with the same tokens reuses those pages. Freed
+blocks keep their hash and stay findable until reallocated, least recently freed first; a
+sequence's blocks are freed tail first so shared prefixes are evicted last.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from rayinfer.engine.sequence import Sequence
+
+
+def block_hash(prev: bytes, tokens: list[int]) -> bytes:
+    return hashlib.blake2b(prev + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int = 64, enable_prefix_caching: bool = True):
+        assert num_blocks > 0
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.hashes: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # content hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU first
+        self.hits = self.queries = 0  # prefix-cache statistics, in tokens
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Attaches cached blocks for the longest cached prefix of `seq`; returns the tokens reused.
+
+        The last token is always left to compute, so the sequence has a row to sample from."""
+        assert not seq.block_ids and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return 0
+        bs, prev, hits = self.block_size, b"", []
+        for i in range((seq.num_tokens - 1) // bs):
+            h = block_hash(prev, seq.token_ids[i * bs:(i + 1) * bs])
+            bid = self.cached.get(h)
+            if bid is None:
+                break
+            hits.append((bid, h))
+            prev = h
+        for bid, h in hits:
+            self._ref(bid)
+            seq.block_ids.append(bid)
+            seq.block_hashes.append(h)
+        seq.num_computed_tokens = len(hits) * bs
+        self.queries += seq.num_tokens
+        self.hits += seq.num_computed_tokens
+        return seq.num_computed_tokens
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
+        return need <= len(self.free)
+
+    def append(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Grows `seq`'s block table to hold its next `num_new_tokens` tokens."""
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
+        assert need <= len(self.free), "append without can_append"
+        for _ in range(need):
+            bid, _ = self.free.popitem(last=False)
+            if self.hashes[bid] is not None:  # evict its cached content
+                del self.cached[self.hashes[bid]]
+                self.hashes[bid] = None
+            self.ref_counts[bid] = 1
+            seq.block_ids.append(bid)
+
+    def commit(self, seq: Sequence) -> None:
+        """Registers the content hash of every block `seq` has newly filled with computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        prev = seq.block_hashes[-1] if seq.block_hashes else b""
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            h = block_hash(prev, seq.token_ids[i * bs:(i + 1) * bs])
+            bid = seq.block_ids[i]
+            if h not in self.cached and self.hashes[bid] is None:
+                self.cached[h] = bid
+                self.hashes[bid] = h
+            seq.block_hashes.append(h)
+            prev = h
+
+    def release(self, seq: Sequence) -> None:
+        """Drops `seq`'s references; pages no one references become free (tail first)."""
+        for bid in reversed(seq.block_ids):
+            self.ref_counts[bid] -= 1
+            assert self.ref_counts[bid] >= 0
+            if self.ref_counts[bid] == 0:
+                self.free[bid] = None
+        seq.block_ids = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def _ref(self, bid: int) -> None:
+        if self.ref_counts[bid] == 0:
+            del self.free[bid]
+        self.ref_counts[bid] += 1
+
+    def num_allocated_blocks(self) -> int:
+        return sum(1 for r in self.ref_counts if r > 0)

@@ -1,0 +1,123 @@
+"""One rank's engine: requests in, token deltas out, one step at a time.
+
+`step()` is the whole loop body: schedule, run, postprocess. Postprocessing appends sampled
+tokens, detokenizes, applies stop conditions and releases finished sequences' pages. The engine
+is synchronous and single-threaded; `AsyncEngine` (async_engine.py) drives it from a thread for
+servers. Requests that cannot be served (too long, stop strings without a tokenizer) are
+rejected at `add_request` with a clear error.
+"""
+from __future__ import annotations
+
+import time
+
+from rayinfer.config import EngineConfig
+from rayinfer.engine.block_manager import BlockManager
+from rayinfer.engine.detokenizer import IncrementalDetokenizer
+from rayinfer.engine.scheduler import Scheduler, SchedulerOutput
+from rayinfer.engine.sequence import Sequence, SeqStatus
+from rayinfer.messages import Delta, EngineRequest
+from rayinfer.tokenizer import Tokenizer, load_tokenizer
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, runner=None, tokenizer: Tokenizer | None = None):
+        """`runner` executes steps (default: a ModelRunner on `config.model`); tests pass a fake one."""
+        self.config = config
+        if runner is None:
+            from rayinfer.engine.model_runner import ModelRunner  # torch enters only here
+
+            runner = ModelRunner(config)
+        self.runner = runner
+        self.tokenizer = tokenizer or (load_tokenizer(runner.checkpoint_path) if runner.checkpoint_path else None)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.seqs: dict[str, Sequence] = {}
+        self.eos = set(runner.eos_token_ids)
+        self.max_model_len = self.runner.max_model_len
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "steps": 0,
+                         "batched_tokens": 0, "requests_finished": 0}
+
+    def add_request(self, req: EngineRequest) -> None:
+        if req.request_id in self.seqs:
+            raise ValueError(f"request id {req.request_id!r} is already running")
+        if not req.prompt_token_ids:
+            raise ValueError(f"request {req.request_id!r}: the prompt is empty")
+        vocab = self.runner.vocab_size
+        bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {req.request_id!r}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(req.prompt_token_ids) + req.params.max_tokens > self.max_model_len:
+            raise ValueError(f"request {req.request_id!r}: prompt ({len(req.prompt_token_ids)} tokens) + max_tokens "
+                             f"({req.params.max_tokens}) exceeds the context length {self.max_model_len}")
+        if req.params.stop and self.tokenizer is None:
+            raise ValueError(f"request {req.request_id!r}: stop strings need a tokenizer; this checkpoint has none")
+        seq = Sequence(req.request_id, req.prompt_token_ids, req.params, req.arrival_time or None)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.params.stop)
+        self.scheduler.add(seq)
+        self.seqs[req.request_id] = seq
+
+    def abort(self, request_id: str) -> Delta | None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        self._finish(seq)
+        return Delta(request_id, [], finish_reason="abort", num_prompt_tokens=seq.num_prompt_tokens,
+                     num_cached_tokens=seq.num_cached_tokens)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Delta]:
+        sched = self.scheduler.schedule()
+        sampled = self.runner.execute(sched)
+        return self.postprocess(sched, sampled)
+
+    def postprocess(self, sched: SchedulerOutput, sampled: dict) -> list[Delta]:
+        self.counters["steps"] += 1
+        self.counters["batched_tokens"] += sched.num_tokens
+        deltas = []
+        for s in sched.scheduled:
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.commit(seq)
+            if s.samples and not seq.finished:
+                token, logprobs = sampled[seq.request_id]
+                deltas.append(self._append(seq, token, logprobs))
+        return deltas
+
+    def _append(self, seq: Sequence, token: int, logprobs) -> Delta:
+        first = seq.num_output_tokens == 0
+        seq.token_ids.append(token)
+        p = seq.params
+        stopped_by_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos)
+        stop_string = seq.detokenizer.add(None if stopped_by_token else token) if seq.detokenizer else False
+        if stopped_by_token or stop_string:
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        text = seq.detokenizer.take(seq.finish_reason is not None) if seq.detokenizer else ""
+        self.counters["generation_tokens"] += 1
+        if first:
+            self.counters["prompt_tokens"] += seq.num_prompt_tokens
+            self.counters["cached_tokens"] += seq.num_cached_tokens
+        delta = Delta(seq.request_id, [token], text, [logprobs] if logprobs is not None else None,
+                      seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens)
+        if seq.finish_reason:
+            self._finish(seq)
+        return delta
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        self.seqs.pop(seq.request_id, None)
+        self.counters["requests_finished"] += 1
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return dict(self.counters, num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                    kv_usage=bm.usage, kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_allocated_blocks(),
+                    num_preemptions=self.scheduler.num_preemptions,
+                    prefix_hit_rate=bm.hits / bm.queries if bm.queries else 0.0, time=time.time())

@@ -1,0 +1,122 @@
+"""Which tokens of which sequences run in the next step (plain Python, no torch).
+
+Continuous batching under a token budget: running sequences first (one token each when decoding,
+the next chunk when a long prompt is being prefilled in pieces), then waiting sequences in
+arrival order, each admitted with whatever prefix the cache already holds. When pages run out
+the most recently admitted running sequence is preempted: its pages are released and it is
+recomputed later from its tokens, so preemption never changes what a request generates.
+
+Modes: "mixed" (prefill and decode together), "prefill" (a disaggregated prefill rank: a
+sequence leaves after its first sampled token) and "decode" (a decode rank: sequences arrive
+with their KV; one that does not is prefilled here as a fallback). The scheduling rule is the
+same in all three; the engine applies the mode when it postprocesses a step.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from rayinfer.config import SchedulerConfig
+from rayinfer.engine.block_manager import BlockManager
+from rayinfer.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    start: int  # first position computed in this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token (so a next token is sampled)."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        capacity = self.bm.num_blocks * self.bm.block_size
+        need = seq.num_tokens + seq.params.max_tokens
+        if need > capacity:
+            raise ValueError(f"request {seq.request_id!r} needs {need} tokens of KV cache (prompt + max_tokens); "
+                             f"this engine's cache holds {capacity}")
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes a finished or aborted sequence out and releases its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.release(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        done: set[int] = set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_pending_tokens, budget)
+            while not self.bm.can_append(seq, n):
+                victim = next(s for s in reversed(self.running) if id(s) not in done)
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            budget -= self._run(seq, n, out)
+            done.add(id(seq))
+        # New admissions only when nothing had to be preempted: admitting would just evict again.
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_ids:
+                hit = self.bm.match_prefix(seq)
+                if not seq.first_admitted:  # what the user is told was cached: the first admission's hit
+                    seq.num_cached_tokens = hit
+            n = min(seq.num_pending_tokens, budget)
+            if not self.bm.can_append(seq, n):
+                self.bm.release(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            seq.first_admitted = True
+            self.running.append(seq)
+            budget -= self._run(seq, n, out)
+        return out
+
+    def _run(self, seq: Sequence, n: int, out: SchedulerOutput) -> int:
+        self.bm.append(seq, n)
+        out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+        return n
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.bm.release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)

@@ -1,0 +1,64 @@
+"""A request's state inside one rank's engine (plain Python, no torch).
+
+`token_ids` holds the prompt followed by the generated tokens; `num_computed_tokens` counts the
+leading tokens whose latents are in the KV cache. Each step computes the next chunk of
+`token_ids[num_computed_tokens:]`; when a chunk reaches the end, a new token is sampled. This one
+view covers prefill, chunked prefill, decode and recomputation after preemption.
+"""
+from __future__ import annotations
+
+import enum
+import time
+
+from rayinfer.messages import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_time: float | None = None):
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.status = SeqStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prefix-cache hits when first admitted
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of the full, computed blocks
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        self.first_admitted = False
+        self.generator = None  # per-request RNG when params.seed is set (owned by the sampler)
+        self.detokenizer = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to compute before the next sample."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})")

@@ -1,0 +1,95 @@
+"""The offline API, in the convention vLLM users know: `LLM(model, **options).generate(prompts, params)`.
+
+Owns prompt normalisation (strings are tokenized; token-id lists pass through), request ids,
+assembling streamed deltas into `RequestOutput`s in input order, timing, and the progress bar.
+With `ep_size=1` the engine runs in this process.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Sequence as Seq
+
+from rayinfer.config import EngineConfig
+from rayinfer.messages import Delta, EngineRequest, RequestOutput, SamplingParams
+
+_ids = itertools.count()
+
+
+class LLM:
+    def __init__(self, model: str = "tiny", **options):
+        self.config = EngineConfig.from_options(model, **options)
+        from rayinfer.engine.engine import Engine
+
+        self.engine = Engine(self.config)
+        self.tokenizer = self.engine.tokenizer
+
+    def _normalise(self, prompts) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
+                out.append((p, self.tokenizer.encode(p)))
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                out.append((None, list(p)))
+            else:
+                raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
+        return out
+
+    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        items = self._normalise(prompts)
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(items)
+        if len(params) != len(items):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(items)} prompts")
+        start = time.time()
+        outputs: dict[str, RequestOutput] = {}
+        order = []
+        try:
+            for (text, ids), p in zip(items, params):
+                rid = f"req-{next(_ids)}"
+                self.engine.add_request(EngineRequest(rid, ids, p, start))
+                outputs[rid] = RequestOutput(rid, text, ids, logprobs=[] if p.logprobs is not None else None)
+                order.append(rid)
+            self._run(outputs, start, use_tqdm)
+        finally:
+            for rid in order:  # an interrupted call must not leave requests occupying the engine
+                if not outputs[rid].finished:
+                    self.engine.abort(rid)
+        return [outputs[r] for r in order]
+
+    def _run(self, outputs: dict[str, RequestOutput], start: float, use_tqdm: bool) -> None:
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(outputs), desc="generating", unit="req")
+        pending = len(outputs)
+        while pending:
+            for d in self.engine.step():
+                if apply_delta(outputs[d.request_id], d, start):
+                    pending -= 1
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+
+
+def apply_delta(out: RequestOutput, d: Delta, start: float) -> bool:
+    """Folds one delta into a RequestOutput; returns True when it finished the request."""
+    now = time.time()
+    if d.token_ids and out.time_to_first_token is None:
+        out.time_to_first_token = now - start
+    out.token_ids.extend(d.token_ids)
+    out.text += d.text
+    if d.logprobs is not None and out.logprobs is not None:
+        out.logprobs.extend(d.logprobs)
+    out.num_cached_tokens = d.num_cached_tokens
+    if d.finish_reason:
+        out.finish_reason = d.finish_reason
+        out.latency = now - start
+        return True
+    return False

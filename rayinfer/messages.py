@@ -1,0 +1,132 @@
+"""Every type that crosses a process boundary, as compact msgpack-serialisable structs.
+
+Requests travel from a front end (the offline `LLM`, the HTTP ingress) to a rank's engine; token
+deltas travel back, carrying only what changed since the last one. `pack`/`unpack` turn any of
+these into bytes and back; nested messages are packed positionally by field order.
+"""
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass, field, fields
+
+import msgpack
+
+
+def _err(name: str, value, why: str) -> ValueError:
+    return ValueError(f"SamplingParams.{name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1): no top-k cut
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the top k
+
+    def __post_init__(self):
+        num = (int, float)
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise _err("max_tokens", self.max_tokens, "must be an integer >= 1")
+        for name, lo, hi, lo_open in (("temperature", 0.0, math.inf, False), ("top_p", 0.0, 1.0, True),
+                                      ("min_p", 0.0, 1.0, False), ("presence_penalty", -2.0, 2.0, False),
+                                      ("frequency_penalty", -2.0, 2.0, False)):
+            v = getattr(self, name)
+            if not isinstance(v, num) or isinstance(v, bool) or not math.isfinite(v) or v > hi or v < lo \
+                    or (lo_open and v == lo):
+                raise _err(name, v, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise _err("top_k", self.top_k, "must be an integer >= 1, or 0/-1 to disable")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise _err("stop", self.stop, "must be a non-empty string or a list of them")
+        object.__setattr__(self, "stop", stop)
+        ids = tuple(self.stop_token_ids or ())
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise _err("stop_token_ids", self.stop_token_ids, "must be a list of non-negative token ids")
+        object.__setattr__(self, "stop_token_ids", ids)
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise _err("seed", self.seed, "must be an integer or None")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= 20):
+            raise _err("logprobs", self.logprobs, "must be None or an integer in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+
+
+@dataclass
+class Delta:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    time_to_first_token: float | None = None  # seconds from submission
+    latency: float | None = None  # seconds from submission to finish
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _to_plain(obj):
+    if hasattr(obj, "__dataclass_fields__"):
+        return [_to_plain(getattr(obj, f.name)) for f in fields(obj)]
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+def _from_plain(cls, data):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f, value in zip(fields(cls), data):
+        t = hints[f.name]
+        if hasattr(t, "__dataclass_fields__") and value is not None:
+            value = _from_plain(t, value)
+        elif isinstance(value, list) and typing.get_origin(t) is tuple:
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(_to_plain(obj), use_bin_type=True)
+
+
+def unpack(data: bytes, cls):
+    return _from_plain(cls, msgpack.unpackb(data, raw=False, strict_map_key=False))

@@ -1,0 +1,152 @@
+"""The engine on the real `tiny` model: batch invariance, preemption, prefix caching, logprobs, sampling, stops."""
+import asyncio
+
+import pytest
+import torch
+
+from rayinfer import LLM, SamplingParams
+from rayinfer.engine.async_engine import AsyncEngine
+from rayinfer.messages import EngineRequest
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def _prompts(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 140, (n,), generator=g).tolist()
+    return [torch.randint(5, 261, (k,), generator=g).tolist() for k in lengths]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny", max_num_batched_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def alone(llm):
+    return [llm.generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in _prompts()]
+
+
+def test_batch_invariance(llm, alone):
+    together = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in together] == alone
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 12 for o in together)
+
+
+def test_batch_invariance_under_preemption(alone):
+    tight = LLM("tiny", kv_cache_tokens=640, max_num_batched_tokens=512)  # 10 pages for 32 requests
+    got = tight.generate(_prompts(), GREEDY, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in got] == alone
+    assert tight.engine.block_manager.num_allocated_blocks() == 0
+
+
+def test_prefix_caching_repeated_prompt(llm):
+    prompt = _prompts(1, seed=7)[0] * 3
+    prompt = (prompt * 3)[:300]
+    a = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    b = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert b.num_cached_tokens >= 256 and b.token_ids == a.token_ids
+
+
+def test_abort_frees_blocks(llm):
+    eng = llm.engine
+    eng.add_request(EngineRequest("ab", _prompts(1, seed=3)[0] * 4, SamplingParams(max_tokens=50)))
+    eng.step()
+    eng.step()
+    assert eng.block_manager.num_allocated_blocks() > 0
+    assert eng.abort("ab").finish_reason == "abort"
+    assert eng.block_manager.num_allocated_blocks() == 0
+
+
+def test_greedy_logprobs_match_transformers(llm):
+    from transformers import DeepseekV3ForCausalLM
+
+    hf = DeepseekV3ForCausalLM.from_pretrained(llm.engine.runner.checkpoint_path, dtype=torch.float32).eval()
+    prompts = _prompts(4, seed=11)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=3),
+                        use_tqdm=False)
+    worst = 0.0
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([p + o.token_ids])).logits[0].float(), dim=-1)
+        for i, (tok, lp) in enumerate(zip(o.token_ids, o.logprobs)):
+            row = ref[len(p) - 1 + i]
+            assert tok == int(row.argmax())
+            assert len(lp) >= 3 and tok in lp
+            worst = max(worst, max(abs(v - float(row[t])) for t, v in lp.items()))
+    print(f"\n[engine] greedy logprobs vs transformers: max |dlogprob| = {worst:.2e}")
+    assert worst <= 1e-4
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    p = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    prompt = _prompts(1, seed=5)[0]
+    a = llm.generate([prompt], p, use_tqdm=False)[0].token_ids
+    mixed = llm.generate(_prompts(6, seed=9) + [prompt], [SamplingParams(max_tokens=16, temperature=1.0)] * 6 + [p],
+                         use_tqdm=False)
+    assert mixed[-1].token_ids == a
+    other = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0.9, seed=99, ignore_eos=True),
+                         use_tqdm=False)[0].token_ids
+    assert other != a
+
+
+def test_stop_strings_are_honoured_and_not_emitted(llm):
+    prompt = "Stop strings test: "
+    base = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    text = base.text
+    stop = next(text[i:i + 2] for i in range(4, len(text) - 2) if "\ufffd" not in text[i:i + 2])
+    cut = text.index(stop)
+    out = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop, "never"]),
+                       use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.text == text[:cut] and stop not in out.text
+
+
+def test_streamed_text_never_leaks_a_stop_string(llm):
+    base = llm.generate(["abc"], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    stop = next(base.text[i:i + 3] for i in range(6, len(base.text) - 3) if "\ufffd" not in base.text[i:i + 3])
+
+    async def collect():
+        engine = AsyncEngine(llm.engine)
+        ids = llm.tokenizer.encode("abc")
+        chunks = [d async for d in engine.stream(EngineRequest("st", ids, SamplingParams(
+            max_tokens=30, temperature=0, ignore_eos=True, stop=stop)))]
+        engine.shutdown()
+        return chunks
+
+    chunks = asyncio.run(collect())
+    assert chunks[-1].finish_reason == "stop"
+    assert "".join(c.text for c in chunks) == base.text[:base.text.index(stop)]
+    assert all(stop not in c.text for c in chunks)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                                     (dict(top_k=-5), "top_k"), (dict(max_tokens=0), "max_tokens"),
+                                     (dict(min_p=2), "min_p"), (dict(presence_penalty=3), "presence_penalty"),
+                                     (dict(stop=[""]), "stop"), (dict(logprobs=99), "logprobs"),
+                                     (dict(seed="x"), "seed"), (dict(stop_token_ids=[-1]), "stop_token_ids")])
+def test_invalid_sampling_params_name_the_parameter(kw, name):
+    with pytest.raises(ValueError, match=f"SamplingParams.{name}="):
+        SamplingParams(**kw)
+
+
+def test_async_stream_and_abort_on_cancel(llm):
+    async def run():
+        engine = AsyncEngine(llm.engine)
+        got = [d async for d in engine.stream(EngineRequest("s1", [5, 6, 7], SamplingParams(max_tokens=5)))]
+        gen = engine.stream(EngineRequest("s2", [5, 6, 7], SamplingParams(max_tokens=500, ignore_eos=True)))
+        await gen.__anext__()
+        await gen.aclose()  # a consumer that goes away aborts its request
+        for _ in range(100):
+            if not llm.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            async for _ in engine.stream(EngineRequest("bad", [10**6], SamplingParams())):
+                pass
+        engine.shutdown()
+        return got
+
+    got = asyncio.run(run())
+    assert sum(len(d.token_ids) for d in got) <= 5 and got[-1].finish_reason in ("length", "stop")
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_allocated_blocks() == 0
