@@ -328,6 +328,7 @@ class ParallelConfig:
     ep_size: int = 1
     num_redundant_experts: int = 0
     enable_overlap: bool = True
+    overlap_min_tokens: int = 32  # below this many tokens on every rank, one microbatch is faster
     address: str | None = None  # a running Ray cluster to join; default: start one on 127.0.0.1
     collective_timeout_s: float = 30.0
 
@@ -336,6 +337,8 @@ class ParallelConfig:
         _check(isinstance(self.num_redundant_experts, int) and self.num_redundant_experts >= 0,
                "num_redundant_experts", self.num_redundant_experts, "must be an integer >= 0")
         _check(isinstance(self.enable_overlap, bool), "enable_overlap", self.enable_overlap, "must be true or false")
+        _check(isinstance(self.overlap_min_tokens, int) and self.overlap_min_tokens >= 0, "overlap_min_tokens",
+               self.overlap_min_tokens, "must be an integer >= 0")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s, "must be > 0")
 
 

@@ -2,7 +2,9 @@
 
 Owns prompt normalisation (strings are tokenized; token-id lists pass through), request ids,
 assembling streamed deltas into `RequestOutput`s in input order, timing, and the progress bar.
-With `ep_size=1` the engine runs in this process.
+With `ep_size=1` the engine runs in this process; with `ep_size=N` the requests are spread over
+the N data-parallel ranks of an expert-parallel gang on Ray (started on 127.0.0.1 unless an
+`address` is given), and the same options drive it.
 """
 from __future__ import annotations
 
@@ -19,10 +21,25 @@ _ids = itertools.count()
 class LLM:
     def __init__(self, model: str = "tiny", **options):
         self.config = EngineConfig.from_options(model, **options)
-        from rayinfer.engine.engine import Engine
+        self.engine = self.gang = None
+        if self.config.parallel.ep_size == 1:
+            from rayinfer.engine.engine import Engine
 
-        self.engine = Engine(self.config)
-        self.tokenizer = self.engine.tokenizer
+            self.engine = Engine(self.config)
+            self.tokenizer = self.engine.tokenizer
+        else:
+            from rayinfer.actors.offline import GangClient
+            from rayinfer.model.presets import resolve_model_path
+            from rayinfer.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(resolve_model_path(model))
+            self.gang = GangClient(self.config)
+
+    def shutdown(self) -> None:
+        """Releases the gang (ep_size > 1); the in-process engine needs nothing."""
+        if self.gang is not None:
+            self.gang.shutdown()
+            self.gang = None
 
     def _normalise(self, prompts) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -48,34 +65,46 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {len(items)} prompts")
         start = time.time()
         outputs: dict[str, RequestOutput] = {}
-        order = []
-        try:
-            for (text, ids), p in zip(items, params):
-                rid = f"req-{next(_ids)}"
-                self.engine.add_request(EngineRequest(rid, ids, p, start))
-                outputs[rid] = RequestOutput(rid, text, ids, logprobs=[] if p.logprobs is not None else None)
-                order.append(rid)
-            self._run(outputs, start, use_tqdm)
-        finally:
-            for rid in order:  # an interrupted call must not leave requests occupying the engine
-                if not outputs[rid].finished:
-                    self.engine.abort(rid)
-        return [outputs[r] for r in order]
+        requests = []
+        for (text, ids), p in zip(items, params):
+            rid = f"req-{next(_ids)}"
+            requests.append(EngineRequest(rid, ids, p, start))
+            outputs[rid] = RequestOutput(rid, text, ids, logprobs=[] if p.logprobs is not None else None)
+        bar = _progress(len(requests), use_tqdm)
 
-    def _run(self, outputs: dict[str, RequestOutput], start: float, use_tqdm: bool) -> None:
-        bar = None
-        if use_tqdm:
-            from tqdm import tqdm
-            bar = tqdm(total=len(outputs), desc="generating", unit="req")
-        pending = len(outputs)
-        while pending:
-            for d in self.engine.step():
-                if apply_delta(outputs[d.request_id], d, start):
-                    pending -= 1
-                    if bar:
-                        bar.update(1)
-        if bar:
-            bar.close()
+        def on_delta(d: Delta) -> None:
+            if apply_delta(outputs[d.request_id], d, start) and bar is not None:
+                bar.update(1)
+
+        try:
+            if self.gang is not None:
+                self.gang.run(requests, on_delta)
+            else:
+                self._run_local(requests, outputs, on_delta)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [outputs[r.request_id] for r in requests]
+
+    def _run_local(self, requests, outputs, on_delta) -> None:
+        try:
+            for req in requests:
+                self.engine.add_request(req)
+            while any(not outputs[r.request_id].finished for r in requests):
+                for d in self.engine.step():
+                    on_delta(d)
+        finally:
+            for r in requests:  # an interrupted call must not leave requests occupying the engine
+                if not outputs[r.request_id].finished:
+                    self.engine.abort(r.request_id)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generating", unit="req")
 
 
 def apply_delta(out: RequestOutput, d: Delta, start: float) -> bool:

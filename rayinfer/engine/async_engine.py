@@ -4,6 +4,12 @@
 produce them; leaving the loop early (a client went away) aborts the request. The step thread
 sleeps while there is no work, so an idle engine costs no CPU. All engine calls happen on that
 thread; other threads only enqueue commands.
+
+In an expert-parallel gang every rank steps together (see lockstep.py): each loop turn the
+ranks vote on whether any of them has work, and all step if one does; an idle gang sleeps on
+its doorbell until a rank that receives work rings it. A failed collective (a peer died, a timeout) is fatal for this
+rank's process group: every open stream gets the error and the loop stops, so the health check
+can have the gang restarted.
 """
 from __future__ import annotations
 
@@ -17,8 +23,12 @@ from rayinfer.messages import Delta, EngineRequest
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, gang=None, on_step=None):
+        """`gang`: a `Lockstep` for ranks of an expert-parallel gang.
+        `on_step`: called on the loop thread after every step (stats publication)."""
         self.engine = engine
+        self.gang = gang
+        self.on_step = on_step
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -54,8 +64,13 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     def _submit(self, cmd) -> None:
+        if self._stopped and cmd[0] == "add":  # a dead loop would never answer
+            cmd[2].call_soon_threadsafe(cmd[3].put_nowait, RuntimeError(f"engine is down: {self.error!r}"))
+            return
         self._commands.put(cmd)
         self._wake.set()
+        if self.gang is not None:
+            self.gang.ring()
 
     def _deliver(self, rid: str, item) -> None:
         target = self._streams.get(rid)
@@ -86,16 +101,49 @@ class AsyncEngine:
         while not self._stopped:
             self._wake.clear()
             self._drain()
-            if not self.engine.has_unfinished():
-                self._wake.wait()
-                continue
             try:
+                if self.gang is None:
+                    if not self.engine.has_unfinished():
+                        self._wake.wait()
+                        continue
+                elif not self._gang_turn():
+                    continue
                 deltas = self.engine.step()
             except Exception as e:  # fail every waiting stream rather than hang it
-                self.error = e
-                for rid in list(self._streams):
-                    self.engine.abort(rid)
-                    self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
+                self._fail(e)
+                if self.gang is not None:
+                    return  # the process group is unusable; the health check reports it
                 continue
             for d in deltas:
                 self._deliver(d.request_id, d)
+            if self.on_step is not None:
+                self.on_step()
+
+    def _gang_turn(self) -> bool:
+        """Whether the gang steps now: wake it if this rank has work, else sleep until someone does."""
+        if self.engine.has_unfinished():
+            self.gang.ring_from_loop()
+        else:
+            self.gang.sleep()
+            self._drain()
+        return self.gang.vote(self.engine.has_unfinished())
+
+    def _fail(self, e: Exception) -> None:
+        self.error = e
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+            self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
+        # Requests submitted after the failure must not wait for a loop that is gone.
+        if self.gang is not None:
+            self._stopped = True
+            while True:
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] == "add":
+                    cmd[2].call_soon_threadsafe(cmd[3].put_nowait, RuntimeError(f"rank is down: {e!r}"))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None

@@ -6,9 +6,12 @@ once per step), and samples a next token for each sequence whose chunk reached i
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from rayinfer.config import EngineConfig
+from rayinfer.engine.overlap import balanced_split, microbatch, run_interleaved
 from rayinfer.engine.sampler import Sampler
 from rayinfer.engine.scheduler import SchedulerOutput
 from rayinfer.kernels.mla import PAGE_SIZE
@@ -46,36 +49,73 @@ class ModelRunner:
         self.eos_token_ids = set(cfg.eos_token_id)
         self.checkpoint_path = self.model.checkpoint_path
 
-    def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, ForwardBatch]:
+    def prepare(self, items: list[tuple]) -> tuple[torch.Tensor, ForwardBatch]:
+        """items: (sequence, first position, number of tokens) -> (token ids [T], ForwardBatch)."""
+        dev = self.device
+        if not items:  # an idle rank's share of a gang step
+            empty = torch.zeros(0, dtype=torch.long, device=dev)
+            return empty, ForwardBatch(empty, [], [], torch.zeros(0, 1, dtype=torch.long, device=dev), empty,
+                                       self.kv_caches)
         ids, pos, slots = [], [], []
-        width = max(len(s.seq.block_ids) for s in sched.scheduled)
-        tables = torch.zeros(len(sched.scheduled), width, dtype=torch.long)
-        for i, s in enumerate(sched.scheduled):
-            seq, start, n = s.seq, s.start, s.num_new_tokens
+        width = max(len(seq.block_ids) for seq, _, _ in items)
+        tables = torch.zeros(len(items), width, dtype=torch.long)
+        for i, (seq, start, n) in enumerate(items):
             ids.extend(seq.token_ids[start:start + n])
             p = torch.arange(start, start + n)
             blocks = torch.tensor(seq.block_ids)
             tables[i, : len(seq.block_ids)] = blocks
             pos.append(p)
             slots.append(blocks[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE)
-        dev = self.device
-        batch = ForwardBatch(torch.cat(pos).to(dev), [s.num_new_tokens for s in sched.scheduled],
-                             [s.start + s.num_new_tokens for s in sched.scheduled], tables.to(dev),
-                             torch.cat(slots).to(dev), self.kv_caches)
+        batch = ForwardBatch(torch.cat(pos).to(dev), [n for _, _, n in items], [s + n for _, s, n in items],
+                             tables.to(dev), torch.cat(slots).to(dev), self.kv_caches)
         return torch.tensor(ids, device=dev), batch
+
+    def _parts(self, sched: SchedulerOutput) -> list[list[tuple]]:
+        """The step's work as microbatches: one, or two of balanced attention load when overlapping."""
+        items = [(s.seq, s.start, s.num_new_tokens) for s in sched.scheduled]
+        if self.ctx is None or self.ctx.num_microbatches(sched.num_tokens) == 1:
+            return [items]
+        if len(items) == 1 and items[0][2] > 1:  # split a lone sequence by tokens
+            seq, start, n = items[0]
+            half = n // 2
+            return [[(seq, start, half)], [(seq, start + half, n - half)]]
+        first, second = balanced_split([n * (start + n) for _, start, n in items])
+        return [[items[i] for i in first], [items[i] for i in second]]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, tuple[int, dict[int, float] | None]]:
-        """Runs the step; returns request id -> (sampled token, logprobs) for sequences that sample."""
-        if not sched.scheduled:
+        """Runs the step; returns request id -> (sampled token, logprobs) for sequences that sample.
+
+        In a gang the forward runs even with nothing scheduled: the other ranks' MoE layers need
+        this rank in their all-to-alls."""
+        if not sched.scheduled and self.ctx is None:
             return {}
-        ids, batch = self.prepare(sched)
-        hidden = self.model.hidden_states(ids, batch, self.ctx)
-        rows = [i for i, s in enumerate(sched.scheduled) if s.samples]
-        if not rows:
+        rows, seqs = [], []
+        if self.ctx is None:
+            ids, batch = self.prepare([(s.seq, s.start, s.num_new_tokens) for s in sched.scheduled])
+            hidden = self.model.hidden_states(ids, batch)
+            ends = batch.last_rows().tolist()
+            for i, s in enumerate(sched.scheduled):
+                if s.samples:
+                    rows.append(hidden[ends[i]])
+                    seqs.append(s.seq)
+        else:
+            t0 = time.perf_counter()
+            parts = self._parts(sched)
+            prepared = [self.prepare(p) for p in parts]
+            gens = [microbatch(self.model, ids, b, self.ctx, self.ctx.decode_split) for ids, b in prepared]
+            hiddens = run_interleaved(gens)
+            self.ctx.load.end_step()
+            self.ctx.tokens_computed += sched.num_tokens
+            self.ctx.steps += 1
+            self.ctx.step_s += time.perf_counter() - t0
+            for part, (ids, b), hidden in zip(parts, prepared, hiddens):
+                ends = b.last_rows().tolist() if part else []
+                for (seq, start, n), end in zip(part, ends):
+                    if start + n == seq.num_tokens:
+                        rows.append(hidden[end])
+                        seqs.append(seq)
+        if not seqs:
             return {}
-        last = batch.last_rows()[rows]
-        logits = self.model.logits(hidden[last])
-        seqs = [sched.scheduled[i].seq for i in rows]
-        tokens, logprobs = self.sampler(logits, seqs)
+        tokens, logprobs = self.sampler(self.model.logits(torch.stack(rows)), seqs)
         return {seq.request_id: (t, lp) for seq, t, lp in zip(seqs, tokens, logprobs)}

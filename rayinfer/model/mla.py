@@ -41,20 +41,28 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes the new tokens' latents into `kv_cache` when given."""
+        return self.attend(self.project(x, batch), batch, kv_cache)
+
+    def project(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ATTN-0: down/up projections and rope -> (q_nope [T, h, nope], q_pe [T, h, dr], latent [T, r+dr])."""
         t = x.shape[0]
         rope = self.rotary[0]
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(t, self.h, self.nope + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        q_pe = rope(q_pe, batch.positions)  # [T, h, dr]
+        q_nope, q_pe = q.view(t, self.h, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.rope_dim], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(c), rope(k_pe.unsqueeze(1), batch.positions).squeeze(1)], -1)  # [T, D]
-        if kv_cache is not None:
+        k_pe = rope(k_pe.unsqueeze(1), batch.positions).squeeze(1)
+        return q_nope, rope(q_pe, batch.positions), torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
+
+    def attend(self, proj, batch: ForwardBatch, kv_cache: torch.Tensor | None) -> torch.Tensor:
+        """ATTN-1: cache write, core attention over the context, output projection -> [T, H]."""
+        q_nope, q_pe, latent = proj
+        t = latent.shape[0]
+        if kv_cache is not None and t:
             kv_cache.view(-1, latent.shape[-1])[batch.slot_mapping] = latent.to(kv_cache.dtype)
-        out = x.new_empty(t, self.h, self.v)
+        out = latent.new_empty(t, self.h, self.v)
         for group in batch.prefill_groups:
             self._naive(group, q_nope, q_pe, latent, kv_cache, out)
         if batch.decode_seqs:

@@ -32,7 +32,7 @@ class Gate(nn.Module):
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         if cfg.n_group > 1 and cfg.topk_method != "greedy":
-            grouped = choice.view(x.shape[0], cfg.n_group, -1)  # [T, G, E/G]
+            grouped = choice.view(x.shape[0], cfg.n_group, cfg.n_routed_experts // cfg.n_group)  # [T, G, E/G]
             if self.e_score_correction_bias is not None:
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:

@@ -1,0 +1,50 @@
+"""Starting or joining Ray and Serve the way rayinfer needs them.
+
+On one machine (no address given) Ray is started with every listener on 127.0.0.1: the node
+address, the Serve HTTP proxy, the gloo sockets, and the replicas' inter-deployment gRPC server
+(which Ray Serve would otherwise bind on all interfaces). With an address, the running cluster
+is joined as it is.
+"""
+from __future__ import annotations
+
+import os
+
+import ray
+
+LOOPBACK = "127.0.0.1"
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Initialises Ray unless it already is; returns True when this call started a local cluster."""
+    if ray.is_initialized():
+        return False
+    env = {"GLOO_SOCKET_IFNAME": "lo", "RAYINFER_LOCAL_CLUSTER": "1"} if address is None else {}
+    if address is None:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ["RAYINFER_LOCAL_CLUSTER"] = "1"
+        ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env})
+        return True
+    ray.init(address=address, log_to_driver=False)
+    return False
+
+
+def ensure_serve(host: str = LOOPBACK, port: int = 8000, http: bool = True) -> None:
+    from ray import serve
+
+    options = {"host": host, "port": port} if http else {"location": "NoServer"}
+    serve.start(http_options=options)
+
+
+def bind_replica_grpc_to_loopback() -> None:
+    """Serve replicas open an inter-deployment gRPC server on [::]; on a local cluster keep it on 127.0.0.1.
+
+    Must run in a replica's constructor (before Serve starts that server)."""
+    if os.environ.get("RAYINFER_LOCAL_CLUSTER") != "1":
+        return
+    import ray.serve._private.replica as replica_mod
+    from ray._common.tls_utils import add_port_to_grpc_server
+
+    replica_mod.add_port_to_grpc_server = lambda server, addr: add_port_to_grpc_server(
+        server, addr.replace("[::]", LOOPBACK))

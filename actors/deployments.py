@@ -1,0 +1,40 @@
+"""Ray Serve deployment options for rank gangs: gang scheduling, resources, routing, health.
+
+One place decides how a gang of `ep_size` rank replicas is placed (together, as one placement
+group; restarted together when a member dies), how much of a device each takes (a GPU each on
+GPU nodes; a slice of the cores on a CPU machine), and how requests reach them.
+"""
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import GangRuntimeFailurePolicy, GangSchedulingConfig, RequestRouterConfig
+
+from rayinfer.actors.rank import RankReplica
+from rayinfer.actors.router import RankRouter
+from rayinfer.config import EngineConfig
+
+
+# An idle rank should cost (almost) nothing. By default every replica flushes Serve's metrics
+# cache each 100 ms and reports Ray task events each second; together that is most of an idle
+# replica's CPU. Ranks run long-lived loops, so coarser reporting loses nothing useful.
+QUIET_REPLICA_ENV = {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000", "RAY_task_events_report_interval_ms": "10000"}
+
+
+def rank_gang(config: EngineConfig, name: str, role: str = "mixed", num_gangs: int = 1,
+              cpus_per_rank: float | None = None, router=RankRouter, stats_period_s: float = 2.0):
+    """A bound deployment of `num_gangs` gangs of `ep_size` rank replicas each."""
+    ep = config.parallel.ep_size
+    gpu = config.device.startswith("cuda")
+    cpus = cpus_per_rank if cpus_per_rank is not None else (1.0 if gpu else 0.5)
+    actor = {"num_cpus": cpus, **({"num_gpus": 1} if gpu else {}), "runtime_env": {"env_vars": QUIET_REPLICA_ENV}}
+    options = dict(
+        name=name, num_replicas=ep * num_gangs, ray_actor_options=actor,
+        max_ongoing_requests=4096,  # a rank batches many requests; its scheduler is the queue
+        health_check_period_s=5.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=5.0,
+        request_router_config=RequestRouterConfig(request_router_class=router,
+                                                  request_routing_stats_period_s=stats_period_s,
+                                                  request_routing_stats_timeout_s=5.0),
+        gang_scheduling_config=GangSchedulingConfig(
+            gang_size=ep, runtime_failure_policy=GangRuntimeFailurePolicy.RESTART_GANG))
+    threads = max(1, int(cpus))
+    return serve.deployment(RankReplica).options(**options).bind(config, role, threads)

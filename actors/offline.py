@@ -1,0 +1,84 @@
+"""The offline driver's connection to a gang: `LLM(..., ep_size=N)` runs through this.
+
+Starts (or joins) Ray, deploys one gang of rank replicas as a private Serve application, spreads
+each `generate` call's requests over the data-parallel ranks (by a decode-balancing policy:
+fewest prompt tokens assigned so far), and streams every request's deltas back concurrently on
+a private event loop thread, so synchronous callers (scripts, notebooks) can use it as is.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import uuid
+
+from rayinfer.actors.cluster import ensure_ray, ensure_serve
+from rayinfer.actors.deployments import rank_gang
+from rayinfer.actors.router import rank_hint
+from rayinfer.config import EngineConfig
+from rayinfer.messages import Delta, EngineRequest, pack, unpack
+
+
+class GangError(RuntimeError):
+    """A rank of the gang failed while serving this call."""
+
+
+class GangClient:
+    def __init__(self, config: EngineConfig):
+        from ray import serve
+
+        self.config = config
+        self.started_ray = ensure_ray(config.parallel.address)
+        ensure_serve(http=False)
+        self.app = f"rayinfer-offline-{uuid.uuid4().hex[:8]}"
+        # Requests are placed by explicit rank here, so replica stats are only for `stats()`: poll rarely.
+        self.handle = serve.run(rank_gang(config, "ranks", stats_period_s=10.0), name=self.app, route_prefix=None)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rayinfer-gang-client", daemon=True)
+        self._thread.start()
+        self._next = itertools.count()
+
+    def run(self, requests: list[EngineRequest], on_delta, timeout_s: float | None = None) -> None:
+        """Streams every request on its assigned rank; `on_delta(delta)` is called on the caller's thread."""
+        import queue
+
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        load = [0] * self.config.parallel.ep_size
+        assignments = []
+        for req in requests:  # fewest prompt tokens first: balances attention work over DP ranks
+            rank = min(range(len(load)), key=lambda r: (load[r], r))
+            load[rank] += len(req.prompt_token_ids)
+            assignments.append((req, rank))
+        fut = asyncio.run_coroutine_threadsafe(self._stream_all(assignments, out), self._loop)
+        pending = len(requests)
+        while pending:
+            item = out.get(timeout=timeout_s)
+            if isinstance(item, BaseException):
+                fut.cancel()
+                raise GangError(f"the expert-parallel gang failed: {item}") from item
+            on_delta(item)
+            if item.finish_reason:
+                pending -= 1
+        fut.result()
+
+    async def _stream_all(self, assignments, out) -> None:
+        await asyncio.gather(*(self._stream(req, rank, out) for req, rank in assignments))
+
+    async def _stream(self, req: EngineRequest, rank: int, out) -> None:
+        h = self.handle.options(method_name="generate", stream=True, session_id=rank_hint(None, rank))
+        try:
+            async for raw in h.remote(pack(req)):
+                out.put(unpack(raw, Delta))
+        except Exception as e:  # noqa: BLE001 - any failure of a rank is reported to the caller
+            out.put(e)
+
+    def stats(self) -> list[dict]:
+        return sorted(self.handle.broadcast("stats").results(timeout_s=60), key=lambda s: s["rank"])
+
+    def shutdown(self) -> None:
+        from ray import serve
+
+        try:
+            serve.delete(self.app)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)

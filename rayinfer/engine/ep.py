@@ -1,0 +1,94 @@
+"""The expert-parallel context a rank passes to the model: where experts live and how tokens reach them.
+
+Owns the rank's view of the placement, its dispatcher (all-to-all between the gang's ranks),
+and the per-layer expert receive-load window (for EPLB). The model sees only `routed_experts`
+and the launch/wait halves used by the overlapped schedule.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from rayinfer.balance.placement import ExpertPlacement
+from rayinfer.kernels.dispatch import Received
+
+
+class ExpertLoadWindow:
+    """Tokens received per (MoE layer, logical expert) over the last `window` steps."""
+
+    def __init__(self, num_layers: int, num_logical: int, window: int = 1000):
+        self.steps: deque[torch.Tensor] = deque(maxlen=window)
+        self.current = torch.zeros(num_layers, num_logical, dtype=torch.long)  # [L, E]
+        self.total = torch.zeros(num_layers, num_logical, dtype=torch.long)
+
+    def add(self, row: int, logical: torch.Tensor) -> None:
+        self.current[row] += torch.bincount(logical, minlength=self.current.shape[1])
+
+    def end_step(self) -> None:
+        if bool(self.current.any()):
+            self.steps.append(self.current)
+            self.total += self.current
+            self.current = torch.zeros_like(self.current)
+
+    def window_load(self) -> torch.Tensor:
+        """[L, E] tokens received in the window."""
+        return torch.stack(list(self.steps)).sum(0) if self.steps else torch.zeros_like(self.current)
+
+
+class EPContext:
+    def __init__(self, rank: int, placement: ExpertPlacement, dispatcher, overlap: bool = True,
+                 decode_split: bool = False, group=None, overlap_min_tokens: int = 0):
+        self.rank, self.ep_size = rank, placement.ep_size
+        self.placement = placement
+        self.dispatcher = dispatcher
+        self.overlap = overlap
+        self.decode_split = decode_split  # DeepSeek's decode pipeline: attention in two stages
+        self.group, self.overlap_min_tokens = group, overlap_min_tokens
+        self.load = ExpertLoadWindow(len(placement.layers), placement.log2phy.shape[1])
+        self.tokens_computed = 0  # this rank's own DP tokens run through the model
+        self.steps = 0
+        self.step_s = 0.0  # wall time of this rank's forward steps (compute + exposed communication)
+
+    def dispatch_launch(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor):
+        slots = self.placement.route(layer, topk_idx, self.rank)
+        return layer, self.dispatcher.dispatch_launch(x, slots, topk_w)
+
+    def dispatch_wait(self, handle) -> Received:
+        layer, inner = handle
+        recv = self.dispatcher.dispatch_wait(inner)
+        row = self.placement._row[layer]
+        local = recv.slots[recv.slots >= 0]
+        base = self.rank * self.placement.slots_per_rank
+        self.load.add(row, self.placement.phy2log[row, base + local])
+        return recv
+
+    def combine_launch(self, y: torch.Tensor, handle):
+        return self.dispatcher.combine_launch(y, handle[1])
+
+    def combine_wait(self, handle) -> torch.Tensor:
+        return self.dispatcher.combine_wait(handle)
+
+    def num_microbatches(self, local_tokens: int) -> int:
+        """2 when overlapping pays off on the busiest rank, else 1; the same answer on every rank.
+
+        Splitting a small step only doubles each expert's weight reads, so below
+        `overlap_min_tokens` tokens (on every rank) the step runs as one microbatch. The choice
+        must be gang-wide: every rank has to issue the same sequence of collectives."""
+        if not self.overlap:
+            return 1
+        if self.group is None or self.overlap_min_tokens == 0:
+            return 2
+        most = torch.tensor([local_tokens])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
+        return 2 if int(most) >= self.overlap_min_tokens else 1
+
+    def routed_experts(self, layer: int, experts, x, topk_idx, topk_w) -> torch.Tensor:
+        handle = self.dispatch_launch(layer, x, topk_idx, topk_w)
+        recv = self.dispatch_wait(handle)
+        return self.combine_wait(self.combine_launch(experts(recv.x, recv.slots, recv.weights), handle))
+
+    def stats(self) -> dict:
+        return dict(self.dispatcher.stats.snapshot(), tokens_computed=self.tokens_computed, rank=self.rank,
+                    steps=self.steps, step_s=self.step_s)

@@ -1,0 +1,58 @@
+"""Keeping a gang's ranks stepping together, and letting an idle gang sleep.
+
+Every MoE layer is a collective, so ranks step in lockstep: before each step they vote (a
+one-element all-reduce) on whether any of them has work. An idle gang does not poll: each rank
+blocks on a key of the gang's TCP store ("doorbell", one key per idle period, numbered by a
+counter every rank advances identically after each all-idle vote). Whoever gets work rings the
+current key, which wakes every rank at once. A long heartbeat timeout bounds the sleep so a
+dead peer is still noticed by the next vote.
+"""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class Lockstep:
+    def __init__(self, group, store_address: tuple[str, int], world: int, rank: int, heartbeat_s: float = 30.0):
+        host, port = store_address
+        connect = lambda: dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=heartbeat_s))  # noqa: E731
+        self.group, self.rank = group, rank
+        self._waiter = connect()  # used by the engine loop thread only
+        self._ringer = connect()  # used by request-submitting threads
+        self._lock = threading.Lock()
+        self.epoch = 0
+        self.heartbeat = timedelta(seconds=heartbeat_s)
+
+    def _key(self, epoch: int) -> str:
+        return f"rayinfer/doorbell/{epoch}"
+
+    def ring(self) -> None:
+        """Wakes the gang (safe from any thread)."""
+        with self._lock:
+            self._ringer.set(self._key(self.epoch), b"1")
+
+    def ring_from_loop(self) -> None:
+        self._waiter.set(self._key(self.epoch), b"1")
+
+    def sleep(self) -> None:
+        """Blocks until someone rings the current key, or the heartbeat passes."""
+        try:
+            self._waiter.wait([self._key(self.epoch)], self.heartbeat)
+        except RuntimeError as e:  # the store reports a timeout as an error; a lost store is fatal
+            if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+                raise
+
+    def vote(self, local_busy: bool) -> bool:
+        """Collective: True when any rank has work. After an all-idle vote the gang moves to a fresh key."""
+        flag = torch.tensor([1 if local_busy else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        busy = bool(flag.item())
+        if not busy:
+            if self.rank == 0 and self.epoch > 0:
+                self._waiter.delete_key(self._key(self.epoch - 1))
+            self.epoch += 1
+        return busy
