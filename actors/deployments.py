@@ -10,18 +10,19 @@ from ray import serve
 from ray.serve.config import GangRuntimeFailurePolicy, GangSchedulingConfig, RequestRouterConfig
 
 from rayinfer.actors.rank import RankReplica
-from rayinfer.actors.router import RankRouter
-from rayinfer.config import EngineConfig
+from rayinfer.actors.router import DecodeRouter, PrefillRouter, RankRouter
+from rayinfer.config import EngineConfig, ServeConfig
 
 
 # An idle rank should cost (almost) nothing. By default every replica flushes Serve's metrics
 # cache each 100 ms and reports Ray task events each second; together that is most of an idle
 # replica's CPU. Ranks run long-lived loops, so coarser reporting loses nothing useful.
-QUIET_REPLICA_ENV = {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000", "RAY_task_events_report_interval_ms": "10000"}
+QUIET_REPLICA_ENV = {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000", "RAY_task_events_report_interval_ms": "10000"}
 
 
 def rank_gang(config: EngineConfig, name: str, role: str = "mixed", num_gangs: int = 1,
-              cpus_per_rank: float | None = None, router=RankRouter, stats_period_s: float = 2.0):
+              cpus_per_rank: float | None = None, router=RankRouter, stats_period_s: float = 2.0,
+              kv_timeout_s: float = 10.0):
     """A bound deployment of `num_gangs` gangs of `ep_size` rank replicas each."""
     ep = config.parallel.ep_size
     gpu = config.device.startswith("cuda")
@@ -37,4 +38,21 @@ def rank_gang(config: EngineConfig, name: str, role: str = "mixed", num_gangs: i
         gang_scheduling_config=GangSchedulingConfig(
             gang_size=ep, runtime_failure_policy=GangRuntimeFailurePolicy.RESTART_GANG))
     threads = max(1, int(cpus))
-    return serve.deployment(RankReplica).options(**options).bind(config, role, threads)
+    return serve.deployment(RankReplica).options(**options).bind(config, role, threads, kv_timeout_s)
+
+
+def build_app(config: ServeConfig):
+    """The whole serving application: the ingress bound to prefill + decode gangs, or to mixed gangs."""
+    from rayinfer.actors.ingress import Ingress
+
+    def gangs(role: str, router):
+        r = config.role(role)
+        return rank_gang(config.engine_config(role), role, role=role, num_gangs=r.num_gangs,
+                         cpus_per_rank=config.cpus_per_rank, router=router, kv_timeout_s=config.kv_transfer_timeout_s)
+
+    ingress = serve.deployment(Ingress).options(
+        name="ingress", ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": QUIET_REPLICA_ENV}},
+        max_ongoing_requests=max(1000, 2 * config.max_queue))
+    if config.disaggregated:
+        return ingress.bind(config, prefill=gangs("prefill", PrefillRouter), decode=gangs("decode", DecodeRouter))
+    return ingress.bind(config, mixed=gangs("mixed", DecodeRouter))

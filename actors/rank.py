@@ -3,39 +3,49 @@
 A thin shell over `rayinfer.engine`: the constructor finds its place in the gang (Serve's gang
 context), forms the gang's process group, builds the rank's engine (its own scheduler and KV
 cache, the experts in its slots) and starts the engine loop thread. Requests arrive as packed
-`EngineRequest`s and leave as a stream of packed `Delta`s. A rank whose collectives failed
-reports unhealthy, and Serve restarts the whole gang (RESTART_GANG).
+`EngineRequest`s and leave as packed `Delta`s:
+  - mixed ranks: `generate` streams a request to the end;
+  - prefill ranks: `prefill` runs to the first token and returns it with a `KVHandoff` whose
+    latents wait in this node's object store;
+  - decode ranks: `decode` fetches those latents (pollable transfer with a deadline; on any
+    failure it re-prefills) and streams the rest.
+A rank whose collectives failed reports unhealthy, and Serve restarts the whole gang.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
+import ray
 from ray import serve
 
 from rayinfer.actors.cluster import bind_replica_grpc_to_loopback
+from rayinfer.actors.metrics import RankMetrics
 from rayinfer.config import EngineConfig
-from rayinfer.messages import EngineRequest, pack, unpack
+from rayinfer.messages import Delta, EngineRequest, KVHandoff, pack, unpack
 
 
 class RankReplica:
-    def __init__(self, config: EngineConfig, role: str = "mixed", threads: int = 1):
+    def __init__(self, config: EngineConfig, role: str = "mixed", threads: int = 1, kv_timeout_s: float = 10.0):
         bind_replica_grpc_to_loopback()
         import torch
 
         from rayinfer.engine.async_engine import AsyncEngine
         from rayinfer.engine.engine import Engine
+        from rayinfer.engine.kv_transfer import KVSender
         from rayinfer.engine.rank import build_rank_engine
 
         torch.set_num_threads(threads)
-        gang = serve.get_replica_context().gang_context
+        ctx = serve.get_replica_context()
+        gang = ctx.gang_context
         self.rank, self.world = (gang.rank, gang.world_size) if gang else (0, 1)
-        self.gang_id = gang.gang_id if gang else serve.get_replica_context().replica_id.unique_id
-        self.role = role
+        self.gang_id = gang.gang_id if gang else ctx.replica_id.unique_id
+        self.replica_id = ctx.replica_id.unique_id
+        self.role, self.kv_timeout_s = role, kv_timeout_s
         t0 = time.time()
         if self.world > 1:
             from rayinfer.actors.rendezvous import form_group
-
             from rayinfer.engine.lockstep import Lockstep
 
             group, store = form_group(self.gang_id, self.rank, self.world, config.parallel.collective_timeout_s,
@@ -46,14 +56,17 @@ class RankReplica:
             engine = Engine(config)
             self.loop = AsyncEngine(engine, on_step=self._publish)
         self.engine = engine
+        self.sender = KVSender(kv_timeout_s)
+        self.transfers = {"done": 0, "failed": 0}
+        self.metrics = RankMetrics(role, self.rank, self.gang_id)
         self.startup_s = time.time() - t0
-        self._stats = {}
+        self._stats: dict = {}
         self._publish()
 
     def _publish(self) -> None:
-        s = self.engine.stats()
-        s["num_requests"] = s["num_running"] + s["num_waiting"]
-        self._stats = s
+        """On the engine thread, after every step and command: snapshot what others read (routers, metrics, `stats`)."""
+        self._stats = dict(self.engine.stats(), kv_transfers=dict(self.transfers))
+        self.metrics.update(self._stats)
 
     def record_replica_metadata(self) -> dict:
         return {"gang_id": self.gang_id, "gang_rank": self.rank, "world_size": self.world, "role": self.role}
@@ -61,19 +74,55 @@ class RankReplica:
     def record_routing_stats(self) -> dict:
         return self._stats
 
-    async def generate(self, request: bytes):
+    async def generate(self, request: bytes, cost=None):
         async for delta in self.loop.stream(unpack(request, EngineRequest)):
+            yield pack(delta)
+
+    async def prefill(self, request: bytes, cost=None) -> tuple[bytes, KVHandoff | None]:
+        """Runs the prompt, samples the first token; -> (its delta, the KV handoff if decoding continues)."""
+        req = unpack(request, EngineRequest)
+        merged = Delta(req.request_id, [])
+        async for d in self.loop.stream(req):
+            merged.token_ids += d.token_ids
+            merged.text += d.text
+            merged.logprobs = (merged.logprobs or []) + d.logprobs if d.logprobs is not None else merged.logprobs
+            merged.finish_reason, merged.num_prompt_tokens = d.finish_reason, d.num_prompt_tokens
+            merged.num_cached_tokens = d.num_cached_tokens
+        handoff = None
+        if merged.finish_reason == "handoff":
+            latents, rng = self.engine.exports.pop(req.request_id)
+            ref = ray.put(latents)
+            self.sender.hand_out(req.request_id, ref)
+            handoff = KVHandoff([ref], latents.shape[1], time.time(), f"{self.gang_id}/{self.rank}", rng)
+        return pack(merged), handoff
+
+    async def decode(self, request: bytes, handoff: KVHandoff | None = None, cost=None):
+        """Continues a request whose prefill ran elsewhere; re-prefills if its KV cannot be had."""
+        from rayinfer.engine.kv_transfer import KVReceiver, TransferState
+
+        req = unpack(request, EngineRequest)
+        kv = None
+        if handoff is not None:
+            req.rng_state = handoff.rng_state
+            caches = self.engine.runner.kv_caches
+            shape = (len(caches), len(req.prompt_token_ids), caches[0].shape[-1])
+            receiver = KVReceiver(req.request_id, handoff.ref[0].future(), shape, self.kv_timeout_s)
+            while receiver.poll() is TransferState.TRANSFERRING:
+                await asyncio.sleep(0.002)
+            ok = receiver.transfer.state is TransferState.DONE
+            self.transfers["done" if ok else "failed"] += 1
+            kv = receiver.result
+        async for delta in self.loop.stream(req, kv):
             yield pack(delta)
 
     def stats(self) -> dict:
         ctx = self.engine.runner.ctx
-        import ray
-
-        return dict(self.engine.stats(), rank=self.rank, gang_id=self.gang_id, pid=os.getpid(), role=self.role,
-                    actor_name=ray.get_runtime_context().get_actor_name(),
+        return dict(self._stats, rank=self.rank, gang_id=self.gang_id, pid=os.getpid(), role=self.role,
+                    replica_id=self.replica_id, actor_name=ray.get_runtime_context().get_actor_name(),
                     startup_s=self.startup_s, ep=ctx.stats() if ctx is not None else None)
 
     def check_health(self) -> None:
+        self.sender.expire()
         if not self.loop.alive:
             raise RuntimeError(f"rank {self.rank} of gang {self.gang_id} is down: {self.loop.error!r}")
 

@@ -1,34 +1,112 @@
 """Request routers for rank replicas (Ray Serve custom request routing).
 
 `RankRouter` sends a request to the replica named by its routing hint, "<gang_id>/<rank>" or
-"*/<rank>" (carried as the handle's session id): the offline driver uses it to place each
-request on a chosen data-parallel rank. Requests without a hint go to the replica with the
-fewest running + waiting sequences, by replica-reported stats plus this router's own count of
-what it sent since those stats were taken.
+"*/<rank>" (carried as the handle's session id): the offline driver places each request on a
+chosen data-parallel rank with it. `PrefillRouter` and `DecodeRouter` are the prefill and decode
+load balancers: DeepSeek's policies (rayinfer.balance.policies) over each replica's reported
+load, which arrives up to a stats period late, plus what this router itself routed since
+(rayinfer.balance.tracker). A request's cost travels as the `cost` keyword of the call; its
+`prefix` (a hash of the prompt's first page) lets the prefill LB keep shared prefixes on the
+rank that has them cached when that rank is not much busier.
 """
 from __future__ import annotations
 
+import time
 from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from rayinfer.balance.policies import RankLoad, RequestCost
+from rayinfer.balance.tracker import LoadTracker
+
+AFFINITY_SLACK_TOKENS = 2048
+_LOAD_FIELDS = ("num_requests", "prefill_tokens", "attention_work", "kv_used_tokens", "kv_capacity_tokens",
+                "max_num_seqs")
 
 
 def rank_hint(gang_id: str | None, rank: int) -> str:
     return f"{gang_id or '*'}/{rank}"
 
 
+def _no_spin(pending_request: Optional[PendingRequest]) -> None:
+    # Without this, Serve retries a choice that found no replica in a tight loop that never
+    # yields, starving the event loop that would deliver the updated replica set.
+    if pending_request is not None:
+        pending_request.routing_context.should_backoff = True
+
+
 class RankRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
-        if pending_request is None:
-            return [candidate_replicas]
-        # Without this Serve retries a choice that found no replica in a tight loop that never
-        # yields, starving the event loop that would deliver the updated replica set.
-        pending_request.routing_context.should_backoff = True
-        hint = pending_request.metadata.session_id
+        _no_spin(pending_request)
+        hint = pending_request.metadata.session_id if pending_request is not None else ""
         if hint and "/" in hint:
             gang, rank = hint.rsplit("/", 1)
-            match = [r for r in candidate_replicas if str(r.replica_metadata.get("gang_rank")) == rank
-                     and gang in ("*", r.replica_metadata.get("gang_id"))]
-            return [match]  # empty: Serve backs off and retries until that rank is back
+            return [[r for r in candidate_replicas if str(r.replica_metadata.get("gang_rank")) == rank
+                     and gang in ("*", r.replica_metadata.get("gang_id"))]]  # empty: wait for that rank
         return [sorted(candidate_replicas, key=lambda r: (r.routing_stats or {}).get("num_requests", 0))]
+
+
+def request_cost(pending_request: Optional[PendingRequest]) -> RequestCost:
+    raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
+    return RequestCost(prompt_tokens=int(raw.get("prompt_tokens", 1)), cached_tokens=int(raw.get("cached_tokens", 0)),
+                       max_tokens=int(raw.get("max_tokens", 0)))
+
+
+class _BalancingRouter(RequestRouter):
+    kind = ""
+
+    def initialize_state(self, **kwargs):
+        self.tracker = LoadTracker(self.kind)
+        self._costs: dict[str, RequestCost] = {}
+
+    def _absorb_reports(self, replicas: List[RunningReplica]) -> None:
+        for r in replicas:
+            stats = r.routing_stats or {}
+            if "taken_at" in stats:
+                load = RankLoad(**{k: stats[k] for k in _LOAD_FIELDS if k in stats})
+                self.tracker.report(r.replica_id.unique_id, load, stats["taken_at"])
+
+    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
+                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+        _no_spin(pending_request)
+        if not candidate_replicas:
+            return [[]]
+        self._absorb_reports(candidate_replicas)
+        cost = request_cost(pending_request)
+        by_id = {r.replica_id.unique_id: r for r in sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)}
+        now = time.time()
+        best = self.tracker.pick(list(by_id), cost, now)
+        best = self._prefer_affinity(pending_request, list(by_id), best, now)
+        return [[by_id[best]], [r for i, r in by_id.items() if i != best]]
+
+    def _prefer_affinity(self, pending_request, ids: list[str], best: str, now: float) -> str:
+        """Prompts sharing a first page go to the same rank when that costs little: its prefix cache
+        already holds them. "Little": the affinity rank's queued prompt work is within one chunk
+        of the least-loaded rank's."""
+        raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
+        prefix = raw.get("prefix")
+        if prefix is None:
+            return best
+        home = ids[prefix % len(ids)]
+        a, b = self.tracker.effective(home, now), self.tracker.effective(best, now)
+        return home if a.prefill_tokens <= b.prefill_tokens + AFFINITY_SLACK_TOKENS else best
+
+    def on_request_routed(self, pending_request, replica_id, result) -> None:
+        self.tracker.routed(replica_id.unique_id, request_cost(pending_request), time.time())
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.tracker.forget(replica_id.unique_id)
+
+
+class PrefillRouter(_BalancingRouter):
+    """Prefill LB: balances core-attention work and input tokens across prefill ranks."""
+
+    kind = "prefill"
+
+
+class DecodeRouter(_BalancingRouter):
+    """Decode LB: balances KV-cache usage and request counts across decode (or mixed) ranks."""
+
+    kind = "decode"

@@ -1,4 +1,4 @@
-"""Command line: `rayinfer generate` (and, as they land, `serve` and `bench`).
+"""Command line: `rayinfer serve` (the OpenAI endpoint) and `rayinfer generate` (one offline completion).
 
 Owns argument parsing and what is printed to the user; all work is delegated to the library.
 """
@@ -9,34 +9,55 @@ import sys
 
 
 def _generate(args) -> int:
-    import torch
+    from rayinfer import LLM, SamplingParams
 
-    from rayinfer.model import load_model
-    from rayinfer.tokenizer import load_tokenizer
+    llm = LLM(args.model, ep_size=args.ep_size)
+    try:
+        out = llm.generate([args.prompt], SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature),
+                           use_tqdm=False)[0]
+    finally:
+        llm.shutdown()
+    print(args.prompt + out.text)
+    return 0
 
-    model = load_model(args.model)
-    tok = load_tokenizer(model.checkpoint_path)
-    ids = tok.encode(args.prompt)
-    with torch.inference_mode():
-        for _ in range(args.max_tokens):  # greedy, full forward per token: until the engine lands
-            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
-            ids.append(nxt)
-            if nxt in model.cfg.eos_token_id:
-                break
-    print(tok.decode(ids, skip_special_tokens=True))
+
+def _serve(args) -> int:
+    from rayinfer.actors.server import serve_forever
+    from rayinfer.config import ServeConfig
+
+    overrides = dict(model=args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+                     served_model_name=args.served_model_name)
+    if args.colocated:
+        overrides["disaggregated"] = False
+    cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
+    serve_forever(cfg.with_ep(args.prefill_ep, args.decode_ep), args.address, ready=lambda m: print(m, flush=True))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rayinfer", description="Serve DeepSeek-V3-architecture MoE models on Ray.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API (default: tiny preset, 127.0.0.1:8000)")
+    s.add_argument("--model", default=None, help="preset name (tiny, small) or checkpoint directory [tiny]")
+    s.add_argument("--host", default=None, help="address to listen on [127.0.0.1]")
+    s.add_argument("--port", type=int, default=None, help="port [8000]")
+    s.add_argument("--config", default=None, help="YAML file with the topology and limits (see examples/)")
+    s.add_argument("--address", default=None, help="join a running Ray cluster (e.g. 'auto') instead of starting one")
+    s.add_argument("--colocated", action="store_true", help="mixed ranks, no prefill/decode disaggregation")
+    s.add_argument("--prefill-ep", type=int, default=None, help="ranks per prefill gang [2]")
+    s.add_argument("--decode-ep", type=int, default=None, help="ranks per decode (or mixed) gang [2]")
+    s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 [float32]")
+    s.add_argument("--device", default=None, help="cpu | cuda [cpu]")
+    s.add_argument("--served-model-name", default=None, help="model id clients send [the model's name]")
+    g = sub.add_parser("generate", help="generate a completion for one prompt, offline")
     g.add_argument("--model", default="tiny", help="preset name (tiny, small) or checkpoint directory")
     g.add_argument("--prompt", default="Hello, rayinfer!")
     g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--ep-size", type=int, default=1, help="run as an expert-parallel gang of this many ranks")
     args = ap.parse_args(argv)
     try:
-        return {"generate": _generate}[args.cmd](args)
+        return {"generate": _generate, "serve": _serve}[args.cmd](args)
     except ValueError as e:  # user errors: bad model name, bad config
         print(f"rayinfer: error: {e}", file=sys.stderr)
         return 2

@@ -70,6 +70,27 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0
+    # A request continued from another rank (disaggregated decode, or a resume) carries what was
+    # already generated and streamed, so it picks up exactly where the other rank stopped.
+    output_token_ids: list[int] = field(default_factory=list)
+    emitted_chars: int = 0  # characters of output text the client already has
+    rng_state: bytes | None = None  # the request's sampling generator, for seeded requests
+    num_cached_tokens: int = 0  # prefix-cache hits reported by the rank that ran the prefill
+
+
+@dataclass
+class KVHandoff:
+    """A prefill rank's finished KV for one request, as the decode rank fetches it.
+
+    `ref` is the transport's handle (a Ray object reference to a [layers, num_tokens, D] latent
+    tensor): it travels between processes by Ray, never through msgpack, and its bytes go from
+    the prefill node to the decode node directly (the ingress only forwards the reference)."""
+
+    ref: list  # [ObjectRef]: wrapped, so Ray forwards the reference instead of resolving it
+    num_tokens: int
+    created_at: float
+    source: str = ""
+    rng_state: bytes | None = None  # the request's sampling generator after the first token
 
 
 @dataclass
@@ -80,7 +101,7 @@ class Delta:
     token_ids: list[int]
     text: str = ""
     logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; "handoff" leaves a prefill rank
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
 

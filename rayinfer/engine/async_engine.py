@@ -37,9 +37,10 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="rayinfer-engine", daemon=True)
         self._thread.start()
 
-    async def stream(self, request: EngineRequest) -> AsyncIterator[Delta]:
+    async def stream(self, request: EngineRequest, kv=None) -> AsyncIterator[Delta]:
+        """Deltas of `request` as steps produce them; `kv`: latents handed off by a prefill rank."""
         q: asyncio.Queue = asyncio.Queue()
-        self._submit(("add", request, asyncio.get_running_loop(), q))
+        self._submit(("add", request, asyncio.get_running_loop(), q, kv))
         finished = False
         try:
             while True:
@@ -81,17 +82,22 @@ class AsyncEngine:
                 del self._streams[rid]
 
     def _drain(self) -> None:
+        handled = False
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
+                if handled and self.on_step is not None:
+                    self.on_step()  # aborts and admissions change what the published stats say
                 return
+            handled = True
             if cmd[0] == "add":
-                _, req, loop, q = cmd
+                _, req, loop, q, kv = cmd
                 self._streams[req.request_id] = (loop, q)
                 try:
-                    self.engine.add_request(req)
-                except ValueError as e:
+                    self.engine.add_request(req, kv)
+                except Exception as e:  # a bad request fails alone; the loop goes on
+                    self.engine.abort(req.request_id)
                     self._deliver(req.request_id, e)
             else:
                 self.engine.abort(cmd[1])

@@ -113,4 +113,4 @@ class BlockManager:
         self.ref_counts[bid] += 1
 
     def num_allocated_blocks(self) -> int:
-        return sum(1 for r in self.ref_counts if r > 0)
+        return self.num_blocks - len(self.free)  # a page is free exactly when no sequence references it

@@ -36,9 +36,14 @@ class Engine:
         self.eos = set(runner.eos_token_ids)
         self.max_model_len = self.runner.max_model_len
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "steps": 0,
-                         "batched_tokens": 0, "requests_finished": 0}
+                         "batched_tokens": 0, "requests_finished": 0, "prefill_tokens_computed": 0,
+                         "decode_tokens_computed": 0, "kv_imported_tokens": 0, "kv_exported_tokens": 0}
+        self.exports: dict[str, tuple] = {}  # request id -> (latents, rng state), left by prefill handoffs
 
-    def add_request(self, req: EngineRequest) -> None:
+    def add_request(self, req: EngineRequest, kv=None) -> None:
+        """Queues a request. `kv` ([layers, len(prompt), D] latents handed off by a prefill rank)
+        lets it start decoding at once; without it, or if it does not fit now, the prompt is
+        computed here (re-prefill), which gives the same tokens."""
         if req.request_id in self.seqs:
             raise ValueError(f"request id {req.request_id!r} is already running")
         if not req.prompt_token_ids:
@@ -55,8 +60,32 @@ class Engine:
         seq = Sequence(req.request_id, req.prompt_token_ids, req.params, req.arrival_time or None)
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.params.stop)
+        if req.output_token_ids:
+            self._resume(seq, req)
         self.scheduler.add(seq)
         self.seqs[req.request_id] = seq
+        if kv is not None and kv.shape[1] == seq.num_prompt_tokens and seq.num_output_tokens:
+            if self.block_manager.can_append(seq, kv.shape[1]):
+                self.block_manager.append(seq, kv.shape[1])
+                self.runner.import_kv(seq, kv)
+                seq.num_computed_tokens = kv.shape[1]
+                self.block_manager.commit(seq)
+                self.counters["kv_imported_tokens"] += kv.shape[1]
+
+    def _resume(self, seq: Sequence, req: EngineRequest) -> None:
+        """Continues a request another rank started: its outputs, streamed text and RNG carry over."""
+        seq.token_ids.extend(req.output_token_ids)
+        seq.num_cached_tokens = req.num_cached_tokens
+        seq.first_admitted = True  # the prefix hit the client is told about happened elsewhere
+        if seq.detokenizer is not None:
+            for t in req.output_token_ids:
+                seq.detokenizer.add(t)
+            seq.detokenizer.emitted = min(req.emitted_chars, len(seq.detokenizer.text))
+        if req.rng_state is not None:
+            import torch
+
+            seq.generator = torch.Generator()
+            seq.generator.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
 
     def abort(self, request_id: str) -> Delta | None:
         seq = self.seqs.get(request_id)
@@ -81,6 +110,9 @@ class Engine:
         deltas = []
         for s in sched.scheduled:
             seq = s.seq
+            prompt_part = max(0, min(s.start + s.num_new_tokens, seq.num_prompt_tokens) - s.start)
+            self.counters["prefill_tokens_computed"] += prompt_part
+            self.counters["decode_tokens_computed"] += s.num_new_tokens - prompt_part
             seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.commit(seq)
             if s.samples and not seq.finished:
@@ -98,7 +130,11 @@ class Engine:
             seq.finish_reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
-        text = seq.detokenizer.take(seq.finish_reason is not None) if seq.detokenizer else ""
+        elif self.config.scheduler.mode == "prefill":
+            self._hand_off(seq)
+        # A handoff is not an end: text held back for stop strings stays held for the decode rank.
+        done = seq.finish_reason is not None and seq.finish_reason != "handoff"
+        text = seq.detokenizer.take(done) if seq.detokenizer else ""
         self.counters["generation_tokens"] += 1
         if first:
             self.counters["prompt_tokens"] += seq.num_prompt_tokens
@@ -109,6 +145,16 @@ class Engine:
             self._finish(seq)
         return delta
 
+    def _hand_off(self, seq: Sequence) -> None:
+        """A prefill rank's job ends at the first token: keep the prompt's latents for the decode rank."""
+        latents = self.runner.export_kv(seq)
+        rng = None
+        if seq.generator is not None:
+            rng = bytes(seq.generator.get_state().numpy().tobytes())
+        self.exports[seq.request_id] = (latents, rng)
+        self.counters["kv_exported_tokens"] += latents.shape[1]
+        seq.finish_reason = "handoff"
+
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
         seq.status = SeqStatus.FINISHED
@@ -116,8 +162,17 @@ class Engine:
         self.counters["requests_finished"] += 1
 
     def stats(self) -> dict:
-        bm = self.block_manager
-        return dict(self.counters, num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-                    kv_usage=bm.usage, kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_allocated_blocks(),
-                    num_preemptions=self.scheduler.num_preemptions,
-                    prefix_hit_rate=bm.hits / bm.queries if bm.queries else 0.0, time=time.time())
+        """Counters and current load; call on the engine's own thread (it reads live sequences)."""
+        bm, sched = self.block_manager, self.scheduler
+        prefill_tokens, attention = 0, 0.0
+        for seq in (*sched.running, *sched.waiting):  # work not yet done: what a prefill balancer weighs
+            left = max(0, seq.num_prompt_tokens - seq.num_computed_tokens)
+            prefill_tokens += left
+            attention += left * (seq.num_computed_tokens + (left + 1) / 2)
+        return dict(self.counters, num_running=len(sched.running), num_waiting=len(sched.waiting),
+                    num_requests=len(sched.running) + len(sched.waiting), prefill_tokens=prefill_tokens,
+                    attention_work=attention, kv_usage=bm.usage, kv_blocks_total=bm.num_blocks,
+                    kv_blocks_used=bm.num_allocated_blocks(), kv_used_tokens=bm.num_allocated_blocks() * bm.block_size,
+                    kv_capacity_tokens=bm.num_blocks * bm.block_size, max_num_seqs=self.config.scheduler.max_num_seqs,
+                    num_preemptions=sched.num_preemptions,
+                    prefix_hit_rate=bm.hits / bm.queries if bm.queries else 0.0, taken_at=time.time())

@@ -49,6 +49,23 @@ class ModelRunner:
         self.eos_token_ids = set(cfg.eos_token_id)
         self.checkpoint_path = self.model.checkpoint_path
 
+    def _rows(self, seq, num_tokens: int) -> torch.Tensor:
+        """Flat cache rows holding `seq`'s first `num_tokens` latents."""
+        pos = torch.arange(num_tokens)
+        return torch.tensor(seq.block_ids)[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE
+
+    def export_kv(self, seq) -> torch.Tensor:
+        """A copy of `seq`'s computed latents from every layer: [layers, tokens, D] (what a prefill rank hands off)."""
+        rows = self._rows(seq, seq.num_computed_tokens).to(self.device)
+        return torch.stack([c.view(-1, c.shape[-1])[rows] for c in self.kv_caches]).cpu()
+
+    def import_kv(self, seq, latents: torch.Tensor) -> None:
+        """Writes handed-off latents [layers, tokens, D] into `seq`'s (already allocated) pages."""
+        assert latents.shape[0] == len(self.kv_caches) and latents.shape[2] == self.kv_caches[0].shape[-1]
+        rows = self._rows(seq, latents.shape[1]).to(self.device)
+        for cache, layer in zip(self.kv_caches, latents):
+            cache.view(-1, cache.shape[-1])[rows] = layer.to(device=self.device, dtype=cache.dtype)
+
     def prepare(self, items: list[tuple]) -> tuple[torch.Tensor, ForwardBatch]:
         """items: (sequence, first position, number of tokens) -> (token ids [T], ForwardBatch)."""
         dev = self.device

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from rayinfer.config import ModelConfig
+from rayinfer.tokenizer import DEEPSEEK_CHAT_TEMPLATE
 
 REVISION = "r2"  # bump when preset weights or files change, so stale caches are not reused
 BOS, EOS, PAD, USER, ASSISTANT = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>",
@@ -46,15 +47,7 @@ PRESETS: dict[str, dict] = {
 }
 _STORAGE = {"tiny": (torch.float32, 1), "small": (torch.bfloat16, 2)}  # dtype on disk, number of shards
 
-CHAT_TEMPLATE = (
-    "{% if add_generation_prompt is not defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}"
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + '<｜end▁of▁sentence｜>' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
+CHAT_TEMPLATE = DEEPSEEK_CHAT_TEMPLATE
 
 
 def cache_root() -> str:

@@ -1,9 +1,9 @@
-"""Frozen, validated configuration.
+"""The model's static description: `ModelConfig`, read from a Hugging Face `config.json`.
 
-Owns the model's static description (`ModelConfig`, read from a Hugging Face `config.json`) and
-the rope/quantisation sub-configs. Runtime configs (parallel, cache, scheduler, serve) join this
-module as the engine and server arrive. Every value is checked when the object is built; a bad
-value raises `ConfigError` naming the field. Nothing here changes after construction.
+Owns every DeepSeek-V3 field (MLA ranks and dims, MoE routing, rope in its legacy
+`rope_scaling` and newer `rope_parameters` forms, FP8 `quantization_config`) and the facts
+derived from them. Built once, validated when built (a bad value raises `ConfigError` naming
+the field), never changed.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class ConfigError(ValueError):
     """A configuration value a user supplied is missing, mistyped or inconsistent."""
 
 
-def _check(cond: bool, field_name: str, value: Any, why: str) -> None:
+def check_field(cond: bool, field_name: str, value: Any, why: str) -> None:
     if not cond:
         raise ConfigError(f"config field '{field_name}'={value!r}: {why}")
 
@@ -39,18 +39,18 @@ class RopeConfig:
     truncate: bool = True
 
     def __post_init__(self):
-        _check(self.kind in ("default", "yarn"), "rope_type", self.kind, "only 'default' and 'yarn' are supported")
-        _check(self.theta > 0, "rope_theta", self.theta, "must be > 0")
+        check_field(self.kind in ("default", "yarn"), "rope_type", self.kind, "only 'default' and 'yarn' are supported")
+        check_field(self.theta > 0, "rope_theta", self.theta, "must be > 0")
         if self.kind == "yarn":
-            _check(self.factor >= 1.0, "rope.factor", self.factor, "yarn factor must be >= 1")
-            _check(self.original_max_position_embeddings > 0, "rope.original_max_position_embeddings",
+            check_field(self.factor >= 1.0, "rope.factor", self.factor, "yarn factor must be >= 1")
+            check_field(self.original_max_position_embeddings > 0, "rope.original_max_position_embeddings",
                    self.original_max_position_embeddings, "must be > 0")
 
     @staticmethod
     def from_hf(raw: dict, max_position_embeddings: int) -> "RopeConfig":
         # Newer checkpoints carry `rope_parameters` (theta inside); older ones `rope_scaling` + `rope_theta`.
         params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        _check(isinstance(params, dict), "rope_parameters", params, "must be a JSON object")
+        check_field(isinstance(params, dict), "rope_parameters", params, "must be a JSON object")
         theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
         kind = params.get("rope_type", params.get("type", "default"))
         if kind == "default":
@@ -77,11 +77,11 @@ class QuantConfig:
     activation_scheme: str = "dynamic"
 
     def __post_init__(self):
-        _check(self.method == "fp8", "quantization_config.quant_method", self.method, "only 'fp8' is supported")
-        _check(self.fmt == "e4m3", "quantization_config.fmt", self.fmt, "only 'e4m3' is supported")
-        _check(len(self.block_size) == 2 and all(b > 0 for b in self.block_size),
+        check_field(self.method == "fp8", "quantization_config.quant_method", self.method, "only 'fp8' is supported")
+        check_field(self.fmt == "e4m3", "quantization_config.fmt", self.fmt, "only 'e4m3' is supported")
+        check_field(len(self.block_size) == 2 and all(b > 0 for b in self.block_size),
                "quantization_config.weight_block_size", self.block_size, "must be two positive ints")
-        _check(self.activation_scheme == "dynamic", "quantization_config.activation_scheme",
+        check_field(self.activation_scheme == "dynamic", "quantization_config.activation_scheme",
                self.activation_scheme, "only 'dynamic' is supported")
 
     @staticmethod
@@ -139,44 +139,44 @@ class ModelConfig:
     def __post_init__(self):
         for name in _INT_FIELDS:
             v = getattr(self, name)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
-        _check(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            check_field(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
+        check_field(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
                "q_lora_rank", self.q_lora_rank, "must be null or a positive integer")
-        _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
-        _check(self.hidden_act == "silu", "hidden_act", self.hidden_act, "only 'silu' is supported")
-        _check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
-        _check(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+        check_field(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
+        check_field(self.hidden_act == "silu", "hidden_act", self.hidden_act, "only 'silu' is supported")
+        check_field(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        check_field(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
                self.first_k_dense_replace, f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
-        _check(self.moe_layer_freq >= 1, "moe_layer_freq", self.moe_layer_freq, "must be >= 1")
-        _check(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", self.num_nextn_predict_layers,
+        check_field(self.moe_layer_freq >= 1, "moe_layer_freq", self.moe_layer_freq, "must be >= 1")
+        check_field(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", self.num_nextn_predict_layers,
                "must be >= 0")
         if self.n_routed_experts:
             self._check_moe()
         else:
-            _check(not self.moe_layers, "n_routed_experts", self.n_routed_experts,
+            check_field(not self.moe_layers, "n_routed_experts", self.n_routed_experts,
                    "is 0 but first_k_dense_replace leaves MoE layers")
 
     def _check_moe(self):
         e = self.n_routed_experts
-        _check(e > 0, "n_routed_experts", e, "must be > 0")
-        _check(self.n_group >= 1 and e % self.n_group == 0, "n_group", self.n_group,
+        check_field(e > 0, "n_routed_experts", e, "must be > 0")
+        check_field(self.n_group >= 1 and e % self.n_group == 0, "n_group", self.n_group,
                f"must be >= 1 and divide n_routed_experts={e}")
-        _check(1 <= self.topk_group <= self.n_group, "topk_group", self.topk_group,
+        check_field(1 <= self.topk_group <= self.n_group, "topk_group", self.topk_group,
                f"must be in [1, n_group={self.n_group}]")
-        _check(1 <= self.num_experts_per_tok <= self.topk_group * (e // self.n_group), "num_experts_per_tok",
+        check_field(1 <= self.num_experts_per_tok <= self.topk_group * (e // self.n_group), "num_experts_per_tok",
                self.num_experts_per_tok,
                f"must be in [1, topk_group * experts per group = {self.topk_group * (e // self.n_group)}]")
-        _check(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"), "topk_method",
+        check_field(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"), "topk_method",
                self.topk_method, "must be one of noaux_tc, greedy, group_limited_greedy")
-        _check(self.scoring_func in ("sigmoid", "softmax"), "scoring_func", self.scoring_func,
+        check_field(self.scoring_func in ("sigmoid", "softmax"), "scoring_func", self.scoring_func,
                "must be 'sigmoid' or 'softmax'")
-        _check(self.topk_method != "noaux_tc" or self.scoring_func == "sigmoid", "topk_method",
+        check_field(self.topk_method != "noaux_tc" or self.scoring_func == "sigmoid", "topk_method",
                self.topk_method, "noaux_tc needs scoring_func 'sigmoid'")
         # Group scores take the top-2 experts of each group.
-        _check(self.n_group == 1 or e // self.n_group >= 2, "n_group", self.n_group,
+        check_field(self.n_group == 1 or e // self.n_group >= 2, "n_group", self.n_group,
                "grouped routing needs at least 2 experts per group")
-        _check(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
-        _check(self.moe_intermediate_size > 0, "moe_intermediate_size", self.moe_intermediate_size, "must be > 0")
+        check_field(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+        check_field(self.moe_intermediate_size > 0, "moe_intermediate_size", self.moe_intermediate_size, "must be > 0")
 
     # Derived, static facts of the architecture.
     @property
@@ -222,10 +222,10 @@ class ModelConfig:
         kw["quant"] = QuantConfig.from_hf(raw.get("quantization_config"))
         for k in ("norm_topk_prob", "attention_bias", "rope_interleave", "tie_word_embeddings"):
             if k in kw:
-                _check(isinstance(kw[k], bool), k, kw[k], "must be true or false")
+                check_field(isinstance(kw[k], bool), k, kw[k], "must be true or false")
         for k in ("routed_scaling_factor", "rms_norm_eps"):
             if k in kw:
-                _check(isinstance(kw[k], (int, float)) and not isinstance(kw[k], bool), k, kw[k], "must be a number")
+                check_field(isinstance(kw[k], (int, float)) and not isinstance(kw[k], bool), k, kw[k], "must be a number")
                 kw[k] = float(kw[k])
         return ModelConfig(**kw)
 
@@ -260,126 +260,3 @@ class ModelConfig:
                                           "activation_scheme": q.activation_scheme}
         return out
 
-
-_DTYPES = ("float32", "bfloat16", "float16")
-_MODES = ("mixed", "prefill", "decode")
-_SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_bytes(value, name: str) -> int:
-    """An int, or a string like "512MiB" / "2GB", as bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        s = value.strip().lower().replace(" ", "")
-        num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = s[len(num):]
-        if num and unit in _SIZE_UNITS:
-            try:
-                n = float(num) * _SIZE_UNITS[unit]
-                if n >= 1:
-                    return int(n)
-            except ValueError:
-                pass
-    raise ConfigError(f"option '{name}'={value!r}: must be a positive byte count such as 536870912 or '512MiB'")
-
-
-def _positive_int(name: str, v) -> None:
-    _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """The paged MLA latent cache: pages of 64 tokens (FlashMLA's page size)."""
-
-    block_size: int = 64
-    kv_cache_tokens: int | None = None  # capacity in tokens; or derived from kv_cache_memory
-    kv_cache_memory: int = 512 * 2**20  # bytes, used when kv_cache_tokens is not given
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self):
-        _check(self.block_size == 64, "block_size", self.block_size, "the MLA cache uses 64-token pages")
-        if self.kv_cache_tokens is not None:
-            _positive_int("kv_cache_tokens", self.kv_cache_tokens)
-        _positive_int("kv_cache_memory", self.kv_cache_memory)
-        _check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
-               "must be true or false")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    mode: str = "mixed"  # "prefill" / "decode" for disaggregated ranks
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-
-    def __post_init__(self):
-        _positive_int("max_num_seqs", self.max_num_seqs)
-        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
-        _check(self.mode in _MODES, "scheduler_mode", self.mode, f"must be one of {', '.join(_MODES)}")
-        if self.max_model_len is not None:
-            _positive_int("max_model_len", self.max_model_len)
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """Expert-parallel unit: `ep_size` ranks, each an attention DP rank holding a shard of expert slots."""
-
-    ep_size: int = 1
-    num_redundant_experts: int = 0
-    enable_overlap: bool = True
-    overlap_min_tokens: int = 32  # below this many tokens on every rank, one microbatch is faster
-    address: str | None = None  # a running Ray cluster to join; default: start one on 127.0.0.1
-    collective_timeout_s: float = 30.0
-
-    def __post_init__(self):
-        _positive_int("ep_size", self.ep_size)
-        _check(isinstance(self.num_redundant_experts, int) and self.num_redundant_experts >= 0,
-               "num_redundant_experts", self.num_redundant_experts, "must be an integer >= 0")
-        _check(isinstance(self.enable_overlap, bool), "enable_overlap", self.enable_overlap, "must be true or false")
-        _check(isinstance(self.overlap_min_tokens, int) and self.overlap_min_tokens >= 0, "overlap_min_tokens",
-               self.overlap_min_tokens, "must be an integer >= 0")
-        _check(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s, "must be > 0")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-    def __post_init__(self):
-        _check(isinstance(self.model, str) and self.model, "model", self.model, "must name a preset or a directory")
-        _check(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {', '.join(_DTYPES)}")
-        _check(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
-
-    @staticmethod
-    def from_options(model: str, **options) -> "EngineConfig":
-        """Flat keyword options (the `LLM(...)` / CLI form) -> nested, validated config."""
-        groups = {"cache": (CacheConfig, {}), "scheduler": (SchedulerConfig, {}), "parallel": (ParallelConfig, {})}
-        top = {}
-        renames = {"scheduler_mode": "mode"}
-        for key, value in options.items():
-            if value is None:
-                continue
-            if key == "kv_cache_memory":
-                value = parse_bytes(value, key)
-            if key == "dtype" and not isinstance(value, str):
-                value = str(value).replace("torch.", "")
-            target = renames.get(key, key)
-            for cls, kw in groups.values():
-                if target in {f.name for f in fields(cls)}:
-                    kw[target] = value
-                    break
-            else:
-                if key in ("dtype", "device", "seed"):
-                    top[key] = value
-                else:
-                    valid = sorted(["dtype", "device", "seed", "scheduler_mode"] + [
-                        f.name for cls, _ in groups.values() for f in fields(cls) if f.name != "mode"])
-                    raise ConfigError(f"unknown engine option {key!r}; valid options: {', '.join(valid)}")
-        return EngineConfig(model=model, **top, **{name: cls(**kw) for name, (cls, kw) in groups.items()})

@@ -1,0 +1,134 @@
+"""How one engine runs: cache, scheduler and expert-parallel options, and their flat form.
+
+`EngineConfig` nests `CacheConfig`, `SchedulerConfig` and `ParallelConfig`; `from_options`
+builds it from the flat keyword options users pass to `LLM(...)`, naming any unknown or bad
+option. Frozen and validated when built; values derived at run time (the number of cache
+pages, the placement of experts) live with the objects that derive them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from rayinfer.config.model import ConfigError, check_field
+_DTYPES = ("float32", "bfloat16", "float16")
+_MODES = ("mixed", "prefill", "decode")
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(value, name: str) -> int:
+    """An int, or a string like "512MiB" / "2GB", as bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        s = value.strip().lower().replace(" ", "")
+        num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = s[len(num):]
+        if num and unit in _SIZE_UNITS:
+            try:
+                n = float(num) * _SIZE_UNITS[unit]
+                if n >= 1:
+                    return int(n)
+            except ValueError:
+                pass
+    raise ConfigError(f"option '{name}'={value!r}: must be a positive byte count such as 536870912 or '512MiB'")
+
+
+def _positive_int(name: str, v) -> None:
+    check_field(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged MLA latent cache: pages of 64 tokens (FlashMLA's page size)."""
+
+    block_size: int = 64
+    kv_cache_tokens: int | None = None  # capacity in tokens; or derived from kv_cache_memory
+    kv_cache_memory: int = 512 * 2**20  # bytes, used when kv_cache_tokens is not given
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        check_field(self.block_size == 64, "block_size", self.block_size, "the MLA cache uses 64-token pages")
+        if self.kv_cache_tokens is not None:
+            _positive_int("kv_cache_tokens", self.kv_cache_tokens)
+        _positive_int("kv_cache_memory", self.kv_cache_memory)
+        check_field(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
+               "must be true or false")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    mode: str = "mixed"  # "prefill" / "decode" for disaggregated ranks
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+
+    def __post_init__(self):
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        check_field(self.mode in _MODES, "scheduler_mode", self.mode, f"must be one of {', '.join(_MODES)}")
+        if self.max_model_len is not None:
+            _positive_int("max_model_len", self.max_model_len)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Expert-parallel unit: `ep_size` ranks, each an attention DP rank holding a shard of expert slots."""
+
+    ep_size: int = 1
+    num_redundant_experts: int = 0
+    enable_overlap: bool = True
+    overlap_min_tokens: int = 32  # below this many tokens on every rank, one microbatch is faster
+    address: str | None = None  # a running Ray cluster to join; default: start one on 127.0.0.1
+    collective_timeout_s: float = 30.0
+
+    def __post_init__(self):
+        _positive_int("ep_size", self.ep_size)
+        check_field(isinstance(self.num_redundant_experts, int) and self.num_redundant_experts >= 0,
+               "num_redundant_experts", self.num_redundant_experts, "must be an integer >= 0")
+        check_field(isinstance(self.enable_overlap, bool), "enable_overlap", self.enable_overlap, "must be true or false")
+        check_field(isinstance(self.overlap_min_tokens, int) and self.overlap_min_tokens >= 0, "overlap_min_tokens",
+               self.overlap_min_tokens, "must be an integer >= 0")
+        check_field(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s, "must be > 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        check_field(isinstance(self.model, str) and self.model, "model", self.model, "must name a preset or a directory")
+        check_field(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {', '.join(_DTYPES)}")
+        check_field(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
+
+    @staticmethod
+    def from_options(model: str, **options) -> "EngineConfig":
+        """Flat keyword options (the `LLM(...)` / CLI form) -> nested, validated config."""
+        groups = {"cache": (CacheConfig, {}), "scheduler": (SchedulerConfig, {}), "parallel": (ParallelConfig, {})}
+        top = {}
+        renames = {"scheduler_mode": "mode"}
+        for key, value in options.items():
+            if value is None:
+                continue
+            if key == "kv_cache_memory":
+                value = parse_bytes(value, key)
+            if key == "dtype" and not isinstance(value, str):
+                value = str(value).replace("torch.", "")
+            target = renames.get(key, key)
+            for cls, kw in groups.values():
+                if target in {f.name for f in fields(cls)}:
+                    kw[target] = value
+                    break
+            else:
+                if key in ("dtype", "device", "seed"):
+                    top[key] = value
+                else:
+                    valid = sorted(["dtype", "device", "seed", "scheduler_mode"] + [
+                        f.name for cls, _ in groups.values() for f in fields(cls) if f.name != "mode"])
+                    raise ConfigError(f"unknown engine option {key!r}; valid options: {', '.join(valid)}")
+        return EngineConfig(model=model, **top, **{name: cls(**kw) for name, (cls, kw) in groups.items()})

@@ -1,0 +1,142 @@
+"""A deployment's topology and limits: `ServeConfig`, from a YAML file and/or command-line flags.
+
+Owns what `rayinfer serve` deploys: the model, the HTTP listener, whether prefill and decode
+are disaggregated, and for each role (prefill, decode, or mixed when colocated) how many gangs
+of how many ranks, with the engine options of its ranks. `engine_config(role)` turns a role into
+the `EngineConfig` its ranks run with. Unknown keys and bad values name themselves.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+
+from rayinfer.config.engine import EngineConfig, parse_bytes
+from rayinfer.config.model import ConfigError, check_field
+
+ROLES = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """One role's gangs: `num_gangs` units of `ep_size` ranks, and their ranks' engine options."""
+
+    ep_size: int = 2
+    num_gangs: int = 1
+    num_redundant_experts: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: int | None = None
+    enable_overlap: bool = True
+
+    def __post_init__(self):
+        for name in ("ep_size", "num_gangs", "max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            check_field(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
+        check_field(isinstance(self.num_redundant_experts, int) and self.num_redundant_experts >= 0,
+                    "num_redundant_experts", self.num_redundant_experts, "must be an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = "tiny"
+    dtype: str = "float32"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: the preset name or the checkpoint directory's name
+    disaggregated: bool = True  # False: colocated mixed ranks, no prefill/decode split
+    prefill: RoleConfig = field(default_factory=RoleConfig)
+    decode: RoleConfig = field(default_factory=RoleConfig)
+    mixed: RoleConfig = field(default_factory=RoleConfig)
+    kv_cache_memory: int = 512 * 2**20  # per rank, unless a role sets its own
+    max_queue: int = 256  # requests in flight at one ingress replica before 429s
+    kv_transfer_timeout_s: float = 10.0
+    collective_timeout_s: float = 30.0
+    cpus_per_rank: float | None = None  # default: 0.5 on CPU machines, 1 per GPU rank
+    seed: int = 0
+
+    def __post_init__(self):
+        check_field(isinstance(self.port, int) and 0 < self.port < 65536, "port", self.port, "must be in 1..65535")
+        check_field(isinstance(self.max_queue, int) and self.max_queue > 0, "max_queue", self.max_queue,
+                    "must be a positive integer")
+        check_field(self.kv_transfer_timeout_s > 0, "kv_transfer_timeout_s", self.kv_transfer_timeout_s, "must be > 0")
+        self.engine_config(self.roles[0])  # validates model/dtype and the role's engine options
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.disaggregated else ("mixed",)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
+
+    def role(self, name: str) -> RoleConfig:
+        return getattr(self, name)
+
+    def engine_config(self, role: str) -> EngineConfig:
+        r = self.role(role)
+        return EngineConfig.from_options(
+            self.model, dtype=self.dtype, device=self.device, seed=self.seed, ep_size=r.ep_size,
+            num_redundant_experts=r.num_redundant_experts, enable_overlap=r.enable_overlap,
+            max_num_seqs=r.max_num_seqs, max_num_batched_tokens=r.max_num_batched_tokens,
+            kv_cache_memory=r.kv_cache_memory or self.kv_cache_memory, scheduler_mode=role,
+            collective_timeout_s=self.collective_timeout_s)
+
+    @property
+    def num_ranks(self) -> int:
+        return sum(self.role(r).ep_size * self.role(r).num_gangs for r in self.roles)
+
+    @staticmethod
+    def from_dict(raw: dict, **overrides) -> "ServeConfig":
+        """From a parsed YAML mapping, then flag overrides (None values are ignored)."""
+        _only_known(raw, ServeConfig, "the serve config")
+        kw = dict(raw)
+        for role in ROLES:
+            if role in kw:
+                kw[role] = _role(role, kw[role])
+        if "kv_cache_memory" in kw:
+            kw["kv_cache_memory"] = parse_bytes(kw["kv_cache_memory"], "kv_cache_memory")
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return ServeConfig(**kw)
+
+    @staticmethod
+    def from_file(path: str, **overrides) -> "ServeConfig":
+        import yaml
+
+        if not os.path.exists(path):
+            raise ConfigError(f"serve config file {path!r} does not exist")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        return ServeConfig.from_dict(raw, **overrides)
+
+    def with_ep(self, prefill: int | None = None, decode: int | None = None) -> "ServeConfig":
+        """Flag overrides of the roles' gang sizes."""
+        cfg = self
+        if prefill:
+            cfg = replace(cfg, prefill=replace(cfg.prefill, ep_size=prefill))
+        if decode:
+            cfg = replace(cfg, decode=replace(cfg.decode, ep_size=decode), mixed=replace(cfg.mixed, ep_size=decode))
+        return cfg
+
+
+def _only_known(raw, cls, where: str) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; known: {', '.join(sorted(known))}")
+
+
+def _role(name: str, raw) -> RoleConfig:
+    _only_known(raw, RoleConfig, f"serve config section '{name}'")
+    kw = dict(raw)
+    if kw.get("kv_cache_memory") is not None:
+        kw["kv_cache_memory"] = parse_bytes(kw["kv_cache_memory"], f"{name}.kv_cache_memory")
+    try:
+        return RoleConfig(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"under '{name}': {e}") from e

@@ -1,0 +1,299 @@
+"""OpenAI-compatible request parsing: JSON bodies in, validated `RequestSpec`s or `APIError`s out.
+
+Owns the HTTP layer's input contract and nothing else (no Ray, no I/O): what `/v1/completions`
+and `/v1/chat/completions` accept, the chat template, tokenization, the context-length check and
+the mapping onto `SamplingParams`. Crossing it: the decoded JSON body and a `ModelInfo` in; a
+`RequestSpec` (token-id prompts + `SamplingParams` + rendering options) out, or an `APIError`
+whose `status` and `to_dict()` are the HTTP response. Response shaping lives in
+`rayinfer.openai_responses` (re-exported here so the ingress has one import).
+
+Every mistake a client can make is a 400 naming the parameter and the bad value (an unknown
+model is a 404). Parameters sent as JSON null count as absent, since many clients send them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import jinja2
+
+from rayinfer.messages import SamplingParams
+from rayinfer.openai_responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_logprobs,  # noqa: F401
+                                       chat_response, completion_chunk, completion_logprobs,
+                                       completion_response, models_response, sse, usage_chunk,
+                                       usage_dict, usage_for)
+from rayinfer.tokenizer import Tokenizer
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """An error the HTTP layer returns as OpenAI's error object with `status`."""
+
+    def __init__(self, status: int, message: str, type: str | None = None, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+    def to_dict(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # the served model id clients must send as `model`
+    max_model_len: int
+    vocab_size: int  # the model's (embedding) vocabulary: token-id prompts must lie in [0, vocab_size)
+    tokenizer: Tokenizer | None = None
+    created: int = 0
+
+
+@dataclass
+class RequestSpec:
+    """A validated request. Choice `i` of prompt `p` has OpenAI index `p * n + i`."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    prompts: list[tuple[str | None, list[int]]]  # (text or None for token-id prompts, token ids)
+    params: SamplingParams
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | bool | None = None  # completions: top-k count or None; chat: bool
+    top_logprobs: int = 0  # chat only
+
+
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+           "frequency_penalty", "n", "stop", "seed", "stream", "stream_options", "ignore_eos", "logit_bias"}
+_FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"},
+           "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
+                              "tool_choice", "functions", "function_call", "response_format"}}
+# Accepted only at values that ask for nothing beyond plain text generation.
+_HARMLESS = {"echo": lambda v: v is False, "best_of": lambda v: v == 1 and not isinstance(v, bool),
+             "suffix": lambda v: v == "", "tools": lambda v: v == [], "functions": lambda v: v == [],
+             "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
+             "response_format": lambda v: v == {"type": "text"}, "logit_bias": lambda v: v == {}}
+_ROLES = ("system", "user", "assistant")
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def _show(value) -> str:
+    try:
+        s = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        s = repr(value)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _bad(param: str, value, why: str) -> APIError:
+    return APIError(400, f"Invalid value for '{param}': {_show(value)} ({why})", param=param)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true must not pass as 1
+
+
+def _get_int(body: dict, name: str, lo: int, hi: int | None, default=None, param: str | None = None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        raise _bad(param or name, v, f"must be an integer in [{lo}, {hi}]" if hi is not None
+                   else f"must be an integer >= {lo}")
+    return v
+
+
+def _get_num(body: dict, name: str, lo: float, hi: float, default: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v > hi or v < lo \
+            or (lo_open and v == lo):
+        raise _bad(name, v, f"must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+    return float(v)
+
+
+def _get_bool(body: dict, name: str, default: bool = False, param: str | None = None) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _bad(param or name, v, "must be true or false")
+    return v
+
+
+def _check_envelope(body, kind: str, info: ModelInfo) -> dict:
+    if not isinstance(body, dict):
+        raise APIError(400, f"The request body must be a JSON object, got {type(body).__name__}: {_show(body)}")
+    for name, value in body.items():
+        if name in _IGNORED or (name == "stream_options" and value is None):
+            continue
+        if name not in _FIELDS[kind]:
+            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name)
+        if name in _HARMLESS and value is not None and not _HARMLESS[name](value):
+            raise APIError(400, f"'{name}'={_show(value)} is not supported by this server", param=name)
+    model = body.get("model")
+    if model is None:
+        raise APIError(400, "Missing required parameter: 'model'", param="model")
+    if not isinstance(model, str):
+        raise _bad("model", model, "must be a string")
+    if model != info.name:
+        raise APIError(404, f"The model `{model}` does not exist or you do not have access to it "
+                            f"(this server serves `{info.name}`)", param="model", code="model_not_found")
+    return body
+
+
+def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+            raise _bad("stop", stop, "must be a non-empty string or a list of at most 4 non-empty strings")
+        stop = tuple(stops)
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < -1):
+        raise _bad("top_k", top_k, "must be an integer >= 1, or 0 / -1 to disable")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=_get_num(body, "temperature", 0, 2, 1.0),
+            top_p=_get_num(body, "top_p", 0, 1, 1.0, lo_open=True), top_k=top_k or 0,
+            min_p=_get_num(body, "min_p", 0, 1, 0.0),
+            presence_penalty=_get_num(body, "presence_penalty", -2, 2, 0.0),
+            frequency_penalty=_get_num(body, "frequency_penalty", -2, 2, 0.0), stop=stop or (),
+            ignore_eos=_get_bool(body, "ignore_eos"), seed=_get_int(body, "seed", *_INT64), logprobs=logprobs)
+    except ValueError as e:  # a constraint SamplingParams knows and this layer does not
+        name = str(e).split("=", 1)[0].removeprefix("SamplingParams.")
+        raise APIError(400, f"Invalid request: {e}", param=name) from e
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _get_bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not stream:
+        raise _bad("stream_options", opts, "only allowed when 'stream' is true")
+    if not isinstance(opts, dict):
+        raise _bad("stream_options", opts, 'must be an object like {"include_usage": true}')
+    for key in opts:
+        if key not in ("include_usage", "include_obfuscation"):  # obfuscation: nothing to obfuscate here
+            raise _bad(f"stream_options.{key}", opts[key], "unknown stream option")
+    _get_bool(opts, "include_obfuscation", param="stream_options.include_obfuscation")
+    return stream, _get_bool(opts, "include_usage", param="stream_options.include_usage")
+
+
+def _max_tokens(requested: int | None, prompt_len: int, info: ModelInfo, where: str) -> int:
+    limit = info.max_model_len
+    if requested is None:  # chat's default: whatever the context leaves
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {where} "
+                                f"resulted in {prompt_len} tokens. Please reduce the length of the {where}.",
+                           param=where, code="context_length_exceeded")
+        return limit - prompt_len
+    if prompt_len + requested > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                            f"{prompt_len + requested} tokens ({prompt_len} in the {where}, {requested} for the "
+                            f"completion). Please reduce the length of the {where} or completion.",
+                       param=where, code="context_length_exceeded")
+    return requested
+
+
+def _token_ids(ids: list, param: str, info: ModelInfo) -> list[int]:
+    if not ids:
+        raise _bad(param, ids, "the prompt is empty")
+    for t in ids:
+        if not _is_int(t) or not 0 <= t < info.vocab_size:
+            raise _bad(param, t, f"token ids must be integers in [0, {info.vocab_size})")
+    return list(ids)
+
+
+def _completion_prompts(prompt, info: ModelInfo) -> list[tuple[str | None, list[int]]]:
+    if prompt is None:
+        raise APIError(400, "Missing required parameter: 'prompt'", param="prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+        prompt = [prompt]
+    shape = "must be a string, a list of strings, a list of token ids, or a list of token-id lists"
+    if not isinstance(prompt, list) or not prompt:
+        raise _bad("prompt", prompt, "the prompt is empty" if prompt == [] else shape)
+    out = []
+    for i, p in enumerate(prompt):
+        param = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            if not p:
+                raise _bad(param, p, "the prompt is empty")
+            if info.tokenizer is None:
+                raise _bad(param, p, "this model has no tokenizer: send the prompt as a list of token ids")
+            out.append((p, info.tokenizer.encode(p)))
+        elif isinstance(p, list):
+            out.append((None, _token_ids(p, param, info)))
+        else:
+            raise _bad(param, p, shape)
+    return out
+
+
+def parse_completion_request(body, info: ModelInfo) -> RequestSpec:
+    body = _check_envelope(body, "completion", info)
+    prompts = _completion_prompts(body.get("prompt"), info)
+    requested = _get_int(body, "max_tokens", 1, None, default=16)  # OpenAI's default for completions
+    for _, ids in prompts:
+        _max_tokens(requested, len(ids), info, "prompt")
+    logprobs = _get_int(body, "logprobs", 0, 5)
+    stream, include_usage = _stream_flags(body)
+    return RequestSpec("completion", info.name, prompts, _sampling(body, requested, logprobs),
+                       n=_get_int(body, "n", 1, 16, default=1), stream=stream, include_usage=include_usage,
+                       logprobs=logprobs)
+
+
+def _messages(messages) -> list[dict]:
+    if messages is None:
+        raise APIError(400, "Missing required parameter: 'messages'", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", messages, "must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        at = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(at, m, 'each message must be an object like {"role": "user", "content": "..."}')
+        if m.get("role") not in _ROLES:
+            raise _bad(f"{at}.role", m.get("role"), f"must be one of {', '.join(_ROLES)}")
+        content = m.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise _bad(f"{at}.content[{j}]", part, 'only {"type": "text", "text": "..."} parts are supported')
+        elif not isinstance(content, str):
+            raise _bad(f"{at}.content", content, "must be a string or a list of text parts")
+        for key, value in m.items():
+            # Clients echo assistant messages back with null fields (refusal, tool_calls, audio...).
+            if key not in ("role", "content", "name") and value not in (None, []):
+                raise _bad(f"{at}.{key}", value, "not supported by this server")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
+    body = _check_envelope(body, "chat", info)
+    messages = _messages(body.get("messages"))
+    if info.tokenizer is None:
+        raise APIError(400, f"Model `{info.name}` has no tokenizer or chat template: use /v1/completions "
+                            "with token-id prompts", param="messages")
+    try:
+        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
+    ids = info.tokenizer.encode(text, add_special_tokens=False)  # the template already wrote BOS
+    newer, legacy = _get_int(body, "max_completion_tokens", 1, None), _get_int(body, "max_tokens", 1, None)
+    requested = newer if newer is not None else legacy
+    max_tokens = _max_tokens(requested, len(ids), info, "messages")
+    logprobs = _get_bool(body, "logprobs")
+    top = _get_int(body, "top_logprobs", 0, 20)
+    if top is not None and not logprobs:
+        raise _bad("top_logprobs", top, "requires 'logprobs' to be true")
+    stream, include_usage = _stream_flags(body)
+    return RequestSpec("chat", info.name, [(text, ids)], _sampling(body, max_tokens, (top or 0) if logprobs else None),
+                       n=_get_int(body, "n", 1, 16, default=1), stream=stream, include_usage=include_usage,
+                       logprobs=logprobs, top_logprobs=top or 0)

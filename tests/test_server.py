@@ -1,0 +1,264 @@
+"""The OpenAI endpoint end to end: a real server on 127.0.0.1 (prefill + decode gangs of 2 CPU ranks),
+the official `openai` client, raw HTTP for hostile input, and the ranks' own counters."""
+import asyncio
+import json
+import re
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from rayinfer import LLM, SamplingParams
+from rayinfer.actors.server import APP_NAME, start
+from rayinfer.config import ServeConfig
+from rayinfer.messages import Delta, EngineRequest, KVHandoff, pack, unpack
+
+PROMPTS = [f"Request {i}: " + "lorem ipsum "[: 3 + i % 9] * (1 + i % 5) for i in range(64)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster):
+    serve.shutdown()  # earlier tests may have started Serve without an HTTP proxy
+    port = _free_port()
+    config = ServeConfig(port=port, max_queue=64, kv_transfer_timeout_s=2.0)
+    url, _ = start(config)
+    yield url, config
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM("tiny")
+
+
+def _client(url, cls=openai.OpenAI):
+    return cls(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _rank_stats(role: str) -> list[dict]:
+    return serve.get_deployment_handle(role, app_name=APP_NAME).broadcast("stats").results(timeout_s=30)
+
+
+def test_completions_and_chat_streamed_and_not(server, offline):
+    url, config = server
+    client = _client(url)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    want = offline.generate(["Hello, world"], SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0]
+    c = client.completions.create(model="tiny", prompt="Hello, world", max_tokens=12, temperature=0)
+    assert c.choices[0].text == want.text and c.choices[0].finish_reason == "length"
+    assert c.usage.completion_tokens == 12 and c.usage.prompt_tokens == len(want.prompt_token_ids)
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model="tiny", prompt="Hello, world", max_tokens=12, temperature=0, stream=True))
+    assert streamed == want.text
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    ids = offline.tokenizer.encode(offline.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    want = offline.generate([ids], SamplingParams(max_tokens=10, temperature=0), use_tqdm=False)[0]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert len(r.choices[0].logprobs.content) == 10 and len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 10 and usage.prompt_tokens == len(ids)
+    # a repeated long prompt is served from the prefix cache, and usage says so
+    long = "The same long prompt, repeated to fill pages. " * 8
+    client.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0)
+    again = client.completions.with_raw_response.create(model="tiny", prompt=long, max_tokens=2, temperature=0)
+    body = json.loads(again.text)["usage"]
+    assert body["prompt_tokens_details"]["cached_tokens"] >= 256
+    assert body["prompt_cache_hit_tokens"] + body["prompt_cache_miss_tokens"] == body["prompt_tokens"]
+
+
+def test_64_concurrent_streams_match_offline(server, offline):
+    url, _ = server
+    want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)]
+
+    async def one(client, prompt):
+        text = ""
+        async for ch in await client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                                         stream=True):
+            text += ch.choices[0].text
+        return text
+
+    async def run():
+        async with _client(url, openai.AsyncOpenAI) as client:
+            return await asyncio.gather(*(one(client, p) for p in PROMPTS))
+
+    got = asyncio.run(run())
+    assert got == want
+
+
+def _metric_sum(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_show_prefill_on_prefill_ranks_and_decode_on_decode_ranks(server):
+    url, _ = server
+    deadline, text = time.time() + 30, ""
+    while time.time() < deadline:  # Ray exports metrics about once a second
+        text = httpx.get(url + "/metrics", timeout=10).text
+        if _metric_sum(text, "ray_rayinfer_rank_decode_tokens_total", role="decode") > 900 and \
+                _metric_sum(text, "ray_rayinfer_rank_kv_transfers_total", role="decode", outcome="done") >= 64:
+            break
+        time.sleep(1)
+    prefill_on_prefill = _metric_sum(text, "ray_rayinfer_rank_prefill_tokens_total", role="prefill")
+    decode_on_decode = _metric_sum(text, "ray_rayinfer_rank_decode_tokens_total", role="decode")
+    print(f"\n[serve] prefill tokens on prefill ranks {prefill_on_prefill:.0f}, decode tokens on decode ranks "
+          f"{decode_on_decode:.0f}")
+    assert prefill_on_prefill > 1000 and decode_on_decode > 900
+    assert _metric_sum(text, "ray_rayinfer_rank_decode_tokens_total", role="prefill") == 0
+    assert _metric_sum(text, "ray_rayinfer_rank_prefill_tokens_total", role="decode") == 0  # no fallback re-prefill
+    assert _metric_sum(text, "ray_rayinfer_rank_kv_transfers_total", role="decode", outcome="done") >= 64
+    for name in ("ray_rayinfer_time_to_first_token_seconds_count", "ray_rayinfer_prompt_tokens_total",
+                 "ray_rayinfer_generation_tokens_total", "ray_rayinfer_rank_kv_usage", "ray_rayinfer_ingress_queue_depth"):
+        assert name in text, name
+
+
+HOSTILE = [  # (raw body or JSON-able object, path, status, fragment of the message)
+    (b"{not json", "completions", 400, "not valid JSON"),
+    (b"", "completions", 400, "not valid JSON"),
+    ([1, 2, 3], "completions", 400, "JSON object"),
+    ({"prompt": "x"}, "completions", 400, "model"),
+    ({"model": "gpt-4", "prompt": "x"}, "completions", 404, "gpt-4"),
+    ({"model": "tiny"}, "completions", 400, "prompt"),
+    ({"model": "tiny", "prompt": ""}, "completions", 400, "prompt"),
+    ({"model": "tiny", "prompt": [10 ** 9]}, "completions", 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "completions", 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, "completions", 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 100000}, "completions", 400, "maximum context length"),
+    ({"model": "tiny", "prompt": "x", "temperature": 9}, "completions", 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "temperature": True}, "completions", 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, "completions", 400, "top_p"),
+    ({"model": "tiny", "prompt": "x", "n": 99}, "completions", 400, "n"),
+    ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "completions", 400, "stop"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 50}, "completions", 400, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "presence_penalty": -5}, "completions", 400, "presence_penalty"),
+    ({"model": "tiny", "prompt": "x", "seed": "abc"}, "completions", 400, "seed"),
+    ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "completions", 400, "stream"),
+    ({"model": "tiny", "prompt": "x", "frobnicate": 1}, "completions", 400, "frobnicate"),
+    ({"model": "tiny", "prompt": "x", "echo": True}, "completions", 400, "echo"),
+    ({"model": "tiny", "messages": []}, "chat/completions", 400, "messages"),
+    ({"model": "tiny", "messages": "hello"}, "chat/completions", 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "chat/completions", 400, "role"),
+    ({"model": "tiny", "messages": [{"role": "user"}]}, "chat/completions", 400, "content"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "chat/completions", 400,
+     "top_logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     "chat/completions", 400, "tools"),
+]
+
+
+def test_hostile_requests_get_openai_errors_and_server_stays_healthy(server):
+    url, _ = server
+    assert len(HOSTILE) >= 20
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for body, path, status, fragment in HOSTILE:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = http.post(f"/v1/{path}", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == status, (body, r.status_code, r.text)
+            err = r.json()["error"]
+            assert fragment.lower() in err["message"].lower(), (body, err)
+            assert err["type"] in ("invalid_request_error", "not_found_error")
+        assert http.get("/health").status_code == 200
+    c = _client(url).completions.create(model="tiny", prompt="still fine", max_tokens=3, temperature=0)
+    assert len(c.choices[0].text) > 0 or c.usage.completion_tokens == 3
+
+
+def test_burst_beyond_queue_gets_429_with_retry_after(server):
+    url, config = server
+
+    async def one(http):
+        return await http.post("/v1/completions", json={"model": "tiny", "prompt": "burst", "max_tokens": 40,
+                                                        "temperature": 0, "ignore_eos": True})
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=120,
+                                     limits=httpx.Limits(max_connections=300)) as http:
+            return await asyncio.gather(*(one(http) for _ in range(3 * config.max_queue)))
+
+    responses = asyncio.run(run())
+    codes = [r.status_code for r in responses]
+    print(f"\n[serve] burst of {len(codes)}: {codes.count(200)} served, {codes.count(429)} refused with 429")
+    assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) >= config.max_queue // 2
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_mid_stream_disconnects_free_all_kv(server):
+    url, _ = server
+
+    async def read_a_bit_then_leave(http, i):
+        async with http.stream("POST", "/v1/completions", json={
+                "model": "tiny", "prompt": f"disconnect {i} " * 5, "max_tokens": 2000, "temperature": 0,
+                "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    return  # leaving the context manager closes the connection mid-stream
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            await asyncio.gather(*(read_a_bit_then_leave(http, i) for i in range(50)))
+
+    asyncio.run(run())
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = _rank_stats("prefill") + _rank_stats("decode")
+        if all(s["kv_blocks_used"] == 0 and s["num_requests"] == 0 for s in stats):
+            break
+        time.sleep(0.5)
+    assert all(s["kv_blocks_used"] == 0 and s["num_requests"] == 0 for s in stats), \
+        [(s["role"], s["rank"], s["kv_blocks_used"], s["num_requests"]) for s in stats]
+
+
+@ray.remote(num_cpus=0)
+def _never():
+    time.sleep(3600)
+
+
+def test_failed_kv_transfer_falls_back_to_reprefill(server, offline):
+    """A decode rank handed KV it cannot use (wrong payload, never arrives) or none at all re-prefills."""
+    import torch
+
+    prompt = offline.tokenizer.encode("transfer failure test")
+    params = SamplingParams(max_tokens=8, temperature=0)
+    want = offline.generate([prompt], params, use_tqdm=False)[0].token_ids
+    decode = serve.get_deployment_handle("decode", app_name=APP_NAME)
+    bad = ray.put(torch.zeros(3, len(prompt), 40))  # the wrong latent width
+    before = sum(s["kv_transfers"]["failed"] for s in _rank_stats("decode"))
+    for i, ref in enumerate((bad, _never.remote(), None)):
+        req = EngineRequest(f"kvfail-{i}", prompt, params, time.time(), [want[0]], 0)
+        handoff = KVHandoff([ref], len(prompt), time.time(), "test") if ref is not None else None
+        got = [want[0]]
+        for raw in decode.options(stream=True).decode.remote(pack(req), handoff):
+            got += unpack(raw, Delta).token_ids
+        assert got == want
+    assert sum(s["kv_transfers"]["failed"] for s in _rank_stats("decode")) - before == 2
+
+
+def test_serve_refuses_a_busy_port(server):
+    url, config = server
+    from rayinfer.actors.server import check_port_free
+    from rayinfer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(f"127.0.0.1:{config.port}")):
+        check_port_free("127.0.0.1", config.port)
