@@ -21,9 +21,12 @@ _COUNTERS = {  # engine counter -> metric name
     "kv_imported_tokens": "rayinfer_rank_kv_imported_tokens_total",
     "kv_exported_tokens": "rayinfer_rank_kv_exported_tokens_total",
     "num_preemptions": "rayinfer_rank_preemptions_total",
+    "eplb_rebalances": "rayinfer_rank_eplb_rebalances_total",
 }
 _GAUGES = {"kv_usage": "rayinfer_rank_kv_usage", "num_running": "rayinfer_rank_running_requests",
-           "num_waiting": "rayinfer_rank_waiting_requests", "kv_blocks_used": "rayinfer_rank_kv_blocks_used"}
+           "num_waiting": "rayinfer_rank_waiting_requests", "kv_blocks_used": "rayinfer_rank_kv_blocks_used",
+           "expert_recv_window": "rayinfer_rank_expert_recv_tokens",  # dispatch receive load, sliding window
+           "gang_expert_imbalance": "rayinfer_gang_expert_imbalance"}  # max/mean receive load over the gang
 
 
 class RankMetrics:

@@ -72,6 +72,15 @@ class GangClient:
         except Exception as e:  # noqa: BLE001 - any failure of a rank is reported to the caller
             out.put(e)
 
+    def rebalance(self) -> dict:
+        """Re-places the gang's experts from the load measured so far (EPLB), between two steps."""
+        h = self.handle.options(method_name="rebalance", session_id=rank_hint(None, 0))
+        return asyncio.run_coroutine_threadsafe(self._await(h.remote()), self._loop).result()
+
+    @staticmethod
+    async def _await(response):
+        return await response
+
     def stats(self) -> list[dict]:
         return sorted(self.handle.broadcast("stats").results(timeout_s=60), key=lambda s: s["rank"])
 

@@ -48,12 +48,19 @@ class RankReplica:
             from rayinfer.actors.rendezvous import form_group
             from rayinfer.engine.lockstep import Lockstep
 
+            from rayinfer.engine.eplb_live import LiveRebalancer
+
             group, store = form_group(self.gang_id, self.rank, self.world, config.parallel.collective_timeout_s,
                                       config.device)
             engine = build_rank_engine(config, self.rank, group)
-            self.loop = AsyncEngine(engine, gang=Lockstep(group, store, self.world, self.rank), on_step=self._publish)
+            self.lockstep = Lockstep(group, store, self.world, self.rank)
+            self.rebalancer = LiveRebalancer(engine, group, self.rank, engine.runner.model.cfg.n_group,
+                                             config.parallel.eplb_interval_s)
+            self.lockstep.extras, self.lockstep.after_vote = self.rebalancer.vote_extras, self.rebalancer.after_vote
+            self.loop = AsyncEngine(engine, gang=self.lockstep, on_step=self._publish)
         else:
             engine = Engine(config)
+            self.lockstep = self.rebalancer = None
             self.loop = AsyncEngine(engine, on_step=self._publish)
         self.engine = engine
         self.sender = KVSender(kv_timeout_s)
@@ -65,8 +72,33 @@ class RankReplica:
 
     def _publish(self) -> None:
         """On the engine thread, after every step and command: snapshot what others read (routers, metrics, `stats`)."""
-        self._stats = dict(self.engine.stats(), kv_transfers=dict(self.transfers))
+        self._stats = dict(self.engine.stats(), kv_transfers=dict(self.transfers), **self._eplb_stats())
         self.metrics.update(self._stats)
+
+    def _eplb_stats(self) -> dict:
+        if self.rebalancer is None:
+            return {}
+        from rayinfer.engine.eplb_live import imbalance
+
+        loads = self.lockstep.last_vote.loads
+        return {"expert_recv_window": self.engine.runner.ctx.received_tokens, "gang_expert_loads": loads,
+                "gang_expert_imbalance": imbalance(loads), "eplb_rebalances": len(self.rebalancer.history)}
+
+    async def rebalance(self, timeout_s: float = 300.0) -> dict:
+        """Asks the gang to re-place its experts from the measured load now; returns what was done."""
+        if self.rebalancer is None:
+            raise RuntimeError("a single-rank deployment has no expert placement to rebalance")
+        attempts, done = self.rebalancer.attempts, len(self.rebalancer.history)
+        self.rebalancer.requested = True
+        self.lockstep.ring()
+        deadline = time.monotonic() + timeout_s
+        while self.rebalancer.attempts == attempts:
+            if time.monotonic() > deadline or not self.loop.alive:
+                raise RuntimeError(f"rebalance did not happen within {timeout_s}s (loop alive: {self.loop.alive})")
+            await asyncio.sleep(0.02)
+        if len(self.rebalancer.history) == done:
+            return {"skipped": "no expert load measured yet"}
+        return dict(self.rebalancer.history[-1].__dict__)
 
     def record_replica_metadata(self) -> dict:
         return {"gang_id": self.gang_id, "gang_rank": self.rank, "world_size": self.world, "role": self.role}

@@ -35,6 +35,16 @@ class LLM:
             self.tokenizer = load_tokenizer(resolve_model_path(model))
             self.gang = GangClient(self.config)
 
+    def rebalance(self) -> dict:
+        """Expert-parallel only: re-place experts from the load measured so far; see rayinfer.engine.eplb_live."""
+        if self.gang is None:
+            raise ValueError("rebalance needs an expert-parallel gang (ep_size > 1)")
+        return self.gang.rebalance()
+
+    def stats(self) -> list[dict]:
+        """Per-rank engine stats (one entry for an in-process engine)."""
+        return self.gang.stats() if self.gang is not None else [self.engine.stats()]
+
     def shutdown(self) -> None:
         """Releases the gang (ep_size > 1); the in-process engine needs nothing."""
         if self.gang is not None:

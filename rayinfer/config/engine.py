@@ -78,6 +78,8 @@ class ParallelConfig:
     num_redundant_experts: int = 0
     enable_overlap: bool = True
     overlap_min_tokens: int = 32  # below this many tokens on every rank, one microbatch is faster
+    eplb_interval_s: float = 0.0  # rebalance experts from measured load this often; 0: only on demand
+    eplb_window_steps: int = 1000  # the sliding window of expert loads, in steps
     address: str | None = None  # a running Ray cluster to join; default: start one on 127.0.0.1
     collective_timeout_s: float = 30.0
 
@@ -89,6 +91,8 @@ class ParallelConfig:
         check_field(isinstance(self.overlap_min_tokens, int) and self.overlap_min_tokens >= 0, "overlap_min_tokens",
                self.overlap_min_tokens, "must be an integer >= 0")
         check_field(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s, "must be > 0")
+        check_field(self.eplb_interval_s >= 0, "eplb_interval_s", self.eplb_interval_s, "must be >= 0 (0: on demand)")
+        _positive_int("eplb_window_steps", self.eplb_window_steps)
 
 
 @dataclass(frozen=True)

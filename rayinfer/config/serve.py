@@ -27,6 +27,7 @@ class RoleConfig:
     max_num_batched_tokens: int = 2048
     kv_cache_memory: int | None = None
     enable_overlap: bool = True
+    eplb_interval_s: float = 0.0  # live expert rebalancing period; 0: off
 
     def __post_init__(self):
         for name in ("ep_size", "num_gangs", "max_num_seqs", "max_num_batched_tokens"):
@@ -80,6 +81,7 @@ class ServeConfig:
             num_redundant_experts=r.num_redundant_experts, enable_overlap=r.enable_overlap,
             max_num_seqs=r.max_num_seqs, max_num_batched_tokens=r.max_num_batched_tokens,
             kv_cache_memory=r.kv_cache_memory or self.kv_cache_memory, scheduler_mode=role,
+            eplb_interval_s=r.eplb_interval_s,
             collective_timeout_s=self.collective_timeout_s)
 
     @property

@@ -16,12 +16,14 @@ from rayinfer.kernels.dispatch import Received
 
 
 class ExpertLoadWindow:
-    """Tokens received per (MoE layer, logical expert) over the last `window` steps."""
+    """Tokens received per (MoE layer, logical expert) over the last `window` steps, kept as a running sum."""
 
     def __init__(self, num_layers: int, num_logical: int, window: int = 1000):
-        self.steps: deque[torch.Tensor] = deque(maxlen=window)
-        self.current = torch.zeros(num_layers, num_logical, dtype=torch.long)  # [L, E]
-        self.total = torch.zeros(num_layers, num_logical, dtype=torch.long)
+        self.steps: deque[torch.Tensor] = deque()
+        self.window = window
+        self.current = torch.zeros(num_layers, num_logical, dtype=torch.long)  # [L, E] this step
+        self.sum = torch.zeros_like(self.current)  # [L, E] over the window
+        self.total = torch.zeros_like(self.current)  # [L, E] since start
 
     def add(self, row: int, logical: torch.Tensor) -> None:
         self.current[row] += torch.bincount(logical, minlength=self.current.shape[1])
@@ -29,24 +31,28 @@ class ExpertLoadWindow:
     def end_step(self) -> None:
         if bool(self.current.any()):
             self.steps.append(self.current)
+            self.sum += self.current
             self.total += self.current
+            if len(self.steps) > self.window:
+                self.sum -= self.steps.popleft()
             self.current = torch.zeros_like(self.current)
 
-    def window_load(self) -> torch.Tensor:
-        """[L, E] tokens received in the window."""
-        return torch.stack(list(self.steps)).sum(0) if self.steps else torch.zeros_like(self.current)
+    def clear(self) -> None:
+        """Forget the window: loads measured under a placement that no longer exists."""
+        self.steps.clear()
+        self.sum.zero_()
 
 
 class EPContext:
     def __init__(self, rank: int, placement: ExpertPlacement, dispatcher, overlap: bool = True,
-                 decode_split: bool = False, group=None, overlap_min_tokens: int = 0):
+                 decode_split: bool = False, group=None, overlap_min_tokens: int = 0, window_steps: int = 1000):
         self.rank, self.ep_size = rank, placement.ep_size
         self.placement = placement
         self.dispatcher = dispatcher
         self.overlap = overlap
         self.decode_split = decode_split  # DeepSeek's decode pipeline: attention in two stages
         self.group, self.overlap_min_tokens = group, overlap_min_tokens
-        self.load = ExpertLoadWindow(len(placement.layers), placement.log2phy.shape[1])
+        self.load = ExpertLoadWindow(len(placement.layers), placement.log2phy.shape[1], window_steps)
         self.tokens_computed = 0  # this rank's own DP tokens run through the model
         self.steps = 0
         self.step_s = 0.0  # wall time of this rank's forward steps (compute + exposed communication)
@@ -89,6 +95,11 @@ class EPContext:
         recv = self.dispatch_wait(handle)
         return self.combine_wait(self.combine_launch(experts(recv.x, recv.slots, recv.weights), handle))
 
+    @property
+    def received_tokens(self) -> int:
+        """Token-expert pairs this rank's slots received in the window (its dispatch receive load)."""
+        return int(self.load.sum.sum())
+
     def stats(self) -> dict:
         return dict(self.dispatcher.stats.snapshot(), tokens_computed=self.tokens_computed, rank=self.rank,
-                    steps=self.steps, step_s=self.step_s)
+                    steps=self.steps, step_s=self.step_s, expert_recv_window=self.received_tokens)

@@ -10,13 +10,25 @@ dead peer is still noticed by the next vote.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
+@dataclass
+class Vote:
+    busy: bool  # some rank has work: everyone steps
+    rebalance: bool  # some rank asked for an expert rebalance before this step
+    loads: list[float]  # every rank's expert receive load (tokens in its slots, over the window)
+
+
 class Lockstep:
+    """`extras()` gives this rank's (rebalance wanted, receive load) for each vote, and
+    `after_vote(vote)` (optional) runs on every rank right after it, between two steps: the hooks
+    the live expert balancer plugs into."""
+
     def __init__(self, group, store_address: tuple[str, int], world: int, rank: int, heartbeat_s: float = 30.0):
         host, port = store_address
         connect = lambda: dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=heartbeat_s))  # noqa: E731
@@ -26,6 +38,10 @@ class Lockstep:
         self._lock = threading.Lock()
         self.epoch = 0
         self.heartbeat = timedelta(seconds=heartbeat_s)
+        self.world = world
+        self.extras = lambda: (False, 0.0)
+        self.after_vote = None
+        self.last_vote = Vote(False, False, [0.0] * world)
 
     def _key(self, epoch: int) -> str:
         return f"rayinfer/doorbell/{epoch}"
@@ -48,11 +64,15 @@ class Lockstep:
 
     def vote(self, local_busy: bool) -> bool:
         """Collective: True when any rank has work. After an all-idle vote the gang moves to a fresh key."""
-        flag = torch.tensor([1 if local_busy else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        busy = bool(flag.item())
-        if not busy:
+        want_rebalance, load = self.extras()
+        flags = torch.zeros(2 + self.world, dtype=torch.float64)  # [busy, rebalance, load per rank]
+        flags[0], flags[1], flags[2 + self.rank] = float(local_busy), float(want_rebalance), load
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        self.last_vote = Vote(bool(flags[0]), bool(flags[1]), flags[2:].tolist())
+        if self.after_vote is not None:
+            self.after_vote(self.last_vote)
+        if not self.last_vote.busy and not self.last_vote.rebalance:
             if self.rank == 0 and self.epoch > 0:
                 self._waiter.delete_key(self._key(self.epoch - 1))
             self.epoch += 1
-        return busy
+        return self.last_vote.busy

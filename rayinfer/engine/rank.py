@@ -77,5 +77,6 @@ def build_rank_engine(config: EngineConfig, rank: int, group) -> Engine:
                                  config.device, low_latency=config.scheduler.mode == "decode")
     ctx = EPContext(rank, placement, dispatcher, overlap=config.parallel.enable_overlap,
                     decode_split=config.scheduler.mode == "decode", group=group,
-                    overlap_min_tokens=config.parallel.overlap_min_tokens)
+                    overlap_min_tokens=config.parallel.overlap_min_tokens,
+                    window_steps=config.parallel.eplb_window_steps)
     return Engine(config, ModelRunner(config, model, ctx))

@@ -231,3 +231,18 @@ def to_hf_state_dict(model: DeepseekV3) -> dict[str, torch.Tensor]:
             out[pre + "up_proj.weight"] = moe.experts.w13[s, inter:]
             out[pre + "down_proj.weight"] = moe.experts.w2[s]
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def read_experts(path: str, wanted: list[tuple[int, int]], dtype: torch.dtype) -> dict[tuple[int, int], tuple]:
+    """(layer, logical expert) -> (w13 [2I, H], w2 [H, I]) read from the checkpoint, nothing else read.
+
+    What a rank uses when a new expert placement gives it an expert it does not hold."""
+    index = checkpoint_index(path)
+    reader = _Reader(index, LoadReport())
+    out = {}
+    for layer, e in wanted:
+        pre = f"model.layers.{layer}.mlp.experts.{e}."
+        gate, up, down = (_read(pre + f"{p}_proj.weight", reader, index, dtype, keep_fp8=False)[0]
+                          for p in ("gate", "up", "down"))
+        out[(layer, e)] = (torch.cat([gate, up]), down)
+    return out

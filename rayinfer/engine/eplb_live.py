@@ -1,0 +1,120 @@
+"""Live expert-parallel load balancing: measure, re-place, move expert weights, between steps.
+
+Every rank counts the tokens each logical expert receives in its slots over a sliding window
+(`ExpertLoadWindow`). Each lockstep vote also carries every rank's total receive load, so all
+ranks know the gang's max/mean at every step. When a rebalance is due (every `interval_s`, or
+asked for), the vote says so and every rank, between the same two steps: sums the windows
+over the gang, takes rank 0's `rebalance_experts` placement (broadcast, so all agree), and
+fills its new slots — from slots it already has, else from the checkpoint. Attention weights
+and KV caches are untouched, so in-flight requests simply continue on the next step; a
+replica of an expert computes what the original did, so greedy outputs do not change.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from rayinfer.balance.eplb import rebalance_experts
+from rayinfer.balance.placement import ExpertPlacement
+from rayinfer.model.loader import read_experts
+
+
+@dataclass
+class RebalanceRecord:
+    at: float
+    imbalance_before: float  # max/mean receive load over ranks, measured in the window before
+    seconds: float
+    slots_changed: int
+    from_local: int
+    from_checkpoint: int
+
+
+@dataclass
+class LiveRebalancer:
+    engine: object
+    group: object
+    rank: int
+    num_groups: int = 1
+    interval_s: float = 0.0  # 0: only on demand
+    min_tokens: int = 1  # a window with fewer received tokens is too thin to act on
+    requested: bool = False
+    last: float = field(default_factory=time.monotonic)
+    history: list = field(default_factory=list)  # RebalanceRecords of the rebalances done
+    attempts: int = 0  # rebalances run, including those skipped for want of measured load
+
+    @property
+    def ctx(self):
+        return self.engine.runner.ctx
+
+    def vote_extras(self) -> tuple[bool, float]:
+        """(whether this rank wants a rebalance now, its receive load in the window)."""
+        due = self.interval_s > 0 and self.rank == 0 and time.monotonic() - self.last >= self.interval_s
+        return self.requested or due, float(self.ctx.received_tokens)
+
+    def after_vote(self, vote) -> None:
+        if vote.rebalance:
+            self.run(imbalance(vote.loads))
+
+    def run(self, imbalance_before: float) -> RebalanceRecord | None:
+        try:
+            return self._run(imbalance_before)
+        finally:
+            self.attempts += 1
+
+    def _run(self, imbalance_before: float) -> RebalanceRecord | None:
+        t0 = time.monotonic()
+        self.requested, self.last = False, t0
+        ctx = self.ctx
+        load = ctx.load.sum.double()
+        dist.all_reduce(load, group=self.group)  # [L, E] the gang's receive counts
+        if float(load.sum()) < self.min_tokens:
+            return None
+        old = ctx.placement
+        phy2log = torch.empty_like(old.phy2log)
+        if self.rank == 0:
+            phy2log = rebalance_experts(load.float(), old.num_slots, self.num_groups, 1, old.ep_size)[0]
+        dist.broadcast(phy2log, src=0, group=self.group)  # one placement, whatever each rank's float rounding
+        new = ExpertPlacement.from_phy2log(old.layers, phy2log, old.log2phy.shape[1], old.ep_size)
+        changed, local, ckpt = move_experts(self.engine.runner.model, new, self.rank,
+                                            self.engine.runner.checkpoint_path)
+        ctx.placement = new
+        ctx.load.clear()
+        record = RebalanceRecord(time.time(), imbalance_before, time.monotonic() - t0, changed, local, ckpt)
+        self.history.append(record)
+        return record
+
+
+def imbalance(loads) -> float:
+    loads = [float(x) for x in loads]
+    mean = sum(loads) / len(loads) if loads else 0.0
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+def move_experts(model, new: ExpertPlacement, rank: int, checkpoint: str) -> tuple[int, int, int]:
+    """Refills this rank's expert slots for `new`; -> (slots changed, filled locally, read from checkpoint)."""
+    targets = new.local_experts(rank)
+    changed = local = 0
+    plans = []
+    for moe in model.moe_layers:
+        want = targets.get(moe.layer_idx)
+        if want is None or want == moe.experts.logical_ids:
+            continue
+        have = {e: s for s, e in enumerate(moe.experts.logical_ids)}
+        plans.append((moe, want, have))
+    wanted = sorted({(m.layer_idx, e) for m, want, have in plans for e in want if e not in have})
+    fetched = read_experts(checkpoint, wanted, plans[0][0].experts.w13.dtype) if wanted else {}
+    for moe, want, have in plans:
+        ex = moe.experts
+        w13, w2 = torch.empty_like(ex.w13), torch.empty_like(ex.w2)  # [S, 2I, H], [S, H, I]
+        for s, e in enumerate(want):
+            if e in have:
+                w13[s], w2[s] = ex.w13[have[e]], ex.w2[have[e]]
+                local += have[e] != s
+            else:
+                w13[s], w2[s] = fetched[(moe.layer_idx, e)]
+            changed += ex.logical_ids[s] != e
+        ex.w13.data, ex.w2.data, ex.logical_ids = w13, w2, list(want)
+    return changed, local, len(wanted)
