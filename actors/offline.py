@@ -25,8 +25,14 @@ class GangError(RuntimeError):
 
 class GangClient:
     def __init__(self, config: EngineConfig):
+        import logging
+
         from ray import serve
 
+        from rayinfer.engine.rank import initial_placement
+
+        initial_placement(config)  # a topology that cannot work fails here, not in 26 replica retries
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # an offline script is not a server log
         self.config = config
         self.started_ray = ensure_ray(config.parallel.address)
         ensure_serve(http=False)
@@ -85,9 +91,15 @@ class GangClient:
         return sorted(self.handle.broadcast("stats").results(timeout_s=60), key=lambda s: s["rank"])
 
     def shutdown(self) -> None:
+        """Removes the gang; a Ray cluster this client started goes with it."""
+        import ray
         from ray import serve
 
         try:
             serve.delete(self.app)
+            if self.started_ray:
+                serve.shutdown()
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
+            if self.started_ray:
+                ray.shutdown()
