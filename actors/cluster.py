@@ -20,7 +20,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     env = {"GLOO_SOCKET_IFNAME": "lo", "RAYINFER_LOCAL_CLUSTER": "1"} if address is None else {}
     if address is None:
+        # Ray reads this flag once, at import: set it for the processes Ray starts and for this one,
+        # or Ray turns the 127.0.0.1 below back into the machine's external address.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ["RAYINFER_LOCAL_CLUSTER"] = "1"
         # Metrics reach the agent every second instead of every ten, so /metrics is close to live.
@@ -34,8 +39,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 def ensure_serve(host: str = LOOPBACK, port: int = 8000, http: bool = True) -> None:
     from ray import serve
 
-    options = {"host": host, "port": port} if http else {"location": "NoServer"}
-    serve.start(http_options=options)
+    if http:
+        serve.start(http_options={"host": host, "port": port})
+    else:
+        serve.start(proxy_location="Disabled")
 
 
 def bind_replica_grpc_to_loopback() -> None:

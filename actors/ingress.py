@@ -173,12 +173,15 @@ class Ingress:
         ids = req.prompt_token_ids
         cost = {"prompt_tokens": len(ids), "max_tokens": req.params.max_tokens,
                 "prefix": zlib.crc32(array("q", ids[:PAGE_SIZE]).tobytes()) if len(ids) > PAGE_SIZE else None}
+        call = None  # the rank call in flight: cancelled explicitly, as our fresh request id hides it from Serve
         try:
             if self.mixed is not None:
-                async for raw in self.mixed.options(stream=True).generate.remote(pack(req), cost=cost):
+                call = self.mixed.options(stream=True).generate.remote(pack(req), cost=cost)
+                async for raw in call:
                     yield unpack(raw, Delta)
                 return
-            raw, handoff = await self.prefill.prefill.remote(pack(req), cost=cost)
+            call = self.prefill.prefill.remote(pack(req), cost=cost)
+            raw, handoff = await call
             first = unpack(raw, Delta)
             if first.finish_reason != "handoff":
                 yield first
@@ -187,9 +190,14 @@ class Ingress:
             yield first
             req.output_token_ids, req.emitted_chars = list(first.token_ids), len(first.text)
             req.num_cached_tokens = first.num_cached_tokens
-            async for raw in self.decode.options(stream=True).decode.remote(pack(req), handoff, cost=cost):
+            call = self.decode.options(stream=True).decode.remote(pack(req), handoff, cost=cost)
+            async for raw in call:
                 yield unpack(raw, Delta)
-        except (asyncio.CancelledError, APIError):
+        except (asyncio.CancelledError, GeneratorExit):
+            if call is not None:  # the client left: the rank aborts the request and frees its KV
+                call.cancel()
+            raise
+        except APIError:
             raise
         except Exception as e:  # a rank failed: the client gets an error, not a hang
             raise APIError(503, f"a serving rank failed while handling this request: {type(e).__name__}: "

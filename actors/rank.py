@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from contextlib import aclosing
 
 import ray
 from ray import serve
@@ -107,8 +108,9 @@ class RankReplica:
         return self._stats
 
     async def generate(self, request: bytes, cost=None):
-        async for delta in self.loop.stream(unpack(request, EngineRequest)):
-            yield pack(delta)
+        async with aclosing(self.loop.stream(unpack(request, EngineRequest))) as deltas:
+            async for delta in deltas:  # closing it on cancellation aborts the request at once
+                yield pack(delta)
 
     async def prefill(self, request: bytes, cost=None) -> tuple[bytes, KVHandoff | None]:
         """Runs the prompt, samples the first token; -> (its delta, the KV handoff if decoding continues)."""
@@ -144,8 +146,9 @@ class RankReplica:
             ok = receiver.transfer.state is TransferState.DONE
             self.transfers["done" if ok else "failed"] += 1
             kv = receiver.result
-        async for delta in self.loop.stream(req, kv):
-            yield pack(delta)
+        async with aclosing(self.loop.stream(req, kv)) as deltas:
+            async for delta in deltas:
+                yield pack(delta)
 
     def stats(self) -> dict:
         ctx = self.engine.runner.ctx

@@ -220,12 +220,14 @@ def test_mid_stream_disconnects_free_all_kv(server):
             await asyncio.gather(*(read_a_bit_then_leave(http, i) for i in range(50)))
 
     asyncio.run(run())
-    deadline = time.time() + 30
+    left = time.time()
+    deadline = left + 30
     while time.time() < deadline:
         stats = _rank_stats("prefill") + _rank_stats("decode")
         if all(s["kv_blocks_used"] == 0 and s["num_requests"] == 0 for s in stats):
             break
         time.sleep(0.5)
+    print(f"all KV freed {time.time() - left:.2f}s after the clients left")
     assert all(s["kv_blocks_used"] == 0 and s["num_requests"] == 0 for s in stats), \
         [(s["role"], s["rank"], s["kv_blocks_used"], s["num_requests"]) for s in stats]
 
@@ -262,3 +264,47 @@ def test_serve_refuses_a_busy_port(server):
 
     with pytest.raises(ConfigError, match=re.escape(f"127.0.0.1:{config.port}")):
         check_port_free("127.0.0.1", config.port)
+
+
+def _listening_sockets() -> dict[int, str]:
+    """inode -> local address of every listening TCP socket on this machine (from /proc/net)."""
+    import ipaddress
+
+    found = {}
+    for name, width in (("tcp", 8), ("tcp6", 32)):
+        with open(f"/proc/net/{name}") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] != "0A":  # LISTEN
+                    continue
+                hexip = cols[1].split(":")[0]
+                raw = bytes.fromhex(hexip)
+                # /proc prints each 32-bit word little-endian
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found[int(cols[9])] = str(ipaddress.ip_address(raw))
+    return found
+
+
+def test_local_cluster_listens_on_loopback_only(server):
+    """Ray, the Serve proxy, the replicas' gRPC servers and gloo: nothing of ours faces the network."""
+    import ipaddress
+    import os
+
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    sockets, ours = _listening_sockets(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            if "ray" not in cmd and "gcs_server" not in cmd and int(pid) != os.getpid():
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:[") and int(link[8:-1]) in sockets:
+                    ours.append((cmd[:60], sockets[int(link[8:-1])]))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    assert len(ours) >= 10, ours  # GCS, raylet, proxy, replicas... were all seen
+    exposed = [(cmd, addr) for cmd, addr in ours
+               if not ipaddress.ip_address(addr).is_loopback
+               and not (addr.startswith("::ffff:") and ipaddress.ip_address(addr).ipv4_mapped.is_loopback)]
+    assert not exposed, exposed
