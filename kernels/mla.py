@@ -23,18 +23,23 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     if backends.usable("flash_mla", q, kv_cache) and q.dtype == torch.bfloat16:
         return _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal)
     b, s_q, h, d = q.shape
-    kv = kv_cache[block_table].view(b, -1, d)  # [B, M*64, D]
-    lens = cache_seqlens.to(kv.device).long()
-    key_pos = torch.arange(kv.shape[1], device=kv.device)  # [S]
-    # Rows past a sequence's length hold whatever the page held; zero them so 0-weight x garbage stays 0.
-    kv.masked_fill_((key_pos[None, :] >= lens[:, None])[..., None], 0)
+    s_max = block_table.shape[1] * PAGE_SIZE
+    lens = cache_seqlens.to(kv_cache.device).long()
+    key_pos = torch.arange(s_max, device=kv_cache.device)  # [S]
+    rows = block_table[:, key_pos // PAGE_SIZE] * PAGE_SIZE + key_pos % PAGE_SIZE  # [B, S] cache rows
+    # Positions past a sequence's length read its own first row instead of whatever the page holds
+    # (maybe NaN), so their zero attention weight times a finite value stays zero.
+    rows = torch.where(key_pos[None, :] < lens[:, None], rows, rows[:, :1])
+    kv = kv_cache.view(-1, d).index_select(0, rows.view(-1)).view(b, s_max, d)
     limit = lens[:, None] - s_q + 1 + torch.arange(s_q, device=kv.device)[None] if causal else \
         lens[:, None].expand(b, s_q)  # [B, s_q] keys visible to each query
     visible = key_pos[None, None, :] < limit[:, :, None]  # [B, s_q, S]
-    scores = torch.einsum("bqhd,bsd->bqhs", q.float(), kv.float()) * softmax_scale
-    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.einsum("bqhs,bsr->bqhr", probs, kv[..., :dv].float()).to(q.dtype)
+    kv = kv.float()
+    scores = torch.bmm(q.float().reshape(b, s_q * h, d), kv.transpose(1, 2)) * softmax_scale  # [B, s_q*h, S]
+    scores = scores.view(b, s_q, h, -1).masked_fill_(~visible[:, :, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).view(b, s_q * h, -1)
+    # All D columns then the first dv: cheaper than copying the value slice of every row.
+    return torch.bmm(probs, kv)[..., :dv].reshape(b, s_q, h, dv).to(q.dtype)
 
 
 def _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal):

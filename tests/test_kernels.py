@@ -51,7 +51,13 @@ def test_mla_decode_over_scattered_pages():
     for n in lens:
         pages = [perm.pop() for _ in range(-(-n // PAGE_SIZE))]
         table.append(pages + [0] * (width - len(pages)))
-        seqs.append(cache[pages].view(-1, d)[:n])
+        seqs.append(cache[pages].view(-1, d)[:n].clone())
+        # Rows no sequence owns (tails of last pages, spare pages) may hold anything, NaN included.
+        tail = cache[pages[-1]]
+        tail[n - (len(pages) - 1) * PAGE_SIZE:] = float("nan")
+    used = {p for row, n in zip(table, lens) for p in row[:-(-n // PAGE_SIZE)]}
+    for p in set(range(n_pages)) - used:
+        cache[p] = float("nan")
     for s_q in (1, 2):
         q = torch.randn(len(lens), s_q, h, d, generator=g)
         out = mla_decode(q, cache, torch.tensor(table), torch.tensor(lens), dv, 0.3)
