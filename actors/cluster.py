@@ -14,25 +14,53 @@ import ray
 LOOPBACK = "127.0.0.1"
 
 
+def _local_loopback_cluster(address: str) -> str | None:
+    """The GCS address when `address` ('auto' or host:port) names a cluster on this machine's loopback."""
+    from ray._private import services
+
+    if address == "auto":
+        found = services.find_gcs_addresses()
+        if len(found) != 1:
+            return None
+        address = next(iter(found))
+    host = address.rsplit(":", 1)[0].removeprefix("ray://")
+    return address if host in (LOOPBACK, "localhost") else None
+
+
+def _as_loopback_node() -> None:
+    """This process and the ones Ray starts from it keep 127.0.0.1 as their node address.
+
+    Ray reads the flag once, at import: set it for the processes Ray starts and for this one, or
+    Ray turns 127.0.0.1 back into the machine's external address."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ["RAYINFER_LOCAL_CLUSTER"] = "1"
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Initialises Ray unless it already is; returns True when this call started a local cluster."""
+    """Initialises Ray unless it already is; returns True when this call started a local cluster.
+
+    A cluster joined on this machine's loopback (one `rayinfer serve` started) is joined as a
+    loopback node too, so nothing is looked for on the external address."""
     if ray.is_initialized():
         return False
-    env = {"GLOO_SOCKET_IFNAME": "lo", "RAYINFER_LOCAL_CLUSTER": "1"} if address is None else {}
     if address is None:
-        # Ray reads this flag once, at import: set it for the processes Ray starts and for this one,
-        # or Ray turns the 127.0.0.1 below back into the machine's external address.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ["RAYINFER_LOCAL_CLUSTER"] = "1"
+        _as_loopback_node()
+        env = {"GLOO_SOCKET_IFNAME": "lo", "RAYINFER_LOCAL_CLUSTER": "1"}
         # Metrics reach the agent every second instead of every ten, so /metrics is close to live.
         ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env}, _system_config={"metrics_report_interval_ms": 1000})
         return True
-    ray.init(address=address, log_to_driver=False)
+    local = _local_loopback_cluster(address)
+    if local is not None:
+        _as_loopback_node()
+        # Ray picks up a local cluster's auth token (which it enables by default) only for "auto".
+        ray.init(address="auto" if address == "auto" else local, _node_ip_address=LOOPBACK, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
     return False
 
 

@@ -97,9 +97,10 @@ class RankReplica:
             if time.monotonic() > deadline or not self.loop.alive:
                 raise RuntimeError(f"rebalance did not happen within {timeout_s}s (loop alive: {self.loop.alive})")
             await asyncio.sleep(0.02)
+        where = {"gang_id": self.gang_id, "rank": self.rank, "role": self.role}
         if len(self.rebalancer.history) == done:
-            return {"skipped": "no expert load measured yet"}
-        return dict(self.rebalancer.history[-1].__dict__)
+            return {"skipped": "no expert load measured yet", **where}
+        return dict(self.rebalancer.history[-1].__dict__, **where)
 
     def record_replica_metadata(self) -> dict:
         return {"gang_id": self.gang_id, "gang_rank": self.rank, "world_size": self.world, "role": self.role}

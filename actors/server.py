@@ -58,6 +58,30 @@ def stop(started_ray: bool) -> None:
             ray.shutdown()
 
 
+def rebalance(address: str | None = "auto", timeout_s: float = 300.0) -> dict[str, list[dict]]:
+    """Asks every expert-parallel gang of the running application to re-place its experts now.
+
+    -> {deployment: one record per gang (what rank 0 reports: imbalance before, slots changed...)}.
+    Every rank of a gang gets the call (the gang acts once, between two steps, when any asks)."""
+    from ray import serve
+
+    ensure_ray(address)
+    try:
+        app = serve.status().applications[APP_NAME]
+    except KeyError:
+        raise ConfigError(f"no {APP_NAME!r} application is running on this Ray cluster") from None
+    out = {}
+    for name in sorted(app.deployments):
+        if name not in ("prefill", "decode", "mixed"):
+            continue
+        results = serve.get_deployment_handle(name, app_name=APP_NAME).broadcast(
+            "rebalance", timeout_s=timeout_s).results(timeout_s=timeout_s + 30)
+        out[name] = sorted((r for r in results if r["rank"] == 0), key=lambda r: r["gang_id"])
+    if not out:
+        raise ConfigError("the running application has no expert-parallel rank deployments")
+    return out
+
+
 def serve_forever(config: ServeConfig, address: str | None = None, ready=print) -> None:
     t0 = time.time()
     url, started = start(config, address)

@@ -1,4 +1,5 @@
-"""Command line: `rayinfer serve` (the OpenAI endpoint) and `rayinfer generate` (one offline completion).
+"""Command line: `rayinfer serve` (the OpenAI endpoint), `rayinfer generate` (one offline completion)
+and `rayinfer rebalance` (re-place a running server's experts now).
 
 Owns argument parsing and what is printed to the user; all work is delegated to the library.
 """
@@ -34,6 +35,19 @@ def _serve(args) -> int:
     return 0
 
 
+def _rebalance(args) -> int:
+    from rayinfer.actors.server import rebalance
+
+    for name, gangs in rebalance(args.address).items():
+        for g in gangs:
+            if "skipped" in g:
+                print(f"{name} gang {g['gang_id']}: skipped ({g['skipped']})")
+            else:
+                print(f"{name} gang {g['gang_id']}: receive-load imbalance before {g['imbalance_before']:.3f}, "
+                      f"{g['slots_changed']} expert slots moved in {g['seconds']:.2f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rayinfer", description="Serve DeepSeek-V3-architecture MoE models on Ray.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -55,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--ep-size", type=int, default=1, help="run as an expert-parallel gang of this many ranks")
+    r = sub.add_parser("rebalance", help="re-place the experts of every gang of a running server from measured load")
+    r.add_argument("--address", default="auto", help="the Ray cluster the server runs on [auto]")
     args = ap.parse_args(argv)
     try:
-        return {"generate": _generate, "serve": _serve}[args.cmd](args)
+        return {"generate": _generate, "serve": _serve, "rebalance": _rebalance}[args.cmd](args)
     except ValueError as e:  # user errors: bad model name, bad config
         print(f"rayinfer: error: {e}", file=sys.stderr)
         return 2

@@ -308,3 +308,27 @@ def test_local_cluster_listens_on_loopback_only(server):
                if not ipaddress.ip_address(addr).is_loopback
                and not (addr.startswith("::ffff:") and ipaddress.ip_address(addr).ipv4_mapped.is_loopback)]
     assert not exposed, exposed
+
+
+def test_rebalance_command_reaches_every_gang_and_changes_no_output(server, offline, capsys):
+    """`rayinfer rebalance`: each gang re-places its experts from the load it measured, between steps."""
+    from rayinfer.actors.server import rebalance
+    from rayinfer.cli import main
+
+    url, config = server
+    client = _client(url)
+    prompts = PROMPTS[:8]
+    want = [o.text for o in offline.generate(prompts, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)]
+    got = lambda: [client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
+                   for p in prompts]  # noqa: E731
+    assert got() == want  # the ranks have measured some load now
+    done = rebalance(None)
+    assert set(done) == {"prefill", "decode"}
+    for role, gangs in done.items():
+        assert len(gangs) == 1 and gangs[0]["role"] == role and gangs[0]["rank"] == 0
+        assert "skipped" not in gangs[0] and gangs[0]["imbalance_before"] >= 1.0
+    assert got() == want
+    assert all(s["eplb_rebalances"] >= 1 for s in _rank_stats("prefill") + _rank_stats("decode"))
+    assert main(["rebalance"]) == 0
+    printed = capsys.readouterr().out
+    assert "prefill gang" in printed and "decode gang" in printed and "imbalance before" in printed
