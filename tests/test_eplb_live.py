@@ -107,3 +107,20 @@ def test_live_rebalance_on_a_gang_lowers_imbalance_and_keeps_outputs(ray_cluster
 def test_rebalance_needs_a_gang():
     with pytest.raises(ValueError, match="ep_size"):
         LLM("tiny").rebalance()
+
+
+def test_a_layer_keeps_its_placement_unless_the_new_one_lowers_its_peak():
+    from rayinfer.balance.eplb import max_gpu_load
+    from rayinfer.engine.eplb_live import choose_placement
+
+    old = ExpertPlacement.initial([1, 2], 16, 4, ep_size=4)
+    load = torch.ones(2, 16)
+    load[1, :3] = 50.0
+    first = choose_placement(load, old, num_groups=1)
+    assert (max_gpu_load(load, first, 4) < max_gpu_load(load, old.phy2log, 4)).all()
+    settled = ExpertPlacement.from_phy2log([1, 2], first, 16, 4)
+    assert torch.equal(choose_placement(load, settled, num_groups=1), first)  # nothing better: nothing moves
+    shifted = load.clone()
+    shifted[0, 5:8] = 40.0  # only layer 1's load changed
+    again = choose_placement(shifted, settled, num_groups=1)
+    assert not torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])

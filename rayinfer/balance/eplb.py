@@ -46,7 +46,7 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int,
         phy2log = _place(torch.cat([w, w[redo]]), torch.cat([plain, balanced[redo]]),
                          num_replicas, num_gpus)  # [L + D, R]
         phy2log, alt = phy2log[:layers], phy2log[layers:]
-        better = _max_load(w[redo], alt, num_gpus) < _max_load(w[redo], phy2log[redo], num_gpus)
+        better = max_gpu_load(w[redo], alt, num_gpus) < max_gpu_load(w[redo], phy2log[redo], num_gpus)
         phy2log[redo[better]] = alt[better]
     logcnt = torch.zeros(layers, num_logical, dtype=torch.int64).scatter_add_(
         1, phy2log, torch.ones_like(phy2log))  # [L, E]
@@ -61,7 +61,8 @@ def _place(w, members, num_replicas, num_gpus):
     return members.gather(2, slots.view(layers, num_nodes, -1)).flatten(1)
 
 
-def _max_load(w, phy2log, num_gpus):
+def max_gpu_load(w: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """The most loaded GPU's load per layer [L] under placement `phy2log`."""
     ones = torch.ones_like(phy2log)
     logcnt = torch.zeros_like(w, dtype=torch.int64).scatter_add_(1, phy2log, ones)  # [L, E]
     return gpu_loads(w, phy2log, logcnt, num_gpus).max(1).values

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from rayinfer.balance.eplb import rebalance_experts
+from rayinfer.balance.eplb import max_gpu_load, rebalance_experts
 from rayinfer.balance.placement import ExpertPlacement
 from rayinfer.model.loader import read_experts
 
@@ -75,7 +75,7 @@ class LiveRebalancer:
         old = ctx.placement
         phy2log = torch.empty_like(old.phy2log)
         if self.rank == 0:
-            phy2log = rebalance_experts(load.float(), old.num_slots, self.num_groups, 1, old.ep_size)[0]
+            phy2log = choose_placement(load.float(), old, self.num_groups)
         dist.broadcast(phy2log, src=0, group=self.group)  # one placement, whatever each rank's float rounding
         new = ExpertPlacement.from_phy2log(old.layers, phy2log, old.log2phy.shape[1], old.ep_size)
         changed, local, ckpt = move_experts(self.engine.runner.model, new, self.rank,
@@ -85,6 +85,15 @@ class LiveRebalancer:
         record = RebalanceRecord(time.time(), imbalance_before, time.monotonic() - t0, changed, local, ckpt)
         self.history.append(record)
         return record
+
+
+def choose_placement(load: torch.Tensor, old: ExpertPlacement, num_groups: int) -> torch.Tensor:
+    """phy2log [L, slots] for measured `load` [L, E]: EPLB's placement in the layers where it lowers the
+    peak rank load, the current one elsewhere (moving weights for nothing costs a pause and reads)."""
+    cand = rebalance_experts(load, old.num_slots, num_groups, 1, old.ep_size)[0]
+    current = old.phy2log.to(cand.dtype)
+    better = max_gpu_load(load, cand, old.ep_size) < max_gpu_load(load, current, old.ep_size) * (1 - 1e-3)
+    return torch.where(better[:, None], cand, current).to(old.phy2log.dtype)
 
 
 def imbalance(loads) -> float:
