@@ -12,6 +12,17 @@ import os
 import ray
 
 LOOPBACK = "127.0.0.1"
+# What rank processes of a single-machine cluster need: gloo on loopback, replica gRPC kept there.
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "RAYINFER_LOCAL_CLUSTER": "1"}
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nothing listens on right now at `host`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _local_loopback_cluster(address: str) -> str | None:
@@ -23,7 +34,7 @@ def _local_loopback_cluster(address: str) -> str | None:
         if len(found) != 1:
             return None
         address = next(iter(found))
-    host = address.rsplit(":", 1)[0].removeprefix("ray://")
+    host = address.rsplit(":", 1)[0]
     return address if host in (LOOPBACK, "localhost") else None
 
 
@@ -36,8 +47,8 @@ def _as_loopback_node() -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ["RAYINFER_LOCAL_CLUSTER"] = "1"
+    for name, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -49,10 +60,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     if address is None:
         _as_loopback_node()
-        env = {"GLOO_SOCKET_IFNAME": "lo", "RAYINFER_LOCAL_CLUSTER": "1"}
         # Metrics reach the agent every second instead of every ten, so /metrics is close to live.
         ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env}, _system_config={"metrics_report_interval_ms": 1000})
+                 runtime_env={"env_vars": dict(LOOPBACK_ENV)}, _system_config={"metrics_report_interval_ms": 1000})
         return True
     local = _local_loopback_cluster(address)
     if local is not None:

@@ -14,6 +14,7 @@ import time
 
 from rayinfer.actors.cluster import ensure_ray, ensure_serve
 from rayinfer.config import ConfigError, ServeConfig
+from rayinfer.config.serve import ROLES
 
 APP_NAME = "rayinfer"
 
@@ -72,7 +73,7 @@ def rebalance(address: str | None = "auto", timeout_s: float = 300.0) -> dict[st
         raise ConfigError(f"no {APP_NAME!r} application is running on this Ray cluster") from None
     out = {}
     for name in sorted(app.deployments):
-        if name not in ("prefill", "decode", "mixed"):
+        if name not in ROLES:
             continue
         results = serve.get_deployment_handle(name, app_name=APP_NAME).broadcast(
             "rebalance", timeout_s=timeout_s).results(timeout_s=timeout_s + 30)

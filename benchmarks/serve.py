@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import time
 
@@ -60,6 +59,7 @@ def main(argv=None) -> None:
     import random
 
     from rayinfer import LLM, SamplingParams
+    from rayinfer.actors.cluster import free_port
     from rayinfer.actors.server import start, stop
     from rayinfer.config import ServeConfig
 
@@ -75,10 +75,7 @@ def main(argv=None) -> None:
     offline_tps = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
     del offline
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = ServeConfig(model=args.model, port=port, disaggregated=not args.colocated,
+    config = ServeConfig(model=args.model, port=free_port(), disaggregated=not args.colocated,
                          max_queue=max(256, 2 * args.requests))
     url, started = start(config)
     try:

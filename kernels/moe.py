@@ -42,7 +42,7 @@ def _padded_ffn(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch
     pos = torch.cat([torch.arange(counts[s], device=x.device) + i * width for i, s in enumerate(used)])
     xs = x.new_zeros(len(used) * width, x.shape[1])
     xs[pos] = x
-    sel = torch.tensor(used, device=x.device) if len(used) < len(counts) else None
-    w13u, w2u = (w13, w2) if sel is None else (w13[sel], w2[sel])
-    gate, up = torch.bmm(xs.view(len(used), width, -1), w13u.transpose(1, 2)).chunk(2, dim=-1)
-    return torch.bmm(F.silu(gate) * up, w2u.transpose(1, 2)).view(-1, w2.shape[1])[pos]
+    if len(used) < len(counts):
+        w13, w2 = w13[used], w2[used]
+    gate, up = torch.bmm(xs.view(len(used), width, -1), w13.transpose(1, 2)).chunk(2, dim=-1)
+    return torch.bmm(F.silu(gate) * up, w2.transpose(1, 2)).view(-1, w2.shape[1])[pos]

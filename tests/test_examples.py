@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 from ray import serve
 
 from rayinfer import LLM, SamplingParams
+from rayinfer.actors.cluster import free_port
 from rayinfer.actors.server import APP_NAME, start
 from rayinfer.config import ServeConfig
 
@@ -29,12 +29,6 @@ def _example(name: str):
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def offline():
     return LLM("tiny")
@@ -43,7 +37,7 @@ def offline():
 @pytest.fixture(scope="module")
 def server(ray_cluster):
     serve.shutdown()  # earlier tests may have started Serve without an HTTP proxy
-    url, _ = start(ServeConfig(port=_free_port(), max_queue=MAX_QUEUE))
+    url, _ = start(ServeConfig(port=free_port(), max_queue=MAX_QUEUE))
     yield url + "/v1"
     serve.delete(APP_NAME)
     serve.shutdown()
@@ -73,7 +67,7 @@ def _expected(llm, rows) -> dict:
 
 
 def test_unreachable_server_is_one_clear_line_and_exit_1(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there any more
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there any more
     _jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
     for cmd in (["openai_client.py", "--base-url", url],
                 ["batch_job.py", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),

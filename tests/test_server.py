@@ -3,7 +3,6 @@ the official `openai` client, raw HTTP for hostile input, and the ranks' own cou
 import asyncio
 import json
 import re
-import socket
 import time
 
 import httpx
@@ -13,6 +12,7 @@ import ray
 from ray import serve
 
 from rayinfer import LLM, SamplingParams
+from rayinfer.actors.cluster import free_port
 from rayinfer.actors.server import APP_NAME, start
 from rayinfer.config import ServeConfig
 from rayinfer.messages import Delta, EngineRequest, KVHandoff, pack, unpack
@@ -20,16 +20,10 @@ from rayinfer.messages import Delta, EngineRequest, KVHandoff, pack, unpack
 PROMPTS = [f"Request {i}: " + "lorem ipsum "[: 3 + i % 9] * (1 + i % 5) for i in range(64)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster):
     serve.shutdown()  # earlier tests may have started Serve without an HTTP proxy
-    port = _free_port()
+    port = free_port()
     config = ServeConfig(port=port, max_queue=64, kv_transfer_timeout_s=2.0)
     url, _ = start(config)
     yield url, config
