@@ -155,7 +155,8 @@ class RankReplica:
         ctx = self.engine.runner.ctx
         return dict(self._stats, rank=self.rank, gang_id=self.gang_id, pid=os.getpid(), role=self.role,
                     replica_id=self.replica_id, actor_name=ray.get_runtime_context().get_actor_name(),
-                    startup_s=self.startup_s, ep=ctx.stats() if ctx is not None else None)
+                    startup_s=self.startup_s, ep=ctx.stats() if ctx is not None else None,
+                    engine_tid=self.loop.native_id, votes=self.lockstep.votes if self.lockstep else None)
 
     def check_health(self) -> None:
         self.sender.expire()

@@ -151,5 +151,10 @@ class AsyncEngine:
                     cmd[2].call_soon_threadsafe(cmd[3].put_nowait, RuntimeError(f"rank is down: {e!r}"))
 
     @property
+    def native_id(self) -> int | None:
+        """The loop thread's OS thread id (its CPU time is in /proc/<pid>/task/<id>/stat)."""
+        return self._thread.native_id
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None

@@ -37,6 +37,7 @@ class Lockstep:
         self._ringer = connect()  # used by request-submitting threads
         self._lock = threading.Lock()
         self.epoch = 0
+        self.votes = 0  # collectives run so far (steps and all-idle votes): frozen while the gang sleeps
         self.heartbeat = timedelta(seconds=heartbeat_s)
         self.world = world
         self.extras = lambda: (False, 0.0)
@@ -68,6 +69,7 @@ class Lockstep:
         flags = torch.zeros(2 + self.world, dtype=torch.float64)  # [busy, rebalance, load per rank]
         flags[0], flags[1], flags[2 + self.rank] = float(local_busy), float(want_rebalance), load
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        self.votes += 1
         self.last_vote = Vote(bool(flags[0]), bool(flags[1]), flags[2:].tolist())
         if self.after_vote is not None:
             self.after_vote(self.last_vote)
