@@ -222,8 +222,11 @@ def test_mid_stream_disconnects_free_all_kv(server):
             break
         time.sleep(0.5)
     print(f"all KV freed {time.time() - left:.2f}s after the clients left")
-    assert all(s["kv_blocks_used"] == 0 and s["num_requests"] == 0 for s in stats), \
-        [(s["role"], s["rank"], s["kv_blocks_used"], s["num_requests"]) for s in stats]
+    if not all(s["kv_blocks_used"] == 0 and s["num_requests"] == 0 for s in stats):
+        # Which request is left, with how many tokens, and whether the ingress still streams it.
+        depth = _metric_sum(httpx.get(url + "/metrics", timeout=10).text, "ray_rayinfer_ingress_queue_depth")
+        pytest.fail(f"KV left after the disconnects (ingress queue depth {depth:.0f}): "
+                    f"{[(s['role'], s['rank'], s['kv_blocks_used'], s['live_requests']) for s in stats]}")
 
 
 @ray.remote(num_cpus=0)

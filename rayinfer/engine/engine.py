@@ -164,12 +164,14 @@ class Engine:
     def stats(self) -> dict:
         """Counters and current load; call on the engine's own thread (it reads live sequences)."""
         bm, sched = self.block_manager, self.scheduler
-        prefill_tokens, attention = 0, 0.0
+        prefill_tokens, attention, live = 0, 0.0, []
         for seq in (*sched.running, *sched.waiting):  # work not yet done: what a prefill balancer weighs
             left = max(0, seq.num_prompt_tokens - seq.num_computed_tokens)
             prefill_tokens += left
             attention += left * (seq.num_computed_tokens + (left + 1) / 2)
-        return dict(self.counters, num_running=len(sched.running), num_waiting=len(sched.waiting),
+            if len(live) < 8:  # a few live requests by name, for operators (and failing tests) to look at
+                live.append((seq.request_id, seq.num_output_tokens))
+        return dict(self.counters, live_requests=live, num_running=len(sched.running), num_waiting=len(sched.waiting),
                     num_requests=len(sched.running) + len(sched.waiting), prefill_tokens=prefill_tokens,
                     attention_work=attention, kv_usage=bm.usage, kv_blocks_total=bm.num_blocks,
                     kv_blocks_used=bm.num_allocated_blocks(), kv_used_tokens=bm.num_allocated_blocks() * bm.block_size,
