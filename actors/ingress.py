@@ -36,6 +36,11 @@ def _error(e: APIError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(e.to_dict(), status_code=e.status, headers=headers)
 
 
+def _empty_choice(spec, index: int) -> ChoiceResult:
+    """Choice `index` before any delta; it collects logprobs when the request asked for them."""
+    return ChoiceResult(index=index, token_ids=[], text="", logprobs=[] if spec.params.logprobs is not None else None)
+
+
 def _fold(out: ChoiceResult, d: Delta) -> None:
     out.token_ids += d.token_ids
     out.text += d.text
@@ -225,8 +230,7 @@ class Ingress:
             _inc(self.metrics.cached_tokens, d.num_cached_tokens, self.metrics.tags)
 
     async def _collect(self, spec, rid: str, index: int) -> ChoiceResult:
-        out = ChoiceResult(index=index, token_ids=[], text="", logprobs=[] if spec.params.logprobs is not None else None,
-                           finish_reason=None, num_prompt_tokens=0, num_cached_tokens=0)
+        out = _empty_choice(spec, index)
         async for d in self._deltas(spec, rid, index):
             _fold(out, d)
         _inc(self.metrics.generation_tokens, len(out.token_ids), self.metrics.tags)
@@ -247,9 +251,7 @@ class Ingress:
                 await queue.put((index, e))
 
         tasks = [asyncio.create_task(pump(i)) for i in range(count)]
-        results = [ChoiceResult(index=i, token_ids=[], text="", logprobs=[] if spec.params.logprobs is not None
-                                else None, finish_reason=None, num_prompt_tokens=0, num_cached_tokens=0)
-                   for i in range(count)]
+        results = [_empty_choice(spec, i) for i in range(count)]
         status = 200
         try:
             if chat:
