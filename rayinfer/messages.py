@@ -31,6 +31,8 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the top k
+    repetition_penalty: float = 1.0  # vLLM's: > 1 discourages any token already in the prompt or output
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this many tokens
 
     def __post_init__(self):
         num = (int, float)
@@ -43,6 +45,12 @@ class SamplingParams:
             if not isinstance(v, num) or isinstance(v, bool) or not math.isfinite(v) or v > hi or v < lo \
                     or (lo_open and v == lo):
                 raise _err(name, v, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+        rp = self.repetition_penalty
+        if not isinstance(rp, num) or isinstance(rp, bool) or not math.isfinite(rp) or not 0 < rp <= 100:
+            raise _err("repetition_penalty", rp, "must be a number in (0, 100]")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) \
+                or not 0 <= self.min_tokens <= self.max_tokens:
+            raise _err("min_tokens", self.min_tokens, f"must be an integer in [0, max_tokens={self.max_tokens}]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             raise _err("top_k", self.top_k, "must be an integer >= 1, or 0/-1 to disable")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
