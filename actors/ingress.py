@@ -20,7 +20,7 @@ from ray import serve
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from rayinfer.actors.cluster import bind_replica_grpc_to_loopback
-from rayinfer.actors.metrics import IngressMetrics, scrape_cluster
+from rayinfer.actors.metrics import IngressMetrics
 from rayinfer.config import ModelConfig, ServeConfig
 from rayinfer.kernels.mla import PAGE_SIZE
 from rayinfer.messages import Delta, EngineRequest, pack, unpack
@@ -76,8 +76,6 @@ def _inc(counter, n: int, tags: dict) -> None:
 class Ingress:
     def __init__(self, config: ServeConfig, prefill=None, decode=None, mixed=None):
         bind_replica_grpc_to_loopback()
-        import httpx
-
         from rayinfer.model import resolve_model_path
         from rayinfer.tokenizer import load_tokenizer
 
@@ -88,8 +86,7 @@ class Ingress:
         self.prefill, self.decode, self.mixed = prefill, decode, mixed
         self.max_queue = config.max_queue
         self.inflight = 0
-        self.metrics = IngressMetrics(self.info.name)
-        self.http = httpx.AsyncClient()
+        self.metrics = IngressMetrics(self.info.name, {"prefill": prefill, "decode": decode, "mixed": mixed})
         self._warm = None
 
     async def _warm_up(self) -> None:
@@ -114,7 +111,16 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self):
-        return PlainTextResponse(await scrape_cluster(self.http), media_type="text/plain; version=0.0.4")
+        # sampling polls every rank with a blocking broadcast: off the event loop
+        return PlainTextResponse(await asyncio.to_thread(self.metrics.exposition),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/metrics/history")
+    async def metrics_history(self, since: float | None = None):
+        """The sampled series `rayinfer report` reads, over the last `since` seconds (default: all)."""
+        if since is not None and since <= 0:
+            return _error(APIError(400, f"since must be > 0 seconds, got {since}"))
+        return await asyncio.to_thread(self.metrics.history, since)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -212,6 +218,7 @@ class Ingress:
         """One choice's deltas with latency metrics recorded."""
         req = self._request(spec, rid, index)
         start = last = time.time()
+        times: list[float] = []  # when each output token arrived: for TPOT and the KV read per token
         async for d in self._choice(req):
             now = time.time()
             if d.token_ids:
@@ -220,8 +227,10 @@ class Ingress:
                 else:
                     self.metrics.itl.observe((now - last) / len(d.token_ids), self.metrics.tags)
                 last = now
+                times += [now] * len(d.token_ids)
             if d.finish_reason:
                 self._count_usage(d, index % spec.n == 0)
+                self.metrics.finished(len(req.prompt_token_ids), times)
             yield d
 
     def _count_usage(self, d: Delta, first_choice_of_prompt: bool) -> None:

@@ -22,7 +22,6 @@ import ray
 from ray import serve
 
 from rayinfer.actors.cluster import bind_replica_grpc_to_loopback
-from rayinfer.actors.metrics import RankMetrics
 from rayinfer.config import EngineConfig
 from rayinfer.messages import Delta, EngineRequest, KVHandoff, pack, unpack
 
@@ -44,7 +43,7 @@ class RankReplica:
         self.gang_id = gang.gang_id if gang else ctx.replica_id.unique_id
         self.replica_id = ctx.replica_id.unique_id
         self.role, self.kv_timeout_s = role, kv_timeout_s
-        t0 = time.time()
+        t0 = self.t0 = time.time()  # when this rank began to hold its device: what GPU-hours count from
         if self.world > 1:
             from rayinfer.actors.rendezvous import form_group
             from rayinfer.engine.lockstep import Lockstep
@@ -66,15 +65,14 @@ class RankReplica:
         self.engine = engine
         self.sender = KVSender(kv_timeout_s)
         self.transfers = {"done": 0, "failed": 0}
-        self.metrics = RankMetrics(role, self.rank, self.gang_id)
         self.startup_s = time.time() - t0
         self._stats: dict = {}
         self._publish()
 
     def _publish(self) -> None:
-        """On the engine thread, after every step and command: snapshot what others read (routers, metrics, `stats`)."""
+        """On the engine thread, after every step and command: snapshot what others read (routers, and `stats`,
+        which the ingress polls for its metrics)."""
         self._stats = dict(self.engine.stats(), kv_transfers=dict(self.transfers), **self._eplb_stats())
-        self.metrics.update(self._stats)
 
     def _eplb_stats(self) -> dict:
         if self.rebalancer is None:
@@ -153,7 +151,7 @@ class RankReplica:
 
     def stats(self) -> dict:
         ctx = self.engine.runner.ctx
-        return dict(self._stats, rank=self.rank, gang_id=self.gang_id, pid=os.getpid(), role=self.role,
+        return dict(self._stats, rank=self.rank, gang_id=self.gang_id, pid=os.getpid(), role=self.role, started_at=self.t0,
                     replica_id=self.replica_id, actor_name=ray.get_runtime_context().get_actor_name(),
                     startup_s=self.startup_s, ep=ctx.stats() if ctx is not None else None,
                     engine_tid=self.loop.native_id, votes=self.lockstep.votes if self.lockstep else None)
