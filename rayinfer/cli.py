@@ -1,5 +1,6 @@
-"""Command line: `rayinfer serve` (the OpenAI endpoint), `rayinfer generate` (one offline completion)
-and `rayinfer rebalance` (re-place a running server's experts now).
+"""Command line: `rayinfer serve` (the OpenAI endpoint), `rayinfer generate` (one offline completion),
+`rayinfer rebalance` (re-place a running server's experts now) and `rayinfer report` (DeepSeek's daily
+report of a running server or a metrics dump).
 
 Owns argument parsing and what is printed to the user; all work is delegated to the library.
 """
@@ -48,6 +49,37 @@ def _rebalance(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from rayinfer import report
+
+    since = report.parse_duration(args.since) if args.since else None
+    prices = report.Prices(args.gpu_hour_cost, args.price_cache_hit, args.price_cache_miss, args.price_output,
+                           args.gpus_per_node)
+    if args.url:
+        url = args.url.rstrip("/") + "/metrics/history" + (f"?since={since}" if since else "")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                text = r.read().decode()
+        except (urllib.error.URLError, OSError) as e:
+            raise ValueError(f"cannot read {url}: {e}") from None
+    else:
+        try:
+            with open(args.metrics) as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --metrics {args.metrics!r}: {e.strerror}") from None
+    samples = report.load_dump(text)
+    result = report.compute(samples, prices, since)
+    if args.plot:
+        report.plot(report.series(samples, since), args.plot, title=f"rayinfer: {args.url or args.metrics}")
+    print(json.dumps(result, indent=2) if args.json else report.table(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rayinfer", description="Serve DeepSeek-V3-architecture MoE models on Ray.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -71,9 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ep-size", type=int, default=1, help="run as an expert-parallel gang of this many ranks")
     r = sub.add_parser("rebalance", help="re-place the experts of every gang of a running server from measured load")
     r.add_argument("--address", default="auto", help="the Ray cluster the server runs on [auto]")
+    p = sub.add_parser("report", help="DeepSeek's daily report (tokens, throughput, cost, revenue) of a running "
+                                      "server or a saved metrics dump")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (reads its /metrics/history)")
+    src.add_argument("--metrics", help="a saved /metrics scrape (text) or /metrics/history (JSON)")
+    p.add_argument("--since", default=None, help="window: the last N seconds (or 30m, 6h, 1d) [server lifetime]")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--gpu-hour-cost", type=float, default=2.0, help="USD per GPU-hour (a CPU rank counts as a GPU) [2]")
+    p.add_argument("--price-cache-hit", type=float, default=0.14, help="USD per M input tokens from cache [0.14]")
+    p.add_argument("--price-cache-miss", type=float, default=0.55, help="USD per M input tokens computed [0.55]")
+    p.add_argument("--price-output", type=float, default=2.19, help="USD per M output tokens [2.19]")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node for the per-node figures [8]")
+    p.add_argument("--plot", default=None, help="also draw requests, tokens/s and gangs per role into this PNG")
     args = ap.parse_args(argv)
     try:
-        return {"generate": _generate, "serve": _serve, "rebalance": _rebalance}[args.cmd](args)
+        return {"generate": _generate, "serve": _serve, "rebalance": _rebalance, "report": _report}[args.cmd](args)
     except ValueError as e:  # user errors: bad model name, bad config
         print(f"rayinfer: error: {e}", file=sys.stderr)
         return 2

@@ -138,22 +138,19 @@ def compute(samples: list[Sample], prices: Prices = Prices(), since_s: float | N
 
 
 def series(samples: list[Sample], since_s: float | None = None) -> dict:
-    """Per interval between samples: requests/s, input and output tokens/s; gangs per role at each sample."""
+    """At each sample (seconds into the window): the rates over the interval it opens (the last repeats the one
+    before, for a step plot), requests/s and input and output tokens/s; and the gangs per role it saw."""
     win = window(samples, since_s)
     roles = _roles(win[-1][1])
-    out = {"t": [], "requests_per_s": [], "input_tokens_per_s": [], "output_tokens_per_s": [],
-           "gangs": {r: [] for r in roles}}
-    for (ta, a), (tb, b) in zip(win, win[1:]):
-        dt = tb - ta
-        if dt <= 0:
-            continue
-        out["t"].append(tb - win[0][0])
-        for key, name, labels in (("requests_per_s", "rayinfer_requests_total", {"status": "200"}),
-                                  ("input_tokens_per_s", "rayinfer_prompt_tokens_total", {}),
-                                  ("output_tokens_per_s", "rayinfer_generation_tokens_total", {})):
-            out[key].append((total(b, name, **labels) - total(a, name, **labels)) / dt)
-        for r in roles:
-            out["gangs"][r].append(total(b, "rayinfer_gangs", role=r))
+    rates = (("requests_per_s", "rayinfer_requests_total", {"status": "200"}),
+             ("input_tokens_per_s", "rayinfer_prompt_tokens_total", {}),
+             ("output_tokens_per_s", "rayinfer_generation_tokens_total", {}))
+    out = {"t": [t - win[0][0] for t, _ in win], "gangs": {r: [total(v, "rayinfer_gangs", role=r) for _, v in win]
+                                                           for r in roles}}
+    for key, name, labels in rates:
+        out[key] = [(total(b, name, **labels) - total(a, name, **labels)) / (tb - ta) if tb > ta else 0.0
+                    for (ta, a), (tb, b) in zip(win, win[1:])]
+        out[key].append(out[key][-1] if out[key] else 0.0)
     return out
 
 
@@ -187,3 +184,44 @@ def table(r: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '30m', '6h', '1d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ValueError(f"--since must be seconds or a number with s/m/h/d, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"--since must be > 0, got {text!r}")
+    return value
+
+
+def plot(s: dict, path: str, title: str = "rayinfer") -> None:
+    """Requests/s, tokens/s and gangs per role over the window, one panel each, into `path` (PNG)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'rayinfer[report]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hours = max(s["t"] or [0]) > 3 * 3600
+    t = [x / (3600 if hours else 1) for x in s["t"]]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    axes[0].step(t, s["requests_per_s"], where="post", label="requests/s")
+    axes[1].step(t, s["input_tokens_per_s"], where="post", label="input tokens/s")
+    axes[1].step(t, s["output_tokens_per_s"], where="post", label="output tokens/s")
+    for role, gangs in s["gangs"].items():
+        axes[2].step(t, gangs, where="post", label=f"{role} gangs")
+    for ax, ylabel in zip(axes, ("requests/s", "tokens/s", "gangs")):
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="upper left")
+        ax.grid(alpha=0.3)
+    axes[2].set_xlabel("hours into the window" if hours else "seconds into the window")
+    axes[0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -77,8 +77,8 @@ def test_since_takes_the_last_samples_and_counter_deltas():
     assert r["window_s"] == DAY / 2 and r["output_tokens"] == pytest.approx(84e9)
     assert r["gpu_hours"] == pytest.approx(compute(samples)["gpu_hours"] / 2)
     s = series(samples)
-    assert s["t"] == [DAY / 2, DAY] and s["output_tokens_per_s"][0] == pytest.approx(84e9 / (DAY / 2))
-    assert s["gangs"] == {"decode": [8, 8], "prefill": [4, 4]}
+    assert s["t"] == [0, DAY / 2, DAY] and s["output_tokens_per_s"] == pytest.approx([84e9 / (DAY / 2)] * 3)
+    assert s["gangs"] == {"decode": [10, 8, 8], "prefill": [6, 4, 4]}
     with pytest.raises(ValueError, match="-5"):
         compute(samples, since_s=-5)
     with pytest.raises(ValueError, match="no metrics"):
