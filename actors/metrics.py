@@ -130,7 +130,7 @@ class IngressMetrics:
         self.samples: list[tuple[float, dict]] = []
         self._lock, self._last, self._counts, self._seen = threading.Lock(), self.start_time, {}, set()
         self._stop = threading.Event()
-        self.sample(poll=False)  # all zero: the constructor may run on the event loop, where no call may block
+        self.sample(poll=False, now=self.start_time)  # all zero: the constructor may run on the event loop, where no call may block
         if self.handles:
             threading.Thread(target=self._run, name="rayinfer-metrics", daemon=True).start()
 
@@ -160,12 +160,12 @@ class IngressMetrics:
             ranks += [dict(s, role=role) for s in got if isinstance(s, dict)]  # a dead rank answers an exception
         return ranks
 
-    def sample(self, poll: bool = True) -> None:
+    def sample(self, poll: bool = True, now: float | None = None) -> None:
         """Polls every rank, adds the rank- and gang-seconds since the last sample, appends to the history.
         Blocks up to seconds: call it on a thread, never on the event loop."""
         with self._lock:
             ranks = self._poll() if poll else []
-            now = time.time()
+            now = now or time.time()
             for role, (n_ranks, n_gangs) in self._counts.items():  # what was up at the last sample ran since
                 self.rank_seconds.labels(model=self.model, role=role).inc(n_ranks * (now - self._last))
                 self.gang_seconds.labels(model=self.model, role=role).inc(n_gangs * (now - self._last))
