@@ -214,8 +214,8 @@ def plot(s: dict, path: str, title: str = "rayinfer") -> None:
     axes[0].step(t, s["requests_per_s"], where="post", label="requests/s")
     axes[1].step(t, s["input_tokens_per_s"], where="post", label="input tokens/s")
     axes[1].step(t, s["output_tokens_per_s"], where="post", label="output tokens/s")
-    for role, gangs in s["gangs"].items():
-        axes[2].step(t, gangs, where="post", label=f"{role} gangs")
+    for i, (role, gangs) in enumerate(s["gangs"].items()):  # dashes keep equal counts apart
+        axes[2].step(t, gangs, where="post", label=f"{role} gangs", linestyle=("-", "--", ":")[i % 3], linewidth=2)
     for ax, ylabel in zip(axes, ("requests/s", "tokens/s", "gangs")):
         ax.set_ylabel(ylabel)
         ax.legend(loc="upper left")
