@@ -93,7 +93,8 @@ def test_no_weights_and_unknown_model_errors(tmp_path):
 def test_preset_has_mtp_and_tokenizer_and_loads_without_tokenizer(tmp_path):
     path = resolve_model_path("tiny")
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(path))
-    model = load_model("tiny")
+    assert len(load_model("tiny").mtp) == 0  # not loaded unless asked: nothing runs it yet
+    model = load_model("tiny", mtp=True)
     assert len(model.mtp) == PRESETS["tiny"]["num_nextn_predict_layers"] == 1
     n = model.cfg.num_hidden_layers
     raw = load_file(os.path.join(path, "model.safetensors"))
@@ -139,6 +140,11 @@ def test_fp8_kept_for_every_linear_and_expert_and_redundant_slots_read_once(tmp_
     report = load_weights(model, dst)
     sizes = {k: raw[k].numel() * raw[k].element_size() for k in raw}
     assert report.bytes_read == sum(sizes[k] for k in report.read_keys)
+    # what live EPLB reads for a slot it did not hold: FP8 bytes with their scales, in the slots' layout
+    from rayinfer.model.loader import read_experts
+    w13, w2, s13, s2 = read_experts(dst, [(cfg.moe_layers[0], 3)], torch.float8_e4m3fn)[(cfg.moe_layers[0], 3)]
+    assert torch.equal(w13.view(torch.uint8), moe.experts.w13[0].view(torch.uint8))
+    assert torch.equal(s13, moe.experts.w13_scale[0]) and torch.equal(s2, moe.experts.w2_scale[0])
     # on CPU by default the same checkpoint is dequantised, and both give the same logits
     plain, fp8_all = load_model(dst), load_model(dst, keep_fp8=True)
     assert not any(p.dtype == torch.float8_e4m3fn for p in plain.parameters())

@@ -102,7 +102,7 @@ def load_weights(model: DeepseekV3, path: str, progress: bool = False) -> LoadRe
     keys = [k for k in index if not k.endswith("_scale_inv")]
     for key in _progress(keys, progress, "loading weights"):
         name = _model_name(key, cfg.num_hidden_layers)
-        if name is None:
+        if name is None or _unbuilt_mtp(name, model):
             continue
         m = _EXPERT.match(name)
         if m:
@@ -127,6 +127,10 @@ def load_weights(model: DeepseekV3, path: str, progress: bool = False) -> LoadRe
         raise CheckpointError(f"checkpoint {path!r} does not match its config: "
                               f"missing {_listing(missing)}; unexpected {_listing(unexpected)}")
     return report
+
+
+def _unbuilt_mtp(name: str, model: DeepseekV3) -> bool:
+    return name.startswith("mtp.") and int(name.split(".")[1]) >= len(model.mtp)
 
 
 def _hf_name(name: str, num_layers: int) -> str:
@@ -225,28 +229,40 @@ def checkpoint_fp8_layout(model: DeepseekV3, index: dict[str, str]) -> Fp8Layout
     return Fp8Layout(linears, experts)
 
 
-def load_model(path_or_preset: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def rank_model(path: str, dtype: torch.dtype, device: str | torch.device = "cpu",
                local_experts: dict[int, list[int]] | None = None, keep_fp8: bool | None = None,
-               progress: bool = False) -> DeepseekV3:
-    """A ready model from a checkpoint directory or a built-in preset name ("tiny", "small").
+               mtp: bool = False) -> DeepseekV3:
+    """The rank's model on `meta`, every tensor in the layout `load_model` fills: what a rank will hold.
 
-    `keep_fp8`: keep the checkpoint's FP8 weights in FP8 (default: on CUDA, where FP8 GEMMs run)."""
-    from rayinfer.model.presets import resolve_model_path
-
-    path = resolve_model_path(path_or_preset)
+    Needs only config.json; with weights present, FP8 is kept exactly where the checkpoint has scales,
+    without them (planning) where DeepSeek's FP8 format puts them. `keep_fp8` defaults to "on CUDA"."""
     cfg = ModelConfig.from_file(path)
-    index = checkpoint_index(path)
+    has_weights = any(f.endswith(".safetensors") for f in os.listdir(path)) if os.path.isdir(path) else False
+    index = checkpoint_index(path) if has_weights else None
     mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
-    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in index):
-        # Declared but not shipped (transformers' save_pretrained drops it): serve without MTP.
+    if not mtp or (index is not None and not any(k.startswith(mtp_prefix) for k in index)):
+        # Not asked for (nothing runs it yet), or declared but not shipped (transformers drops it).
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
     if keep_fp8 is None:
         keep_fp8 = torch.device(device).type == "cuda"
-    model = meta_model(cfg, dtype, local_experts, Fp8Layout())
-    layout = checkpoint_fp8_layout(model, index) if keep_fp8 else Fp8Layout()
-    if layout != Fp8Layout():
-        model = meta_model(cfg, dtype, local_experts, layout)
-    model = materialise(model, device)
+    if not keep_fp8:
+        return meta_model(cfg, dtype, local_experts, Fp8Layout())
+    if index is None:
+        return meta_model(cfg, dtype, local_experts)
+    return meta_model(cfg, dtype, local_experts, checkpoint_fp8_layout(meta_model(cfg, dtype, {}, Fp8Layout()), index))
+
+
+def load_model(path_or_preset: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               local_experts: dict[int, list[int]] | None = None, keep_fp8: bool | None = None,
+               mtp: bool = False, progress: bool = False) -> DeepseekV3:
+    """A ready model from a checkpoint directory or a built-in preset name ("tiny", "small").
+
+    `keep_fp8`: keep the checkpoint's FP8 weights in FP8 (default: on CUDA, where FP8 GEMMs run).
+    `mtp`: also load the MTP module when the checkpoint ships it."""
+    from rayinfer.model.presets import resolve_model_path
+
+    path = resolve_model_path(path_or_preset)
+    model = materialise(rank_model(path, dtype, device, local_experts, keep_fp8, mtp), device)
     load_weights(model, path, progress=progress)
     model.checkpoint_path = path
     return model.eval().requires_grad_(False)
@@ -270,7 +286,8 @@ def to_hf_state_dict(model: DeepseekV3) -> dict[str, torch.Tensor]:
 
 
 def read_experts(path: str, wanted: list[tuple[int, int]], dtype: torch.dtype) -> dict[tuple[int, int], tuple]:
-    """(layer, logical expert) -> (w13 [2I, H], w2 [H, I]) read from the checkpoint, nothing else read.
+    """(layer, logical expert) -> (w13 [2I, H], w2 [H, I]) read from the checkpoint, nothing else read;
+    with `dtype` FP8 -> (w13, w2, w13_scale [2I/128, H/128], w2_scale [H/128, I/128]), the slots' layout.
 
     What a rank uses when a new expert placement gives it an expert it does not hold."""
     index = checkpoint_index(path)
@@ -278,7 +295,12 @@ def read_experts(path: str, wanted: list[tuple[int, int]], dtype: torch.dtype) -
     out = {}
     for layer, e in wanted:
         pre = f"model.layers.{layer}.mlp.experts.{e}."
-        gate, up, down = (_read(pre + f"{p}_proj.weight", reader, index, dtype)[0].to(dtype)
-                          for p in ("gate", "up", "down"))
-        out[(layer, e)] = (torch.cat([gate, up]), down)
+        (gate, gs), (up, us), (down, ds) = (_read(pre + f"{p}_proj.weight", reader, index, dtype)
+                                            for p in ("gate", "up", "down"))
+        if dtype == fp8.FP8:
+            if gs is None or us is None or ds is None:
+                raise CheckpointError(f"expert {e} of layer {layer} is not stored in FP8; cannot keep it in FP8")
+            out[(layer, e)] = (torch.cat([gate, up]), down, torch.cat([gs, us]), ds)
+        else:
+            out[(layer, e)] = (torch.cat([gate, up]).to(dtype), down.to(dtype))
     return out
