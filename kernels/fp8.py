@@ -10,6 +10,8 @@ dequantises the weight and is exact up to the activation's own precision.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -83,10 +85,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None
     x2 = x.reshape(-1, k)
     name = linear_backend(x2, weight, scale_inv)
     if name == "reference":
+        if x2.is_cuda:
+            _warn_dequantising(tuple(weight.shape))
         out = F.linear(x2, dequantize_weight_blocks(weight, scale_inv, x.dtype))
     else:
         out = _NATIVE[name][1](*quantize_act_groups(x2), weight, scale_inv).to(x.dtype)
     return out.view(*lead, weight.shape[0])
+
+
+@functools.cache
+def _warn_dequantising(shape: tuple[int, int]) -> None:
+    probe.log.warning("no native FP8 GEMM is healthy and applicable for weight %s: dequantising it per call "
+                      "(slow; see kernels.probe verdicts)", shape)
 
 
 def grouped_linear(x: torch.Tensor, counts: list[int], weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
