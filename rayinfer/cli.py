@@ -1,6 +1,6 @@
 """Command line: `rayinfer serve` (the OpenAI endpoint), `rayinfer generate` (one offline completion),
-`rayinfer rebalance` (re-place a running server's experts now) and `rayinfer report` (DeepSeek's daily
-report of a running server or a metrics dump).
+`rayinfer rebalance` (re-place a running server's experts now), `rayinfer plan` (what each rank holds)
+and `rayinfer report` (DeepSeek's daily report of a running server or a metrics dump).
 
 Owns argument parsing and what is printed to the user; all work is delegated to the library.
 """
@@ -80,6 +80,21 @@ def _report(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import json
+
+    from rayinfer.config import ServeConfig
+    from rayinfer.config.engine import parse_bytes
+    from rayinfer.plan import as_json, format_table, plan
+
+    overrides = dict(model=args.model)
+    cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
+    mem = parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory is not None else None
+    rows = plan(cfg, mem)
+    print(json.dumps(as_json(rows), indent=2) if args.json else format_table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rayinfer", description="Serve DeepSeek-V3-architecture MoE models on Ray.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -103,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ep-size", type=int, default=1, help="run as an expert-parallel gang of this many ranks")
     r = sub.add_parser("rebalance", help="re-place the experts of every gang of a running server from measured load")
     r.add_argument("--address", default="auto", help="the Ray cluster the server runs on [auto]")
+    pl = sub.add_parser("plan", help="what each rank of a serve config holds and whether it fits (config.json only)")
+    pl.add_argument("--config", default=None, help="YAML file with the topology and limits (see examples/)")
+    pl.add_argument("--model", default=None, help="checkpoint directory (config.json suffices) or preset [the config's]")
+    pl.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GiB or bytes [the local GPU's, if any]")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = sub.add_parser("report", help="DeepSeek's daily report (tokens, throughput, cost, revenue) of a running "
                                       "server or a saved metrics dump")
     src = p.add_mutually_exclusive_group(required=True)
@@ -118,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="also draw requests, tokens/s and gangs per role into this PNG")
     args = ap.parse_args(argv)
     try:
-        return {"generate": _generate, "serve": _serve, "rebalance": _rebalance, "report": _report}[args.cmd](args)
+        return {"generate": _generate, "serve": _serve, "rebalance": _rebalance, "plan": _plan,
+                "report": _report}[args.cmd](args)
     except ValueError as e:  # user errors: bad model name, bad config
         print(f"rayinfer: error: {e}", file=sys.stderr)
         return 2

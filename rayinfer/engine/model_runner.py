@@ -23,6 +23,18 @@ def kv_bytes_per_token(model: DeepseekV3, dtype: torch.dtype) -> int:
     return cfg.num_hidden_layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def kv_cache_pages(config: EngineConfig, model: DeepseekV3, max_model_len: int) -> int:
+    """Pages of a rank's latent cache: `kv_cache_tokens`, or what `kv_cache_memory` holds, never more
+    than `max_num_seqs` full-length sequences need."""
+    cache = config.cache
+    if cache.kv_cache_tokens is not None:
+        tokens = cache.kv_cache_tokens
+    else:
+        tokens = min(cache.kv_cache_memory // kv_bytes_per_token(model, getattr(torch, config.dtype)),
+                     config.scheduler.max_num_seqs * max_model_len)
+    return max(1, -(-tokens // PAGE_SIZE))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: DeepseekV3 | None = None, ctx=None):
         self.config = config
@@ -33,13 +45,7 @@ class ModelRunner:
         cfg = self.model.cfg
         self.max_model_len = min(config.scheduler.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
-        cache = config.cache
-        if cache.kv_cache_tokens is not None:
-            tokens = cache.kv_cache_tokens
-        else:
-            tokens = min(cache.kv_cache_memory // kv_bytes_per_token(self.model, self.dtype),
-                         config.scheduler.max_num_seqs * self.max_model_len)
-        self.num_blocks = max(1, -(-tokens // PAGE_SIZE))
+        self.num_blocks = kv_cache_pages(config, self.model, self.max_model_len)
         # Uninitialised on purpose: a page is always written before it is read, and untouched
         # pages cost no memory until used.
         self.kv_caches = [torch.empty(self.num_blocks, PAGE_SIZE, cfg.kv_cache_dim, dtype=self.dtype,
