@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from rayinfer.openai_errors import APIError
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger("rayinfer.ingress")  # reaches the replica's log file through stderr
 RETRY_AFTER_S = {429: "1", 503: "5"}  # a full queue drains in about a second; a gang restarts in several
 
 app = FastAPI(title="rayinfer", docs_url=None, redoc_url=None, openapi_url=None)

@@ -1,8 +1,9 @@
 """The HTTP ingress: OpenAI-compatible endpoints on Ray Serve + FastAPI.
 
-Owns the request's life at the edge: check the API key, read the body within its bound and
-parse it (rayinfer.http_input), validate and tokenize it off the event loop
-(rayinfer.openai_protocol), refuse beyond the queue bound (429 with Retry-After), fan a request out into its choices, send each to
+Owns the request's life at the edge: check the API key, read the body within its bound
+(rayinfer.http_input), parse, validate and tokenize it off the event loop
+(rayinfer.openai_protocol), refuse beyond the queue bound (429 with Retry-After), fan a request
+out into its choices, send each to
 a prefill rank and then, with the KV handoff, to a decode rank (or to one mixed rank when
 colocated), merge the choices' deltas into SSE chunks or one response, and count usage and
 latency. It never carries KV bytes (it forwards a reference), never blocks its event loop, and a
@@ -90,10 +91,10 @@ class Ingress:
             raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>' with one of "
                                 "the keys this server was started with", code="invalid_api_key")
 
-    async def _json(self, request: Request) -> dict:
+    async def _body(self, request: Request) -> bytes:
+        """The raw body, after the key check: what `parse_body` reads, off the event loop."""
         self._authorize(request)
-        return parse_body(await read_body(request.stream(), self.max_request_bytes,
-                                          request.headers.get("content-length")))
+        return await read_body(request.stream(), self.max_request_bytes, request.headers.get("content-length"))
 
     # -- endpoints -------------------------------------------------------------------------------
     @app.get("/health")
@@ -113,11 +114,13 @@ class Ingress:
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request):
-        return await asyncio.to_thread(tokenize, await self._json(request), self.info)
+        raw = await self._body(request)
+        return await asyncio.to_thread(lambda: tokenize(parse_body(raw), self.info))
 
     @app.post("/detokenize")
     async def detokenize(self, request: Request):
-        return await asyncio.to_thread(detokenize, await self._json(request), self.info)
+        raw = await self._body(request)
+        return await asyncio.to_thread(lambda: detokenize(parse_body(raw), self.info))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -131,11 +134,11 @@ class Ingress:
     async def _handle(self, request: Request, kind: str) -> Response:
         endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         try:
-            body = await self._json(request)
+            raw = await self._body(request)
             await self._warm_up()  # the ranks' KV capacity bounds the request's default max_tokens
-            # Tokenizing and the chat template take time in proportion to the prompt: off the event loop.
-            spec = await asyncio.to_thread(parse_chat_request if kind == "chat" else parse_completion_request,
-                                           body, self.info)
+            # Parsing, tokenizing and the chat template take time in proportion to the body: off the event loop.
+            parse = parse_chat_request if kind == "chat" else parse_completion_request
+            spec = await asyncio.to_thread(lambda: parse(parse_body(raw), self.info))
             if self.inflight >= self.max_queue:
                 raise APIError(429, f"server is at its queue bound ({self.max_queue} requests in flight); retry shortly")
         except APIError as e:

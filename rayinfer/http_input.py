@@ -15,7 +15,7 @@ import re
 
 from rayinfer.openai_errors import APIError
 
-MAX_JSON_DEPTH = 64  # deeper than any OpenAI request needs; json.loads recurses once per level
+MAX_JSON_DEPTH = 64  # deeper than any OpenAI request needs
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # Ray's "(pid=123, ip=...)" tags, actor/task ids and object reprs: noise to a client, sometimes internal detail.
 _NOISE = re.compile(r"\((?:pid|ip)=[^)]*\)|\b[0-9a-f]{24,}\b|<[\w.]+ object at 0x[0-9a-f]+>")
@@ -36,32 +36,12 @@ async def read_body(chunks, limit: int, content_length: str | None = None) -> by
     return b"".join(parts)
 
 
-def _depth(raw: str) -> int:
-    """Deepest bracket nesting outside strings (a scan, so that hostile nesting never recurses)."""
-    depth = deepest = 0
-    in_str = escaped = False
-    for ch in raw:
-        if in_str:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_JSON_DEPTH:
-                return deepest
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def _check_text(value, path: str) -> None:
-    """Every string (keys too) must be encodable: JSON's \\ud800 escapes decode to lone surrogates."""
+def _check_value(value, path: str, depth: int = 1) -> None:
+    """Nesting within `MAX_JSON_DEPTH`, and every string (keys too) encodable: JSON's \\ud800 escapes
+    decode to lone surrogates, which no tokenizer takes. The walk stops at the bound, so it never recurses deep."""
+    if depth > MAX_JSON_DEPTH and isinstance(value, (dict, list)):
+        raise APIError(400, f"the request body is not valid JSON for this server: nested deeper than "
+                            f"{MAX_JSON_DEPTH} levels", param=path or None)
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -71,11 +51,11 @@ def _check_text(value, path: str) -> None:
                            param=path) from None
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_text(k, path)
-            _check_text(v, f"{path}.{k}" if path else k)
+            _check_value(k, path)
+            _check_value(v, f"{path}.{k}" if path else k, depth + 1)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_text(v, f"{path}[{i}]")
+            _check_value(v, f"{path}[{i}]", depth + 1)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -84,17 +64,16 @@ def parse_body(raw: bytes) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise APIError(400, f"the request body is not valid JSON: not UTF-8 at byte {e.start}") from None
-    if _depth(text) > MAX_JSON_DEPTH:
-        raise APIError(400, f"the request body is not valid JSON for this server: nested deeper than "
-                            f"{MAX_JSON_DEPTH} levels")
     try:
         body = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except json.JSONDecodeError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # the C parser stops at Python's recursion limit; _check_value at ours
+        raise APIError(400, f"the request body is not valid JSON for this server: nested deeper than "
+                            f"{MAX_JSON_DEPTH} levels") from None
+    _check_value(body, "")
     if not isinstance(body, dict):
-        shown = json.dumps(body)[:60]
-        raise APIError(400, f"The request body must be a JSON object, got {type(body).__name__}: {shown}")
-    _check_text(body, "")
+        raise APIError(400, f"The request body must be a JSON object, got {type(body).__name__}: {text.strip()[:60]}")
     return body
 
 

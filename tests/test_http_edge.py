@@ -58,6 +58,7 @@ async def _raises(coro) -> APIError:
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\udfffb"}]}', "messages[0].content"),
     (b'{"\\ud800": 1}', "surrogate"),
     (b"[" * 100_000 + b"]" * 100_000, f"deeper than {MAX_JSON_DEPTH}"),
+    (b"[" * 500 + b"]" * 500, f"deeper than {MAX_JSON_DEPTH}"),
     (b'{"a": ' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b"}", "nested"),
     (b"[1, 2]", "JSON object, got list"),
     (b'"text"', "JSON object, got str"),
@@ -202,3 +203,39 @@ def test_rebalance_fails_fast_without_a_cluster(capsys):
     assert cli.main(["rebalance", "--address", f"127.0.0.1:{free_port()}", "--connect-timeout", "5"]) == 1
     assert time.time() - t0 < 30
     assert "cannot reach the Ray cluster" in capsys.readouterr().err
+
+
+def test_serve_config_limits_and_keys():
+    from rayinfer.config import ConfigError, ServeConfig
+
+    c = ServeConfig.from_dict({"max_request_bytes": "1MiB", "api_keys": "s3cret"})
+    assert c.max_request_bytes == 2**20 and c.api_keys == ("s3cret",) and "s3cret" not in repr(c)
+    assert ServeConfig().max_request_bytes == 8 * 2**20 and ServeConfig().api_keys == ()
+    with pytest.raises(ConfigError, match="max_request_bytes"):
+        ServeConfig(max_request_bytes=10)
+    with pytest.raises(ConfigError, match="api_keys") as e:
+        ServeConfig(api_keys=(" padded-secret ",))
+    assert "padded-secret" not in str(e.value)
+
+
+def test_unexpected_errors_become_a_500_object_with_a_request_id(caplog):
+    from fastapi.testclient import TestClient
+
+    from rayinfer.actors.edge import app
+
+    async def boom():
+        raise KeyError("internal detail")
+
+    app.add_api_route("/_boom_for_test", boom)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as http:
+            r = http.get("/_boom_for_test")
+            err = r.json()["error"]
+            assert r.status_code == 500 and err["type"] == "server_error" and "internal detail" not in err["message"]
+            rid = err["message"].split("request id ")[1].split(")")[0]
+            assert rid in caplog.text and "KeyError" in caplog.text  # logged with its traceback
+            r = http.put("/_boom_for_test")
+            assert r.status_code == 405 and r.headers["allow"] == "GET" and "PUT" in r.json()["error"]["message"]
+            assert http.get("/nowhere").json()["error"]["type"] == "not_found_error"
+    finally:
+        app.router.routes[:] = [rt for rt in app.router.routes if getattr(rt, "path", "") != "/_boom_for_test"]
