@@ -239,3 +239,27 @@ def test_unexpected_errors_become_a_500_object_with_a_request_id(caplog):
             assert http.get("/nowhere").json()["error"]["type"] == "not_found_error"
     finally:
         app.router.routes[:] = [rt for rt in app.router.routes if getattr(rt, "path", "") != "/_boom_for_test"]
+
+
+def test_retry_after_on_429_and_503_only():
+    from rayinfer.actors.edge import error_response
+
+    assert error_response(APIError(503, "no healthy gang")).headers["retry-after"] == "5"
+    assert error_response(APIError(429, "queue full")).headers["retry-after"] == "1"
+    assert "retry-after" not in error_response(APIError(400, "bad")).headers
+
+
+def test_serving_a_public_address_without_a_key_warns(monkeypatch, capsys):
+    from rayinfer.actors import server
+    from rayinfer.config import ServeConfig
+
+    def stop_here(*a, **k):
+        raise RuntimeError("not starting in this test")
+
+    monkeypatch.setattr(server, "start", stop_here)
+    for host, keys, warned in (("0.0.0.0", (), True), ("0.0.0.0", ("k",), False), ("127.0.0.1", (), False),
+                               ("my-host", (), True)):
+        with pytest.raises(RuntimeError, match="not starting"):
+            server.serve_forever(ServeConfig(host=host, api_keys=keys))
+        err = capsys.readouterr().err
+        assert ("without an API key" in err) == warned, (host, keys, err)

@@ -22,7 +22,7 @@ TEN_MB = 10 * 2**20
 @pytest.fixture(scope="module")
 def server(ray_cluster):
     serve.shutdown()
-    config = ServeConfig(port=free_port(), max_queue=64, kv_cache_memory=2**20, api_keys=KEYS)
+    config = ServeConfig(port=free_port(), max_queue=64, kv_cache_memory=2**18, api_keys=KEYS)
     url, _ = start(config)
     yield url
     serve.delete(APP_NAME)
