@@ -1,7 +1,7 @@
 """The README's main job as a new user runs it: `rayinfer serve`, one chat completion, Ctrl-C.
 
 Run with the `rayinfer` command of a fresh environment installed without extras (see .ci/run):
-it starts the server on a free loopback port, waits for /health, sends one chat completion with
+it starts the server on a free loopback port, waits for its "serving" line, sends one chat completion with
 the standard library's HTTP client, sends SIGINT and expects a clean exit. Standard library only.
 """
 import json
@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,9 +36,18 @@ def main(rayinfer: str) -> int:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     t0 = time.time()
-    proc = subprocess.Popen([rayinfer, "serve", "--port", str(port)])
+    proc = subprocess.Popen([rayinfer, "serve", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    ready_line = threading.Event()
+
+    def watch() -> None:  # what the user waits for: the server says it serves (Ray is done deploying)
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            if line.startswith("rayinfer: serving"):
+                ready_line.set()
+
+    threading.Thread(target=watch, daemon=True).start()
     try:
-        while _get(base + "/health") != 200:
+        while not ready_line.is_set() or _get(base + "/health") != 200:
             if proc.poll() is not None:
                 print(f"smoke: rayinfer serve exited with {proc.returncode} before serving", file=sys.stderr)
                 return 1

@@ -48,6 +48,9 @@ def start(config: ServeConfig, address: str | None = None) -> tuple[str, bool]:
         details = _deployment_errors()
         stop(started)
         raise RuntimeError(f"the {APP_NAME!r} application failed to start:\n{details}" if details else str(e)) from e
+    except KeyboardInterrupt:  # Ctrl-C while deploying: take down what was started, as after start
+        stop(started)
+        raise
     return f"http://{config.host}:{config.port}", started
 
 

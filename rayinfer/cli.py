@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, RuntimeError) as e:  # no cluster to reach; a deployment that failed to start
         print(f"rayinfer: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("rayinfer: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
