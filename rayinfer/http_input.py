@@ -18,7 +18,8 @@ from rayinfer.openai_errors import APIError
 MAX_JSON_DEPTH = 64  # deeper than any OpenAI request needs
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # Ray's "(pid=123, ip=...)" tags, actor/task ids and object reprs: noise to a client, sometimes internal detail.
-_NOISE = re.compile(r"\((?:pid|ip)=[^)]*\)|\b[0-9a-f]{24,}\b|<[\w.]+ object at 0x[0-9a-f]+>")
+_NOISE = re.compile(r"\((?:pid|ip)=[^)]*\)|(?:actor_id|Actor ID|task_id|worker_id)[=:]\s*[0-9a-f]+,?"
+                    r"|<[\w.]+ object at 0x[0-9a-f]+>")
 
 
 async def read_body(chunks, limit: int, content_length: str | None = None) -> bytes:
@@ -95,7 +96,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     while isinstance(getattr(cause, "cause", None), BaseException) and cause.cause is not cause:
         cause = cause.cause  # RayTaskError -> the exception the rank raised
     lines = [ln.strip() for ln in _ANSI.sub("", str(cause)).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(("ray::", "Traceback", "File ", "The actor", "Actor ID"))]
+    lines = [ln for ln in lines if not ln.startswith(("ray::", "Traceback", "File "))]
     line = _NOISE.sub("", lines[0]).strip() if lines else ""
     msg = f"{type(cause).__name__}: {line}" if line else type(cause).__name__
     return msg if len(msg) <= limit else msg[:limit - 3] + "..."

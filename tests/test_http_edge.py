@@ -97,11 +97,13 @@ def test_rank_errors_read_as_one_line():
 
     wrapped = RayTaskError(ValueError("request 'x' needs 5000 tokens of KV cache; this engine's cache holds 4096"))
     assert one_line(wrapped) == "ValueError: request 'x' needs 5000 tokens of KV cache; this engine's cache holds 4096"
-    died = RuntimeError("\x1b[31mThe actor died unexpectedly\x1b[0m\nActor ID: 9f3c1d2e4b5a69788796a5b4c3d2e1f0\n"
-                        "worker <ray._raylet.CoreWorker object at 0x7f00aa11bb22> exited (pid=77)")
+    died = RuntimeError("\x1b[31mThe actor died unexpectedly (pid=77, ip=127.0.0.1) Actor ID: 9f3c1d2e4b5a6978, "
+                        "worker <ray._raylet.CoreWorker object at 0x7f00aa11bb22> exited\nmore detail")
     line = one_line(died)
-    assert "\x1b" not in line and "\n" not in line and "0x7f00" not in line and "9f3c1d2e" not in line, line
-    assert line.startswith("RuntimeError: ") and "exited" in line
+    assert "\x1b" not in line and "0x7f00" not in line and "9f3c1d2e" not in line and "pid" not in line, line
+    assert line.startswith("RuntimeError: The actor died unexpectedly") and "exited" in line and "detail" not in line
+    rid = "chatcmpl-" + "ab" * 16  # the request's own id is what the client knows it by: kept
+    assert rid in one_line(ValueError(f"request {rid!r} needs 5000 tokens"))
     assert len(one_line(RuntimeError("y" * 5000))) <= 300
 
 
