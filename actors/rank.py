@@ -134,7 +134,7 @@ class RankReplica:
             handoff = KVHandoff([ref], latents.shape[1], time.time(), f"{self.gang_id}/{self.rank}", rng)
         return pack(merged), handoff
 
-    async def accept_kv(self, request_id: str, num_prompt_tokens: int, handoff: KVHandoff) -> str:
+    async def accept_kv(self, request_id: str, num_prompt_tokens: int, handoff: KVHandoff, cost=None) -> str:
         """First half of a disaggregated decode: takes the request's KV out of the object store into this
         rank; -> this replica's id, which routes the second half (`decode`) here."""
         self._expire_arrived()

@@ -140,10 +140,18 @@ def test_http_clients_leaving_at_any_point_leave_nothing(server):
         except TimeoutError:
             pass  # the client left: before its prefill, between prefill and decode, or mid-decode
 
+    async def stay(http, i):
+        r = await http.post("/v1/completions", json={"model": "tiny", "prompt": f"staying {i} " * 30, "max_tokens": 20,
+                                                      "temperature": 0, "ignore_eos": True})
+        return r.status_code, r.json()
+
     async def run():
         rng = random.Random(0)
-        async with httpx.AsyncClient(base_url=server, timeout=60) as http:
-            await asyncio.gather(*(leave_after(http, i, rng.uniform(0.0, 3.0)) for i in range(24)))
+        async with httpx.AsyncClient(base_url=server, timeout=120) as http:
+            return await asyncio.gather(*(leave_after(http, i, rng.uniform(0.0, 3.0)) for i in range(24)),
+                                        *(stay(http, i) for i in range(4)))
 
-    asyncio.run(run())
+    stayed = asyncio.run(run())[-4:]
+    # Clients that stay get their whole answer through the same prefill -> accept KV -> decode path.
+    assert all(code == 200 and body["usage"]["completion_tokens"] == 20 for code, body in stayed), stayed
     _all_clean(baseline, timeout_s=30 + KV_TIMEOUT_S + 5)
