@@ -66,8 +66,9 @@ def check_invariants(engine: Engine, runner: PageWritingRunner) -> None:
     assert all(not s.block_ids and s.num_computed_tokens == 0 for s in sched.waiting), "a waiting request holds pages"
     assert len(sched.running) <= MAX_SEQS
     for s in sched.running:  # every computed token sits in the sequence's own page
-        for pos in range(s.num_computed_tokens):
-            assert runner.pages[s.block_ids[pos // BS]][pos % BS] == s.token_ids[pos], (s, pos)
+        for i in range(0, s.num_computed_tokens, BS):
+            n = min(BS, s.num_computed_tokens - i)
+            assert runner.pages[s.block_ids[i // BS]][:n] == s.token_ids[i:i + n], (s, i)
 
 
 def random_prompt(rng: random.Random, prefixes: list[list[int]]) -> list[int]:
