@@ -203,15 +203,22 @@ class Ingress:
                 yield first
                 return
             first.finish_reason = None
+            # The KV goes to a decode rank in a call of its own, so the object store lets it go once that
+            # rank holds it (a stream would pin it to its end); the stream is then routed to the same rank.
+            # Sent before the first token is yielded: a client leaving there must not leave the KV held here.
+            call = self.decode.accept_kv.remote(req.request_id, len(ids), handoff, cost=cost)
+            del raw, handoff
             yield first
             req.output_token_ids, req.emitted_chars = list(first.token_ids), len(first.text)
             req.num_cached_tokens = first.num_cached_tokens
-            call = self.decode.options(stream=True).decode.remote(pack(req), handoff, cost=cost)
+            replica = await call
+            call = self.decode.options(stream=True).decode.remote(pack(req), cost=dict(cost, replica=replica))
             async for raw in call:
                 yield unpack(raw, Delta)
         except (asyncio.CancelledError, GeneratorExit):
             if call is not None:  # the client left: the rank aborts the request and frees its KV
                 call.cancel()
+                call = None  # a cancelled call's arguments may hold the KV reference; this frame may outlive it
             raise
         except APIError:
             raise

@@ -47,6 +47,12 @@ class RankRouter(RequestRouter):
         return [sorted(candidate_replicas, key=lambda r: (r.routing_stats or {}).get("num_requests", 0))]
 
 
+def _pin(pending_request: Optional[PendingRequest]) -> str | None:
+    """The replica a call must go to, when an earlier call of the same request chose it (a dead one: none)."""
+    raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
+    return raw.get("replica")
+
+
 def request_cost(pending_request: Optional[PendingRequest]) -> RequestCost:
     raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
     return RequestCost(prompt_tokens=int(raw.get("prompt_tokens", 1)), cached_tokens=int(raw.get("cached_tokens", 0)),
@@ -73,6 +79,9 @@ class _BalancingRouter(RequestRouter):
         if not candidate_replicas:
             return [[]]
         self._absorb_reports(candidate_replicas)
+        pinned = [r for r in candidate_replicas if r.replica_id.unique_id == _pin(pending_request)]
+        if pinned:  # the second call of a request whose first one chose the rank (it holds the request's KV)
+            return [pinned]
         cost = request_cost(pending_request)
         by_id = {r.replica_id.unique_id: r for r in sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)}
         now = time.time()
@@ -93,6 +102,8 @@ class _BalancingRouter(RequestRouter):
         return home if a.prefill_tokens <= b.prefill_tokens + AFFINITY_SLACK_TOKENS else best
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
+        if _pin(pending_request) is not None:
+            return  # counted when its first call was routed
         self.tracker.routed(replica_id.unique_id, request_cost(pending_request), time.time())
 
     def on_replica_actor_died(self, replica_id) -> None:

@@ -14,7 +14,7 @@ from rayinfer.config import EngineConfig
 from rayinfer.engine.block_manager import BlockManager
 from rayinfer.engine.detokenizer import IncrementalDetokenizer
 from rayinfer.engine.scheduler import Scheduler, SchedulerOutput
-from rayinfer.engine.sequence import Sequence, SeqStatus
+from rayinfer.engine.sequence import PendingKV, Sequence, SeqStatus
 from rayinfer.messages import Delta, EngineRequest
 from rayinfer.tokenizer import Tokenizer, load_tokenizer
 
@@ -42,8 +42,8 @@ class Engine:
 
     def add_request(self, req: EngineRequest, kv=None) -> None:
         """Queues a request. `kv` ([layers, len(prompt), D] latents handed off by a prefill rank)
-        lets it start decoding at once; without it, or if it does not fit now, the prompt is
-        computed here (re-prefill), which gives the same tokens."""
+        lets it decode without computing the prompt; without it (or after a preemption) the prompt
+        is computed here (re-prefill), which gives the same tokens."""
         if req.request_id in self.seqs:
             raise ValueError(f"request id {req.request_id!r} is already running")
         if not req.prompt_token_ids:
@@ -62,15 +62,10 @@ class Engine:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.params.stop)
         if req.output_token_ids:
             self._resume(seq, req)
+        if kv is not None and kv.shape[1] == seq.num_prompt_tokens and seq.num_output_tokens:
+            seq.pending_kv = PendingKV(kv.shape[1], kv)  # the scheduler imports it when it admits the request
         self.scheduler.add(seq)
         self.seqs[req.request_id] = seq
-        if kv is not None and kv.shape[1] == seq.num_prompt_tokens and seq.num_output_tokens:
-            if self.block_manager.can_append(seq, kv.shape[1]):
-                self.block_manager.append(seq, kv.shape[1])
-                self.runner.import_kv(seq, kv)
-                seq.num_computed_tokens = kv.shape[1]
-                self.block_manager.commit(seq)
-                self.counters["kv_imported_tokens"] += kv.shape[1]
 
     def _resume(self, seq: Sequence, req: EngineRequest) -> None:
         """Continues a request another rank started: its outputs, streamed text and RNG carry over."""
@@ -88,6 +83,7 @@ class Engine:
             seq.generator.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
 
     def abort(self, request_id: str) -> Delta | None:
+        self.exports.pop(request_id, None)  # a handoff no one will collect
         seq = self.seqs.get(request_id)
         if seq is None:
             return None
@@ -101,8 +97,15 @@ class Engine:
 
     def step(self) -> list[Delta]:
         sched = self.scheduler.schedule()
+        self._import(sched)
         sampled = self.runner.execute(sched)
         return self.postprocess(sched, sampled)
+
+    def _import(self, sched: SchedulerOutput) -> None:
+        """Writes the KV of requests admitted with it into the pages the scheduler just gave them."""
+        for seq, kv in sched.imports:
+            self.runner.import_kv(seq, kv.payload)
+            self.counters["kv_imported_tokens"] += kv.num_tokens
 
     def postprocess(self, sched: SchedulerOutput, sampled: dict) -> list[Delta]:
         self.counters["steps"] += 1

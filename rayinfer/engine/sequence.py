@@ -4,11 +4,15 @@
 leading tokens whose latents are in the KV cache. Each step computes the next chunk of
 `token_ids[num_computed_tokens:]`; when a chunk reaches the end, a new token is sampled. This one
 view covers prefill, chunked prefill, decode and recomputation after preemption.
+
+A sequence may arrive with KV computed elsewhere (`pending_kv`): latents for its first tokens
+that the scheduler has written into pages when, and only when, it admits the sequence.
 """
 from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
 
 from rayinfer.messages import SamplingParams
 
@@ -17,6 +21,17 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class PendingKV:
+    """Latents for a sequence's first `num_tokens` tokens, to write into its pages at admission.
+
+    `payload` is what the runner's `import_kv` takes ([layers, num_tokens, D]): a prefill rank's
+    handoff, or pages a lower KV tier (the disk) has read for the prompt's prefix."""
+
+    num_tokens: int
+    payload: object
 
 
 class Sequence:
@@ -37,6 +52,7 @@ class Sequence:
         self.first_admitted = False
         self.generator = None  # per-request RNG when params.seed is set (owned by the sampler)
         self.detokenizer = None
+        self.pending_kv: PendingKV | None = None  # imported when admitted; dropped if preempted or aborted
 
     @property
     def num_tokens(self) -> int:
