@@ -22,6 +22,15 @@ _COUNTERS = {  # engine counter -> metric name
     "kv_exported_tokens": "rayinfer_rank_kv_exported_tokens_total",
     "num_preemptions": "rayinfer_rank_preemptions_total",
     "eplb_rebalances": "rayinfer_rank_eplb_rebalances_total",
+    "disk_hit_tokens": "rayinfer_rank_disk_cache_hit_tokens_total",
+    "disk_miss_tokens": "rayinfer_rank_disk_cache_miss_tokens_total",
+    "disk_bytes_read": "rayinfer_rank_disk_cache_read_bytes_total",
+    "disk_bytes_written": "rayinfer_rank_disk_cache_written_bytes_total",
+    "disk_read_seconds": "rayinfer_rank_disk_cache_read_seconds_total",  # latency: divide by the pages read
+    "disk_pages_read": "rayinfer_rank_disk_cache_pages_read_total",
+    "disk_evictions": "rayinfer_rank_disk_cache_evictions_total",
+    "disk_corrupt_pages": "rayinfer_rank_disk_cache_corrupt_pages_total",
+    "disk_writes_dropped": "rayinfer_rank_disk_cache_writes_dropped_total",
 }
 _GAUGES = {"kv_usage": "rayinfer_rank_kv_usage", "num_running": "rayinfer_rank_running_requests",
            "num_waiting": "rayinfer_rank_waiting_requests", "kv_blocks_used": "rayinfer_rank_kv_blocks_used",

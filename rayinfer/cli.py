@@ -27,7 +27,8 @@ def _serve(args) -> int:
     from rayinfer.config import ServeConfig
 
     overrides = dict(model=args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
-                     served_model_name=args.served_model_name)
+                     served_model_name=args.served_model_name, disk_cache_dir=args.disk_cache_dir,
+                     disk_cache_bytes=args.disk_cache_bytes)
     if args.colocated:
         overrides["disaggregated"] = False
     cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 [float32]")
     s.add_argument("--device", default=None, help="cpu | cuda [cpu]")
     s.add_argument("--served-model-name", default=None, help="model id clients send [the model's name]")
+    s.add_argument("--disk-cache-dir", default=None,
+                   help="keep prompt KV pages in this directory (shared by all ranks; survives restarts)")
+    s.add_argument("--disk-cache-bytes", default=None, help="the disk cache's budget, e.g. 200GiB [64GiB]")
     g = sub.add_parser("generate", help="generate a completion for one prompt, offline")
     g.add_argument("--model", default="tiny", help="preset name (tiny, small) or checkpoint directory")
     g.add_argument("--prompt", default="Hello, rayinfer!")

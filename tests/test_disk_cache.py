@@ -186,3 +186,22 @@ def test_engine_options_for_the_disk_tier_are_validated():
         EngineConfig.from_options("tiny", disk_cache_dir="/tmp/kv", disk_cache_bytes=-5)
     with pytest.raises(ConfigError, match="enable_prefix_caching"):
         EngineConfig.from_options("tiny", disk_cache_dir="/tmp/kv", enable_prefix_caching=False)
+
+
+def test_serve_config_and_cli_carry_the_disk_tier_to_every_role(tmp_path, capsys):
+    from rayinfer.cli import main
+    from rayinfer.config import ServeConfig
+
+    cfg = ServeConfig.from_dict({"disk_cache_dir": str(tmp_path), "disk_cache_bytes": "3GiB"})
+    for role in ("prefill", "decode"):
+        c = cfg.engine_config(role).cache
+        assert (c.disk_cache_dir, c.disk_cache_bytes) == (str(tmp_path), 3 * 2**30)
+    with pytest.raises(ConfigError, match="disk_cache_bytes.*'lots'"):
+        ServeConfig.from_dict({}, disk_cache_dir=str(tmp_path), disk_cache_bytes="lots")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # refused before any Ray or Serve process starts
+    from rayinfer.actors.cluster import free_port
+
+    argv = ["serve", "--port", str(free_port()), "--disk-cache-dir", str(blocker / "kv"), "--disk-cache-bytes", "1GiB"]
+    assert main(argv) == 2
+    assert f"disk_cache_dir '{blocker / 'kv'}' is not a writable directory" in capsys.readouterr().err

@@ -44,7 +44,7 @@ class DiskCache:
         self.dir, self.max_bytes, self.page_tokens = os.path.abspath(directory), max_bytes, page_tokens
         self.fp = _digest(fingerprint.encode())
         self._prefix = self.fp.hex()[:16] + "-"
-        _check_writable(self.dir)
+        check_writable(self.dir)
         self.counters = dict(hit_tokens=0, miss_tokens=0, bytes_read=0, bytes_written=0, pages_read=0,
                              pages_written=0, read_seconds=0.0, evictions=0, corrupt_pages=0, writes_dropped=0,
                              write_errors=0)
@@ -234,7 +234,7 @@ def _unlink(path: str) -> bool:
         return False
 
 
-def _check_writable(directory: str) -> None:
+def check_writable(directory: str) -> None:
     try:
         os.makedirs(directory, exist_ok=True)
         probe = os.path.join(directory, f".probe-{uuid.uuid4().hex}")
