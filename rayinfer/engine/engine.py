@@ -202,7 +202,7 @@ class Engine:
                     prefix_hit_rate=bm.hits / bm.queries if bm.queries else 0.0, taken_at=time.time(),
                     **(self.disk.stats() if self.disk is not None else {}))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         """Lets queued disk-tier writes land (the engine object stays usable)."""
         if self.disk is not None:
-            self.disk.cache.flush()
+            self.disk.cache.flush(timeout)
