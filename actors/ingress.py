@@ -10,8 +10,6 @@ client that goes away has its requests aborted on the ranks.
 
 import asyncio
 import json
-import zlib
-from array import array
 import time
 import uuid
 
@@ -21,8 +19,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from rayinfer.actors.cluster import bind_replica_grpc_to_loopback
 from rayinfer.actors.metrics import IngressMetrics, scrape_cluster
+from rayinfer.balance.prefix_index import page_keys
 from rayinfer.config import ModelConfig, ServeConfig
-from rayinfer.kernels.mla import PAGE_SIZE
 from rayinfer.messages import Delta, EngineRequest, pack, unpack
 from rayinfer.openai_protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
@@ -176,8 +174,7 @@ class Ingress:
         """Deltas of one choice: prefill rank, then decode rank with the KV handoff (or one mixed rank)."""
         _own_request_identity()
         ids = req.prompt_token_ids
-        cost = {"prompt_tokens": len(ids), "max_tokens": req.params.max_tokens,
-                "prefix": zlib.crc32(array("q", ids[:PAGE_SIZE]).tobytes()) if len(ids) > PAGE_SIZE else None}
+        cost = {"prompt_tokens": len(ids), "max_tokens": req.params.max_tokens, "pages": page_keys(ids)}
         call = None  # the rank call in flight: cancelled explicitly, as our fresh request id hides it from Serve
         try:
             if self.mixed is not None:

@@ -110,10 +110,12 @@ class LoadTracker:
     def loads(self, rank_ids: list[str], now: float) -> list[RankLoad]:
         return [self.effective(r, now) for r in rank_ids]
 
-    def pick(self, rank_ids: list[str], cost: RequestCost, now: float) -> str:
+    def pick(self, rank_ids: list[str], cost: RequestCost, now: float, device_hits: list[int] | None = None,
+             disk_hit: int = 0) -> str:
         """The rank the kind's policy picks on effective loads. Does not record the route:
         call `routed` once the request is actually sent (Serve may retry elsewhere)."""
         if not rank_ids:
             raise ValueError("no ranks to pick from (rank_ids is empty)")
-        policy = pick_prefill_rank if self.kind == "prefill" else pick_decode_rank
-        return rank_ids[policy(self.loads(rank_ids, now), cost)]
+        if self.kind == "prefill":
+            return rank_ids[pick_prefill_rank(self.loads(rank_ids, now), cost, device_hits, disk_hit)]
+        return rank_ids[pick_decode_rank(self.loads(rank_ids, now), cost)]
