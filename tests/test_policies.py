@@ -282,6 +282,19 @@ def test_prefill_prefers_the_rank_holding_the_longest_prefix_unless_it_is_much_b
     assert pick_prefill_rank(loads, cost, device_hits=[1920, 0, 0], disk_hit=0) == 0
 
 
+def test_a_rank_holding_the_prefix_keeps_it_within_a_slack_smaller_when_the_disk_has_it():
+    from rayinfer.balance.policies import AFFINITY_SLACK_TOKENS, DISK_LOAD_COST, prefer_prefix_holder
+
+    loads = [RankLoad(prefill_tokens=1500), RankLoad()]
+    assert prefer_prefix_holder(loads, 1, [1920, 0]) == 0  # 1,500 queued < one chunk: the certain hit wins
+    assert prefer_prefix_holder(loads, 1, [1920, 0], disk_hit=1920) == 1  # rank 1 loads it for a tenth
+    assert prefer_prefix_holder(loads, 1, [0, 0]) == 1 and prefer_prefix_holder(loads, 1, [640, 640]) == 1
+    loads[0] = RankLoad(prefill_tokens=AFFINITY_SLACK_TOKENS + 1)
+    assert prefer_prefix_holder(loads, 1, [1920, 0]) == 1
+    loads[0] = RankLoad(prefill_tokens=int(AFFINITY_SLACK_TOKENS * DISK_LOAD_COST))
+    assert prefer_prefix_holder(loads, 1, [1920, 0], disk_hit=1920) == 0
+
+
 def test_prefix_index_remembers_where_pages_went_and_forgets_the_oldest():
     from rayinfer.balance.prefix_index import PrefixIndex, page_keys
 

@@ -17,8 +17,11 @@ from dataclasses import dataclass, replace
 # What loading a prompt token's latents from the disk tier costs a prefill rank, as a fraction of
 # computing it: reading ~36 KB per token per 61 layers at a few GB/s against a forward pass of all layers.
 DISK_LOAD_COST = 0.1
+# A rank holding a longer prefix on its device keeps the request while its queued prompt work is within
+# this of the policy's pick (one prefill chunk): router load views lag, and the hit is certain.
+AFFINITY_SLACK_TOKENS = 2048
 
-__all__ = ["RankLoad", "RequestCost", "pick_prefill_rank", "pick_decode_rank", "round_robin",
+__all__ = ["RankLoad", "RequestCost", "pick_prefill_rank", "prefer_prefix_holder", "pick_decode_rank", "round_robin",
            "power_of_two", "LoadTracker"]
 
 
@@ -110,6 +113,18 @@ def pick_prefill_rank(loads: list[RankLoad], cost: RequestCost, device_hits: lis
         if best_key is None or key < best_key:
             best, best_key = i, key
     return best
+
+
+def prefer_prefix_holder(loads: list[RankLoad], best: int, device_hits: list[int], disk_hit: int = 0) -> int:
+    """The rank holding the longest prefix on its device instead of the policy's pick `best`, when its
+    queued prompt work is within a slack of `best`'s. The slack is `AFFINITY_SLACK_TOKENS` when `best`
+    would compute that prefix, and `DISK_LOAD_COST` of it when `best` can load it from the disk tier."""
+    _check(loads)
+    home = max(range(len(loads)), key=lambda i: (device_hits[i], -i))
+    if device_hits[home] <= device_hits[best]:
+        return best
+    slack = AFFINITY_SLACK_TOKENS * (DISK_LOAD_COST if disk_hit >= device_hits[home] else 1.0)
+    return home if loads[home].prefill_tokens <= loads[best].prefill_tokens + slack else best
 
 
 def _decode_tier(load: RankLoad, cost: RequestCost) -> int:

@@ -10,7 +10,8 @@ keeps the loads moving between reports. Plain Python; the Serve request routers 
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from rayinfer.balance.policies import RankLoad, RequestCost, pick_decode_rank, pick_prefill_rank
+from rayinfer.balance.policies import (RankLoad, RequestCost, pick_decode_rank, pick_prefill_rank,
+                                      prefer_prefix_holder)
 
 KINDS = ("prefill", "decode")
 
@@ -117,5 +118,7 @@ class LoadTracker:
         if not rank_ids:
             raise ValueError("no ranks to pick from (rank_ids is empty)")
         if self.kind == "prefill":
-            return rank_ids[pick_prefill_rank(self.loads(rank_ids, now), cost, device_hits, disk_hit)]
+            loads = self.loads(rank_ids, now)
+            best = pick_prefill_rank(loads, cost, device_hits, disk_hit)
+            return rank_ids[prefer_prefix_holder(loads, best, device_hits, disk_hit) if device_hits else best]
         return rank_ids[pick_decode_rank(self.loads(rank_ids, now), cost)]

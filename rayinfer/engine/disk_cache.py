@@ -50,6 +50,8 @@ class DiskCache:
                              write_errors=0)
         self._lock = threading.Lock()  # guards counters and the size estimate
         self._used = self._scan_used()
+        self._lru: list[tuple[float, int, str]] = []  # newest first: eviction pops the oldest off the end
+        self._lru_at = 0.0
         self._writes: queue.Queue = queue.Queue(max_pending_writes)
         self._writer = threading.Thread(target=self._write_loop, name="disk-kv-writer", daemon=True)
         self._writer.start()
@@ -197,20 +199,19 @@ class DiskCache:
         """Evicts least recently used pages until `incoming` bytes fit the budget.
 
         Other processes write to the same directory, so the local estimate only decides when to look;
-        the directory itself decides what goes."""
+        the directory itself decides what goes. One scan, oldest first, serves the evictions of the
+        next few seconds, so a full tier does not list the directory for every page written."""
         if self._used + incoming <= self.max_bytes:
             return
-        files = sorted(self._files())
-        used = sum(size for _, size, _ in files)
+        if not self._lru or time.monotonic() - self._lru_at > 5.0:
+            self._lru, self._lru_at = sorted(self._files(), reverse=True), time.monotonic()
+            self._used = sum(size for _, size, _ in self._lru)
         evicted = 0
-        for _, size, path in files:
-            if used + incoming <= self.max_bytes:
-                break
-            if _unlink(path):
-                evicted += 1
-            used -= size
+        while self._lru and self._used + incoming > self.max_bytes:
+            _, size, path = self._lru.pop()
+            evicted += _unlink(path)
+            self._used -= size
         with self._lock:
-            self._used = used
             self.counters["evictions"] += evicted
 
     def stats(self) -> dict:
