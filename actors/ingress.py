@@ -11,8 +11,6 @@ client that goes away has its requests aborted on the ranks.
 """
 
 import asyncio
-import zlib
-from array import array
 import time
 import uuid
 from dataclasses import replace
@@ -25,8 +23,8 @@ from rayinfer.actors.cluster import bind_replica_grpc_to_loopback
 from rayinfer.actors.choice import choice_seed, empty_choice, fold, own_request_identity
 from rayinfer.actors.edge import app, error_response
 from rayinfer.actors.metrics import IngressMetrics
+from rayinfer.balance.prefix_index import page_keys
 from rayinfer.config import ModelConfig, ServeConfig
-from rayinfer.kernels.mla import PAGE_SIZE
 from rayinfer.messages import Delta, EngineRequest, pack, unpack
 from rayinfer.openai_protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
@@ -187,8 +185,7 @@ class Ingress:
         """Deltas of one choice: prefill rank, then decode rank with the KV handoff (or one mixed rank)."""
         own_request_identity()
         ids = req.prompt_token_ids
-        cost = {"prompt_tokens": len(ids), "max_tokens": req.params.max_tokens,
-                "prefix": zlib.crc32(array("q", ids[:PAGE_SIZE]).tobytes()) if len(ids) > PAGE_SIZE else None}
+        cost = {"prompt_tokens": len(ids), "max_tokens": req.params.max_tokens, "pages": page_keys(ids)}
         call = None  # the rank call in flight: cancelled explicitly, as our fresh request id hides it from Serve
         try:
             if self.mixed is not None:

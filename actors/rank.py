@@ -216,3 +216,4 @@ class RankReplica:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown()
+            self.engine.close(timeout=5.0)  # a graceful stop keeps the disk-tier pages still queued

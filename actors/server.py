@@ -36,6 +36,10 @@ def start(config: ServeConfig, address: str | None = None) -> tuple[str, bool]:
 
     if address is None:
         check_port_free(config.host, config.port)
+    if config.disk_cache_dir is not None:  # fail here, not in every rank's constructor
+        from rayinfer.engine.disk_cache import check_writable
+
+        check_writable(config.disk_cache_dir)
     from rayinfer.actors.deployments import build_app
 
     cpus = config.cpus_per_rank or 0.5

@@ -31,7 +31,8 @@ def _serve(args) -> int:
     keys = args.api_key or [k for k in os.environ.get("RAYINFER_API_KEY", "").split(",") if k.strip()]
     overrides = dict(model=args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                      served_model_name=args.served_model_name, api_keys=tuple(k.strip() for k in keys) or None,
-                     metrics_need_key=args.metrics_need_key or None)
+                     metrics_need_key=args.metrics_need_key or None, disk_cache_dir=args.disk_cache_dir,
+                     disk_cache_bytes=args.disk_cache_bytes)
     if args.colocated:
         overrides["disaggregated"] = False
     cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (repeat for several keys) "
                         "[$RAYINFER_API_KEY, comma-separated; none: open]")
     s.add_argument("--metrics-need-key", action="store_true", help="/metrics requires an API key too")
+    s.add_argument("--disk-cache-dir", default=None,
+                   help="keep prompt KV pages in this directory (shared by all ranks; survives restarts)")
+    s.add_argument("--disk-cache-bytes", default=None, help="the disk cache's budget, e.g. 200GiB [64GiB]")
     g = sub.add_parser("generate", help="generate a completion for one prompt, offline")
     g.add_argument("--model", default="tiny", help="preset name (tiny, small) or checkpoint directory")
     g.add_argument("--prompt", default="Hello, rayinfer!", help="the text to continue [Hello, rayinfer!]")

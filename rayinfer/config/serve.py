@@ -58,6 +58,8 @@ class ServeConfig:
     collective_timeout_s: float = 30.0
     cpus_per_rank: float | None = None  # default: 0.5 on CPU machines, 1 per GPU rank
     seed: int = 0
+    disk_cache_dir: str | None = None  # the on-disk KV tier, shared by every rank (all nodes must mount it)
+    disk_cache_bytes: int | None = None  # the tier's budget; default: the engine's
 
     def __post_init__(self):
         check_field(isinstance(self.port, int) and 0 < self.port < 65536, "port", self.port, "must be in 1..65535")
@@ -90,8 +92,8 @@ class ServeConfig:
             num_redundant_experts=r.num_redundant_experts, enable_overlap=r.enable_overlap,
             max_num_seqs=r.max_num_seqs, max_num_batched_tokens=r.max_num_batched_tokens,
             kv_cache_memory=r.kv_cache_memory or self.kv_cache_memory, scheduler_mode=role,
-            eplb_interval_s=r.eplb_interval_s,
-            collective_timeout_s=self.collective_timeout_s)
+            eplb_interval_s=r.eplb_interval_s, disk_cache_dir=self.disk_cache_dir,
+            disk_cache_bytes=self.disk_cache_bytes, collective_timeout_s=self.collective_timeout_s)
 
     @property
     def num_ranks(self) -> int:
@@ -105,10 +107,10 @@ class ServeConfig:
         for role in ROLES:
             if role in kw:
                 kw[role] = _role(role, kw[role])
-        for name in ("kv_cache_memory", "max_request_bytes"):
-            if name in kw:
-                kw[name] = parse_bytes(kw[name], name)
         kw.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("kv_cache_memory", "max_request_bytes", "disk_cache_bytes"):
+            if kw.get(key) is not None:
+                kw[key] = parse_bytes(kw[key], key)
         return ServeConfig(**kw)
 
     @staticmethod

@@ -60,12 +60,16 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        self.check(seq)
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """Rejects a request that could never fit this engine's cache."""
         capacity = self.bm.num_blocks * self.bm.block_size
-        need = seq.num_tokens + seq.params.max_tokens
+        need = seq.num_prompt_tokens + seq.params.max_tokens  # output tokens already there count in max_tokens
         if need > capacity:
             raise ValueError(f"request {seq.request_id!r} needs {need} tokens of KV cache (prompt + max_tokens); "
                              f"this engine's cache holds {capacity}")
-        self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
