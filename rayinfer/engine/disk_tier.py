@@ -8,9 +8,10 @@ and payload bytes to and from `DiskCache`, block ids and payloads to and from th
 
 A load is "pages to import before running", the same shape as a request that arrives with KV: the
 request waits outside the scheduler's queue while the reader thread works, and when the pages are
-back they are put into freshly allocated device pages, committed to the prefix cache, and the
-request enters the scheduler with those tokens already computed. Anything that goes wrong (a
-page evicted meanwhile, no room on the device, a bad file) only shortens the prefix reused.
+back it enters the queue carrying them (`Sequence.pending_kv`); the scheduler puts them into pages
+it allocates when it admits the request, after the prefix the device cache still holds. Anything
+that goes wrong (a page evicted meanwhile, no room on the device, a bad file) only shortens the
+prefix reused.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from rayinfer.engine.block_manager import BlockManager, prefix_hashes
 from rayinfer.engine.disk_cache import DiskCache
-from rayinfer.engine.sequence import Sequence
+from rayinfer.engine.sequence import PendingKV, Sequence
 
 
 class DiskTier:
@@ -51,18 +52,9 @@ class DiskTier:
         return out
 
     def _install(self, seq: Sequence, first: int, payloads: list[bytes]) -> None:
-        bs = self.bm.block_size
-        hit = self.bm.match_prefix(seq) // bs  # the device prefix may have changed while loading
-        pages = payloads[hit - first:] if hit >= first else []
-        n = len(pages) * bs
-        if pages and self.bm.can_append(seq, n):
-            self.bm.append(seq, n)
-            self.runner.write_pages(seq.block_ids[hit:hit + len(pages)], pages)
-            seq.num_computed_tokens += n
-            self.bm.commit(seq)
-        if not seq.first_admitted:  # the scheduler will not match again: this is the request's hit
-            seq.num_cached_tokens = seq.num_computed_tokens
-        self.on_disk[seq.request_id] = len(seq.block_hashes)
+        """Hands the loaded pages to the scheduler, which writes them when it admits `seq`."""
+        if payloads:
+            seq.pending_kv = PendingKV(len(payloads) * self.bm.block_size, payloads, first_page=first)
 
     def written(self, seq: Sequence) -> None:
         """Queues the full pages `seq` has newly computed; pages it reused are on disk already."""

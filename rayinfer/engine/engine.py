@@ -120,6 +120,9 @@ class Engine:
     def _import(self, sched: SchedulerOutput) -> None:
         """Writes the KV of requests admitted with it into the pages the scheduler just gave them."""
         for seq, kv in sched.imports:
+            if kv.first_page is not None:  # prefix pages the disk tier read
+                self.runner.write_pages(seq.block_ids[kv.first_page:kv.first_page + len(kv.payload)], kv.payload)
+                continue
             self.runner.import_kv(seq, kv.payload)
             self.counters["kv_imported_tokens"] += kv.num_tokens
             if self.disk is not None:  # the prefill rank wrote the prompt's pages already

@@ -120,7 +120,7 @@ class Scheduler:
         -> the tokens of that chunk, or 0 with no pages held when they do not fit now."""
         assert not seq.block_ids, f"waiting {seq} holds pages"
         kv = seq.pending_kv
-        if kv is not None:
+        if kv is not None and kv.first_page is None:
             n = min(seq.num_tokens - kv.num_tokens, budget)
             assert n > 0 or budget == 0, f"{seq}: imported KV leaves nothing to compute"
             if self.bm.blocks_needed(kv.num_tokens + n) > self.bm.num_free_blocks:
@@ -130,13 +130,29 @@ class Scheduler:
             out.imports.append((seq, kv))
             return n
         hit = self.bm.match_prefix(seq)
+        pages = self._loaded_pages(seq, hit)
         if not seq.first_admitted:  # what the user is told was cached: the first admission's hit
-            seq.num_cached_tokens = hit
-        n = min(seq.num_pending_tokens, budget)
-        if not self.bm.can_append(seq, n):
+            seq.num_cached_tokens = hit + len(pages) * self.bm.block_size
+        n = min(seq.num_pending_tokens - len(pages) * self.bm.block_size, budget)
+        if not self.bm.can_append(seq, len(pages) * self.bm.block_size + n):
             self.bm.release(seq)
             return 0
+        if pages:
+            ntok = len(pages) * self.bm.block_size
+            self.bm.append(seq, ntok)
+            seq.num_computed_tokens += ntok
+            out.imports.append((seq, PendingKV(ntok, pages, first_page=hit // self.bm.block_size)))
+        seq.pending_kv = None
         return n
+
+    def _loaded_pages(self, seq: Sequence, hit: int) -> list:
+        """The pages a lower tier loaded for `seq` that continue the `hit` tokens the device cache
+        still holds (none when that prefix shrank below where they start: they are recomputed)."""
+        kv = seq.pending_kv
+        if kv is None:
+            return []
+        skip = hit // self.bm.block_size - kv.first_page
+        return kv.payload[skip:] if skip >= 0 else []
 
     def _run(self, seq: Sequence, n: int, out: SchedulerOutput) -> int:
         self.bm.append(seq, n)

@@ -25,13 +25,16 @@ class SeqStatus(enum.Enum):
 
 @dataclass
 class PendingKV:
-    """Latents for a sequence's first `num_tokens` tokens, to write into its pages at admission.
+    """KV computed elsewhere, to write into a sequence's pages when the scheduler admits it.
 
-    `payload` is what the runner's `import_kv` takes ([layers, num_tokens, D]): a prefill rank's
-    handoff, or pages a lower KV tier (the disk) has read for the prompt's prefix."""
+    A prefill rank's handoff: latents for the first `num_tokens` tokens, `payload` [layers,
+    num_tokens, D] as the runner's `import_kv` takes it (`first_page` None). Or prefix pages a
+    lower KV tier (the disk) has read: `payload` a list of page payloads for the full pages from
+    `first_page` on, which extend whatever prefix the device cache still holds at admission."""
 
     num_tokens: int
     payload: object
+    first_page: int | None = None
 
 
 class Sequence:
