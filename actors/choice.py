@@ -1,12 +1,16 @@
 """One choice of a request at the ingress: its seed, its state before any delta, and deltas folded into it.
 
-Owns what the ingress keeps per choice (a `ChoiceResult`) and how it derives that choice's own
-identity: the sampling seed, and the Serve request id its rank calls travel under. Crossing it:
-`Delta`s from the ranks in, `ChoiceResult`s out.
+Owns what the ingress keeps per choice (a `ChoiceResult`, and the choice's progress in its
+`EngineRequest`: the tokens and text the client already has, from which another rank resumes it) and
+how it derives that choice's own identity: the sampling seed (drawn here for a sampled request that
+brought none, so that a resumed choice samples what the first rank would have), and the Serve request
+id its rank calls travel under. Crossing it: `Delta`s from the ranks in, `ChoiceResult`s out.
 """
 import hashlib
+import secrets
+from dataclasses import replace
 
-from rayinfer.messages import Delta
+from rayinfer.messages import Delta, EngineRequest, SamplingParams
 from rayinfer.openai_protocol import ChoiceResult
 
 
@@ -17,6 +21,21 @@ def choice_seed(seed: int, choice: int) -> int:
         return seed
     digest = hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def own_seed(params: SamplingParams, choice: int) -> SamplingParams:
+    """The params a choice runs with: its own seed (`choice_seed`), or a fresh one when a sampled request
+    brought none. Greedy requests need none: their resume is exact without."""
+    if params.seed is not None:
+        return replace(params, seed=choice_seed(params.seed, choice)) if choice else params
+    return params if params.greedy else replace(params, seed=secrets.randbits(63))
+
+
+def advance(req: EngineRequest, d: Delta) -> None:
+    """Folds a delta the client is about to get into the choice's progress: a resume starts from here."""
+    req.output_token_ids += d.token_ids
+    req.emitted_chars += len(d.text)
+    req.num_cached_tokens = d.num_cached_tokens
 
 
 def empty_choice(spec, index: int) -> ChoiceResult:

@@ -6,7 +6,7 @@ Owns the request's life at the edge: check the API key, read the body within its
 out into its choices, send each to
 a prefill rank and then, with the KV handoff, to a decode rank (or to one mixed rank when
 colocated), merge the choices' deltas into SSE chunks or one response, and count usage and
-latency. It never carries KV bytes (it forwards a reference), never blocks its event loop, and a
+latency. A choice whose rank fails goes on elsewhere (actors/resume.py). It never carries KV bytes (it forwards a reference), never blocks its event loop, and a
 client that goes away has its requests aborted on the ranks.
 """
 
@@ -20,12 +20,12 @@ from ray import serve
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from rayinfer.actors.cluster import bind_replica_grpc_to_loopback
-from rayinfer.actors.choice import choice_seed, empty_choice, fold, own_request_identity
+from rayinfer.actors.choice import empty_choice, fold, own_request_identity, own_seed
 from rayinfer.actors.edge import app, error_response
 from rayinfer.actors.metrics import IngressMetrics
-from rayinfer.balance.prefix_index import page_keys
 from rayinfer.config import ModelConfig, ServeConfig
-from rayinfer.messages import Delta, EngineRequest, pack, unpack
+from rayinfer.actors.resume import ChoiceRunner
+from rayinfer.messages import Delta, EngineRequest
 from rayinfer.openai_protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
                                       models_response, parse_chat_request, parse_completion_request, sse,
@@ -53,6 +53,7 @@ class Ingress:
         self.info = ModelInfo(config.model_name, model.max_position_embeddings, model.vocab_size,
                               tok, int(time.time()), max_token_chars=longest)
         self.prefill, self.decode, self.mixed = prefill, decode, mixed
+        self.runner = ChoiceRunner(prefill, decode, mixed, config.resume_deadline_s)
         self.max_queue, self.max_request_bytes = config.max_queue, config.max_request_bytes
         self.api_keys, self.metrics_need_key = config.api_keys, config.metrics_need_key
         self.inflight = 0
@@ -176,53 +177,14 @@ class Ingress:
 
     def _request(self, spec, rid: str, index: int) -> EngineRequest:
         text, ids = spec.prompts[index // spec.n]
-        params = spec.params
-        if params.seed is not None and index % spec.n:  # n samples of one seed must differ, reproducibly
-            params = replace(params, seed=choice_seed(params.seed, index % spec.n))
-        return EngineRequest(f"{rid}-{index}", ids, params, time.time())
+        # n samples of one seed differ, reproducibly; an unseeded sampled choice gets a seed, so a resume is exact
+        return EngineRequest(f"{rid}-{index}", ids, own_seed(spec.params, index % spec.n), time.time())
 
     async def _choice(self, req: EngineRequest):
-        """Deltas of one choice: prefill rank, then decode rank with the KV handoff (or one mixed rank)."""
+        """Deltas of one choice, to its end however many ranks fail on the way (actors/resume.py)."""
         own_request_identity()
-        ids = req.prompt_token_ids
-        cost = {"prompt_tokens": len(ids), "max_tokens": req.params.max_tokens, "pages": page_keys(ids)}
-        call = None  # the rank call in flight: cancelled explicitly, as our fresh request id hides it from Serve
-        try:
-            if self.mixed is not None:
-                call = self.mixed.options(stream=True).generate.remote(pack(req), cost=cost)
-                async for raw in call:
-                    yield unpack(raw, Delta)
-                return
-            call = self.prefill.prefill.remote(pack(req), cost=cost)
-            raw, handoff = await call
-            first = unpack(raw, Delta)
-            if first.finish_reason != "handoff":
-                yield first
-                return
-            first.finish_reason = None
-            # The KV goes to a decode rank in a call of its own, so the object store lets it go once that
-            # rank holds it (a stream would pin it to its end); the stream is then routed to the same rank.
-            # Sent before the first token is yielded: a client leaving there must not leave the KV held here.
-            call = self.decode.accept_kv.remote(req.request_id, len(ids), handoff, cost=cost)
-            del raw, handoff
-            yield first
-            req.output_token_ids, req.emitted_chars = list(first.token_ids), len(first.text)
-            req.num_cached_tokens = first.num_cached_tokens
-            replica = await call
-            call = self.decode.options(stream=True).decode.remote(pack(req), cost=dict(cost, replica=replica))
-            async for raw in call:
-                yield unpack(raw, Delta)
-        except (asyncio.CancelledError, GeneratorExit):
-            if call is not None:  # the client left: the rank aborts the request and frees its KV
-                call.cancel()
-                call = None  # a cancelled call's arguments may hold the KV reference; this frame may outlive it
-            raise
-        except APIError:
-            raise
-        except ValueError as e:  # the rank refused the request (admission): the client's to fix
-            raise APIError(400, f"the serving rank refused this request: {one_line(e)}") from e
-        except Exception as e:  # a rank failed: the client gets an error, not a hang
-            raise APIError(503, f"a serving rank failed while handling this request: {one_line(e)}") from e
+        async for d in self.runner.run(req):
+            yield d
 
     async def _deltas(self, spec, rid: str, index: int):
         """One choice's deltas with latency metrics recorded."""

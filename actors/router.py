@@ -8,7 +8,9 @@ load, which arrives up to a stats period late, plus what this router itself rout
 (rayinfer.balance.tracker). A request's cost travels as the `cost` keyword of the call; its
 `pages` (chained keys of the prompt's full pages) let the prefill LB count, per rank, the prefix
 that rank already holds (where this router sent those pages before) and, when the ranks have a
-disk tier, the prefix any rank can load from disk instead of computing.
+disk tier, the prefix any rank can load from disk instead of computing. The balancing routers skip the
+replicas of gangs the ingress saw fail (rayinfer.balance.health, shared with the ingress in its process);
+a call's `attempt` (in `cost`) tells that registry where each call went, so a failed call names its gang.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from rayinfer.balance.health import HEALTH
 from rayinfer.balance.policies import RankLoad, RequestCost
 from rayinfer.balance.prefix_index import PrefixIndex
 from rayinfer.balance.tracker import LoadTracker
@@ -48,21 +51,23 @@ class RankRouter(RequestRouter):
         return [sorted(candidate_replicas, key=lambda r: (r.routing_stats or {}).get("num_requests", 0))]
 
 
+def _cost(pending_request: Optional[PendingRequest]) -> dict:
+    return (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
+
+
 def _pin(pending_request: Optional[PendingRequest]) -> str | None:
     """The replica a call must go to, when an earlier call of the same request chose it (a dead one: none)."""
-    raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
-    return raw.get("replica")
+    return _cost(pending_request).get("replica")
 
 
 def request_cost(pending_request: Optional[PendingRequest]) -> RequestCost:
-    raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
+    raw = _cost(pending_request)
     return RequestCost(prompt_tokens=int(raw.get("prompt_tokens", 1)), cached_tokens=int(raw.get("cached_tokens", 0)),
                        max_tokens=int(raw.get("max_tokens", 0)))
 
 
 def _pages(pending_request: Optional[PendingRequest]) -> list[int]:
-    raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
-    return list(raw.get("pages") or ())
+    return list(_cost(pending_request).get("pages") or ())
 
 
 class _BalancingRouter(RequestRouter):
@@ -85,8 +90,9 @@ class _BalancingRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         _no_spin(pending_request)
+        candidate_replicas = self._healthy(candidate_replicas)
         if not candidate_replicas:
-            return [[]]
+            return [[]]  # every gang is down or restarting: the call waits, the ingress bounds how long
         self._absorb_reports(candidate_replicas)
         pinned = [r for r in candidate_replicas if r.replica_id.unique_id == _pin(pending_request)]
         if pinned:  # the second call of a request whose first one chose the rank (it holds the request's KV)
@@ -99,7 +105,19 @@ class _BalancingRouter(RequestRouter):
         best = self.tracker.pick(ids, cost, time.time(), device, disk)
         return [[by_id[best]], [r for i, r in by_id.items() if i != best]]
 
+    def _healthy(self, replicas: List[RunningReplica]) -> List[RunningReplica]:
+        """The replicas of gangs not seen failing; records who is listed (Serve's list, which lags deaths)."""
+        listed = {r.replica_id.unique_id for r in replicas}
+        for r in replicas:
+            HEALTH.saw(self.kind, r.replica_id.unique_id, r.replica_metadata.get("gang_id"))
+        if listed:  # an empty list is Serve between gangs: keep the failed ones marked meanwhile
+            for gone in [r for r, role in HEALTH.role_of.items() if role == self.kind and r not in listed]:
+                HEALTH.forget(gone)
+        now = time.time()
+        return [r for r in replicas if HEALTH.usable(r.replica_id.unique_id, now)]
+
     def on_request_routed(self, pending_request, replica_id, result) -> None:
+        HEALTH.routed(_cost(pending_request).get("attempt"), replica_id.unique_id)
         if _pin(pending_request) is not None:
             return  # counted when its first call was routed
         self.tracker.routed(replica_id.unique_id, request_cost(pending_request), time.time())
@@ -107,6 +125,7 @@ class _BalancingRouter(RequestRouter):
 
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
+        HEALTH.replica_died(replica_id.unique_id)
         self.tracker.forget(replica_id.unique_id)
         self.prefixes.forget(replica_id.unique_id)
 

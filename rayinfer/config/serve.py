@@ -55,6 +55,7 @@ class ServeConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # any one of them, as a bearer token; none: open
     metrics_need_key: bool = False  # /metrics asks for an API key too (/health never does)
     kv_transfer_timeout_s: float = 10.0
+    resume_deadline_s: float = 30.0  # after a rank fails, how long a request waits for a healthy gang before a 503
     collective_timeout_s: float = 30.0
     cpus_per_rank: float | None = None  # default: 0.5 on CPU machines, 1 per GPU rank
     seed: int = 0
@@ -72,6 +73,8 @@ class ServeConfig:
                     "each key must be a non-empty string without surrounding spaces")
         object.__setattr__(self, "api_keys", keys)
         check_field(self.kv_transfer_timeout_s > 0, "kv_transfer_timeout_s", self.kv_transfer_timeout_s, "must be > 0")
+        check_field(isinstance(self.resume_deadline_s, (int, float)) and self.resume_deadline_s > 0,
+                    "resume_deadline_s", self.resume_deadline_s, "must be a number of seconds > 0")
         self.engine_config(self.roles[0])  # validates model/dtype and the role's engine options
 
     @property

@@ -1,0 +1,149 @@
+"""One choice's way through the ranks, surviving their failures: the ingress's resume path.
+
+Owns the calls that serve one choice (prefill rank, then the KV handoff to a decode rank; or one
+mixed rank) and what happens when one fails. The choice's progress lives in its `EngineRequest`
+(tokens and text the client already has, `rayinfer.actors.choice.advance`); when a rank fails, the
+call's gang is taken out of routing at once (rayinfer.balance.health) and the choice continues on a
+healthy gang from that progress: a decode rank re-prefills prompt + emitted tokens and samples on,
+so the client's stream goes on without a gap, a repeat or an error. With no healthy gang of the
+role, the choice waits for one to be routed up to `deadline_s`, then ends in a 503 (Retry-After).
+
+Three outcomes of a call are told apart: a rank failure (the call errors, the actor dies, the
+stream ends without a finish reason or with `RESUME_REASONS`) resumes; a request error (the rank
+refused it: ValueError) is the client's, a 400; cancellation (the client left) aborts the call.
+A rank that must shed its requests (a drain) ends their streams with `finish_reason="migrate"`:
+`ChoiceRunner.run` continues each elsewhere, as after a failure, without blaming the gang.
+Crossing it: packed `EngineRequest`s out to the ranks, `Delta`s in, `APIError`s up.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+
+from rayinfer.actors.choice import advance
+from rayinfer.balance.health import HEALTH
+from rayinfer.balance.prefix_index import page_keys
+from rayinfer.http_input import one_line
+from rayinfer.messages import Delta, EngineRequest, pack, unpack
+from rayinfer.openai_protocol import APIError
+
+log = logging.getLogger("rayinfer.ingress")
+RESUME_REASONS = ("migrate", "abort")  # a rank gave the request back (drain, shutdown): continue elsewhere
+
+
+class RankFailed(Exception):
+    """A rank could not finish the call; `blame` says whether its gang should leave routing."""
+
+    def __init__(self, message: str, blame: bool = True):
+        super().__init__(message)
+        self.blame = blame
+
+
+class ChoiceRunner:
+    def __init__(self, prefill=None, decode=None, mixed=None, deadline_s: float = 30.0):
+        self.prefill, self.decode, self.mixed, self.deadline_s = prefill, decode, mixed, deadline_s
+        self.resumed = 0  # choices continued elsewhere after a rank failed or gave them back
+
+    async def run(self, req: EngineRequest):
+        """The choice's deltas to the end, across as many ranks as it takes."""
+        deadline, tries = None, 0
+        while True:
+            tries += 1
+            attempt = f"{req.request_id}#{tries}"
+            try:
+                async with aclosing(self._attempt(req, attempt, deadline)) as deltas:
+                    async for d in deltas:
+                        if d.finish_reason in RESUME_REASONS:
+                            raise RankFailed(f"the rank gave the request back ({d.finish_reason})", blame=False)
+                        advance(req, d)
+                        yield d
+                        if d.finish_reason:
+                            return
+                raise RankFailed("the rank's stream ended before the request finished")
+            except (asyncio.CancelledError, GeneratorExit, APIError):
+                raise
+            except ValueError as e:  # the rank refused the request (admission): the client's to fix
+                raise APIError(400, f"the serving rank refused this request: {one_line(e)}") from e
+            except Exception as e:  # noqa: BLE001 - any other failure is the rank's: resume
+                gang = HEALTH.failed(attempt) if not isinstance(e, RankFailed) or e.blame else None
+                self.resumed += 1
+                deadline = deadline or time.monotonic() + self.deadline_s
+                log.warning("resuming %s after %d tokens (gang %s failed: %s)", req.request_id,
+                            len(req.output_token_ids), gang, one_line(e)[:200])
+                await asyncio.sleep(0.01 * min(tries, 50))  # a failure that repeats at once does not spin
+            finally:
+                HEALTH.release(attempt)
+
+    async def _attempt(self, req: EngineRequest, attempt: str, deadline: float | None):
+        """One try: the calls from where the choice stands to its end (or to a failure)."""
+        ids = req.prompt_token_ids
+        cost = {"prompt_tokens": len(ids) + len(req.output_token_ids), "max_tokens": req.params.max_tokens,
+                "pages": page_keys(ids), "attempt": attempt}
+        call = None  # the rank call in flight: cancelled explicitly, as our fresh request id hides it from Serve
+        try:
+            if self.mixed is not None:
+                call = self.mixed.options(stream=True).generate.remote(pack(req), cost=cost)
+                async for raw in self._stream(call, attempt, deadline, "mixed"):
+                    yield unpack(raw, Delta)
+                return
+            # A fresh choice starts on a prefill rank; one with output (or whose prefill role is down) goes
+            # straight to a decode rank, which computes prompt + output as one prefill.
+            if not req.output_token_ids and HEALTH.available("prefill"):
+                call = self.prefill.prefill.remote(pack(req), cost=cost)
+                raw, handoff = await self._bounded(call, attempt, deadline, "prefill")
+                first = unpack(raw, Delta)
+                if first.finish_reason != "handoff":
+                    yield first
+                    return
+                first.finish_reason = None
+                # The KV goes to a decode rank in a call of its own, so the object store lets it go once that
+                # rank holds it (a stream would pin it to its end); the stream is then routed to the same rank.
+                # Sent before the first token is yielded: a client leaving there must not leave the KV held here.
+                call = self.decode.accept_kv.remote(req.request_id, len(ids), handoff, cost=cost)
+                del raw, handoff
+                yield first  # the caller folds it into req's progress before we go on
+                replica = await call
+                cost = dict(cost, replica=replica)
+            call = self.decode.options(stream=True).decode.remote(pack(req), cost=cost)
+            async for raw in self._stream(call, attempt, deadline, "decode"):
+                yield unpack(raw, Delta)
+        except (asyncio.CancelledError, GeneratorExit):
+            if call is not None:  # the client left (or the choice moves on): the rank aborts it and frees its KV
+                call.cancel()
+                call = None  # a cancelled call's arguments may hold the KV reference; this frame may outlive it
+            raise
+        except Exception:
+            if call is not None:
+                call.cancel()  # a failed stream's rank may still run the request: let it go
+                call = None
+            raise
+
+    async def _stream(self, call, attempt: str, deadline: float | None, role: str):
+        it = call.__aiter__()
+        first = True
+        while True:
+            try:
+                item = await (self._bounded(it.__anext__(), attempt, deadline, role) if first else it.__anext__())
+            except StopAsyncIteration:
+                return
+            first = False
+            yield item
+
+    async def _bounded(self, awaitable, attempt: str, deadline: float | None, role: str):
+        """Awaits a call's result (or first item); after a failure (`deadline` set), gives up with a 503
+        when no healthy gang of `role` took the call by then. A routed call is never cut short."""
+        if deadline is None:
+            return await awaitable
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while not task.done():
+                if time.monotonic() > deadline and not HEALTH.was_routed(attempt):
+                    raise APIError(503, f"no healthy {role} gang could take this request within "
+                                        f"{self.deadline_s:g}s of a rank failure; retry shortly")
+                await asyncio.wait({task}, timeout=0.05)
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()

@@ -1,0 +1,196 @@
+"""The ingress's resume path without Ray: fake rank handles whose calls fail on cue show that a choice goes on
+from the tokens the client already has (no gap, no repeat, one finish reason), that the failed gang leaves
+routing at once and comes back as new replicas, that a refused request is a 400 and not resumed, and that with
+no gang to take it a choice ends in a 503 after the deadline."""
+import asyncio
+
+import pytest
+
+from rayinfer.actors.choice import own_seed
+from rayinfer.actors.resume import ChoiceRunner
+from rayinfer.balance.health import HEALTH, GangHealth
+from rayinfer.messages import Delta, EngineRequest, KVHandoff, SamplingParams, pack, unpack
+from rayinfer.openai_protocol import APIError
+
+PROMPT = [5, 6, 7]
+MAX = 10
+
+
+def token(pos: int) -> int:
+    return 40 + pos  # what any healthy rank samples at output position `pos`
+
+
+def expected() -> list[int]:
+    return [token(p) for p in range(MAX)]
+
+
+class Call:
+    """A rank call: awaitable (unary) and async-iterable (stream); routed at once unless `stuck`."""
+
+    def __init__(self, result=None, items=(), fail_after=None, error=None, stuck=False):
+        self.result, self.items, self.fail_after, self.error, self.stuck = result, list(items), fail_after, error, stuck
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __await__(self):
+        return self._get().__await__()
+
+    async def _get(self):
+        if self.stuck:
+            await asyncio.sleep(3600)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    async def __aiter__(self):
+        if self.stuck:
+            await asyncio.sleep(3600)
+        for n, item in enumerate(self.items):
+            if self.fail_after is not None and n == self.fail_after:
+                raise self.error
+            await asyncio.sleep(0)
+            yield item
+
+
+class Role:
+    """A role's handle: each call goes to the next replica in `replicas` (gang id, replica id) and does what
+    `plan` says for that call number: "ok", "fail" (after a token), "refuse", "migrate", "stuck"."""
+
+    def __init__(self, role, replicas, plan):
+        self.role, self.replicas, self.plan, self.calls = role, replicas, list(plan), []
+        for gang, rid in replicas:
+            HEALTH.saw(role, rid, gang)
+
+    def options(self, **_):
+        return self
+
+    def __getattr__(self, method):
+        role = self
+
+        class Method:
+            def remote(self, *args, cost=None):
+                return role.call(method, args, cost)
+        return Method()
+
+    def call(self, method, args, cost):
+        what = self.plan.pop(0) if self.plan else "ok"
+        usable = [rid for _, rid in self.replicas if HEALTH.usable(rid)]
+        self.calls.append((method, what, usable[0] if usable else None))
+        if what == "stuck" or not usable:
+            return Call(stuck=True)
+        HEALTH.routed(cost["attempt"], usable[0])
+        if what == "refuse":
+            return Call(error=ValueError("prompt too long"))
+        if method == "accept_kv":
+            return Call(result=usable[0])
+        req = unpack(args[0], EngineRequest)
+        start = len(req.output_token_ids)
+        if method == "prefill":
+            if what == "fail":
+                return Call(error=RuntimeError("The actor died unexpectedly"))
+            first = Delta(req.request_id, [token(0)], text="t0 ", finish_reason="handoff", num_prompt_tokens=3)
+            return Call(result=(pack(first), KVHandoff([], 3, 0.0, "g/0", None)))
+        items = [pack(Delta(req.request_id, [token(p)], text=f"t{p} ", num_prompt_tokens=3,
+                            finish_reason="length" if p == MAX - 1 else None)) for p in range(start, MAX)]
+        if what == "migrate":
+            items = items[:1] + [pack(Delta(req.request_id, [], finish_reason="migrate"))]
+        return Call(items=items, fail_after=2 if what == "fail" else None,
+                    error=RuntimeError("ActorDiedError: the actor died unexpectedly") if what == "fail" else None)
+
+
+@pytest.fixture(autouse=True)
+def fresh_health(monkeypatch):  # each test its own registry, seen by the runner and by these fakes
+    h = GangHealth(ttl_s=30.0)
+    for mod in ("rayinfer.actors.resume", "rayinfer.balance.health"):
+        monkeypatch.setattr(f"{mod}.HEALTH", h)
+    globals()["HEALTH"] = h
+    yield h
+
+
+def run(runner, req):
+    async def go():
+        return [d async for d in runner.run(req)]
+    return asyncio.run(go())
+
+
+def request():
+    return EngineRequest("r-0", PROMPT, SamplingParams(max_tokens=MAX, temperature=0, ignore_eos=True))
+
+
+def check_whole(deltas):
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert tokens == expected(), tokens
+    assert "".join(d.text for d in deltas) == "".join(f"t{p} " for p in range(MAX))
+    assert [d.finish_reason for d in deltas if d.finish_reason] == ["length"]
+
+
+def test_decode_failure_resumes_on_the_other_gang_from_the_emitted_tokens():
+    prefill = Role("prefill", [("P", "p0"), ("P", "p1")], ["ok"])
+    decode = Role("decode", [("A", "a0"), ("A", "a1"), ("B", "b0"), ("B", "b1")], ["ok", "fail", "ok"])
+    runner = ChoiceRunner(prefill, decode, deadline_s=5)
+    req = request()
+    check_whole(run(runner, req))
+    assert runner.resumed == 1
+    # the second decode call went to gang B: the whole of gang A left routing at the failure
+    assert decode.calls[-1][2] == "b0" and not HEALTH.usable("a0") and not HEALTH.usable("a1")
+    assert HEALTH.usable("b1") and HEALTH.available("decode")
+    assert req.output_token_ids == expected() and req.emitted_chars == len("".join(f"t{p} " for p in range(MAX)))
+
+
+def test_prefill_failure_goes_to_a_decode_rank_that_prefills():
+    prefill = Role("prefill", [("P", "p0"), ("P", "p1")], ["fail"])
+    decode = Role("decode", [("A", "a0"), ("A", "a1")], [])
+    runner = ChoiceRunner(prefill, decode, deadline_s=5)
+    check_whole(run(runner, request()))
+    assert not HEALTH.available("prefill")  # its only gang is down: later choices start on decode ranks
+    assert [c[0] for c in prefill.calls] == ["prefill"] and [c[0] for c in decode.calls] == ["decode"]
+    check_whole(run(runner, EngineRequest("r-1", PROMPT, request().params)))
+    assert len(prefill.calls) == 1
+
+
+def test_restarted_gang_rejoins_as_new_replicas():
+    HEALTH.saw("decode", "a0", "A")
+    HEALTH.saw("decode", "a1", "A")
+    HEALTH.routed("x#1", "a1")
+    assert HEALTH.failed("x#1") == "A" and not HEALTH.available("decode")
+    HEALTH.forget("a0"), HEALTH.forget("a1")
+    HEALTH.saw("decode", "a2", "A2")
+    assert HEALTH.available("decode") and HEALTH.usable("a2")
+    h = GangHealth(ttl_s=1.0)
+    h.saw("decode", "z", "Z")
+    h.replica_died("z", now=100.0)
+    assert not h.usable("z", now=100.5) and h.usable("z", now=101.5)  # a mark lapses: a passing error
+
+
+def test_refused_request_is_a_400_and_not_resumed():
+    prefill = Role("prefill", [("P", "p0")], ["refuse"])
+    decode = Role("decode", [("A", "a0")], [])
+    with pytest.raises(APIError) as e:
+        run(ChoiceRunner(prefill, decode, deadline_s=5), request())
+    assert e.value.status == 400 and "prompt too long" in e.value.message
+    assert not decode.calls and HEALTH.usable("p0")
+
+
+def test_no_healthy_gang_within_the_deadline_is_a_503():
+    prefill = Role("prefill", [("P", "p0")], ["ok"])
+    decode = Role("decode", [("A", "a0"), ("A", "a1")], ["ok", "fail"])
+    with pytest.raises(APIError) as e:
+        run(ChoiceRunner(prefill, decode, deadline_s=0.3), request())
+    assert e.value.status == 503 and "no healthy decode gang" in e.value.message
+
+
+def test_a_drained_rank_gives_the_request_back_without_blame():
+    prefill = Role("prefill", [("P", "p0")], ["ok"])
+    decode = Role("decode", [("A", "a0"), ("B", "b0")], ["ok", "migrate", "ok"])
+    runner = ChoiceRunner(prefill, decode, deadline_s=5)
+    check_whole(run(runner, request()))
+    assert runner.resumed == 1 and HEALTH.usable("a0")
+
+
+def test_unseeded_sampled_choices_get_a_seed_greedy_ones_need_none():
+    sampled = own_seed(SamplingParams(temperature=0.8), 0)
+    assert isinstance(sampled.seed, int) and sampled.seed >= 0
+    assert own_seed(SamplingParams(temperature=0), 0).seed is None
+    assert own_seed(SamplingParams(seed=5), 0).seed == 5 and own_seed(SamplingParams(seed=5), 1).seed != 5
