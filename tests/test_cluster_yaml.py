@@ -211,7 +211,8 @@ def test_bashrc_edits_are_idempotent(cluster, tmp_path):
 
 def test_serve_config_keys_and_values(serve_cfg):
     assert set(serve_cfg) == {"model", "dtype", "device", "host", "port", "prefill", "decode", "kv_cache_memory",
-                              "max_queue", "max_request_bytes"}
+                              "max_queue", "max_request_bytes", "resume_deadline_s"}
+    assert serve_cfg["resume_deadline_s"] > 0
     assert serve_cfg["device"] == "cuda", "the sample deploys GPU ranks; without device: cuda they would be CPU actors"
     assert parse_bytes(serve_cfg["max_request_bytes"], "max_request_bytes") == 8 * 2**20
     assert isinstance(serve_cfg["model"], str) and serve_cfg["model"]

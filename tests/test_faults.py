@@ -1,0 +1,122 @@
+"""A rank's death loses no request, on a real server on 127.0.0.1 (1 prefill gang + 2 decode gangs, 2 ranks each):
+24 concurrent streams, half greedy and half seeded at temperature 0.8, see a kill -9 of a decode rank mid-stream,
+or of a prefill rank mid-prefill, as nothing at all: no failure, no error event, one finish reason, usage once,
+and the same text and tokens as a run without the fault. Afterwards no rank holds anything."""
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+from ray import serve
+
+from rayinfer.actors.cluster import free_port
+from rayinfer.actors.server import APP_NAME, start
+from rayinfer.config import ServeConfig
+from rayinfer.config.serve import RoleConfig
+from rayinfer.messages import EngineRequest, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _faults as F  # noqa: E402
+
+STREAMS = 24
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster):
+    serve.shutdown()
+    url, _ = start(ServeConfig(port=free_port(), max_queue=64, decode=RoleConfig(num_gangs=2),
+                               kv_transfer_timeout_s=2.0, resume_deadline_s=60.0))
+    yield url
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def positional_sampling() -> bool:
+    """Whether a seeded request resumed from its output alone (no RNG state) samples what it would have:
+    true once sampling noise is a function of (seed, position)."""
+    from rayinfer.config import EngineConfig
+    from rayinfer.engine.engine import Engine
+
+    engine = Engine(EngineConfig.from_options("tiny"))
+    params = SamplingParams(max_tokens=12, temperature=SEEDED_T, seed=7, ignore_eos=True)
+
+    def run(req):
+        engine.add_request(req)
+        out = list(req.output_token_ids)
+        while engine.has_unfinished():
+            out += [t for d in engine.step() for t in d.token_ids]
+        return out
+
+    whole = run(EngineRequest("whole", list(range(10, 40)), params))
+    return run(EngineRequest("resumed", list(range(10, 40)), params, output_token_ids=whole[:5])) == whole
+
+
+SEEDED_T = F.SEEDED_TEMPERATURE
+
+
+def check_invisible(got: list[dict], ref: list[dict]) -> list[int]:
+    """Asserts no stream failed and every greedy one matches the no-fault run; -> seeded streams that differ."""
+    failures = [(i, r["status"], r["errors"], r["finish"]) for i, r in enumerate(got) if F.failed(r)]
+    assert not failures, f"{len(failures)}/{len(got)} streams failed: {failures[:4]}"
+    assert not [i for i, r in enumerate(ref) if F.failed(r)], "the no-fault run itself failed"
+    greedy = [i for i, r in enumerate(got) if not r["seeded"] and F.differs(r, ref[i])]
+    assert not greedy, f"greedy streams {greedy} differ from the no-fault run"
+    return [i for i, r in enumerate(got) if r["seeded"] and F.differs(r, ref[i])]
+
+
+def check_seeded(seeded: list[int]) -> None:
+    if seeded and not positional_sampling():
+        pytest.xfail(f"seeded streams {seeded} differ: this engine's sampling noise is not yet a function of "
+                     f"(seed, position), so a resumed seeded request cannot sample what it would have")
+    assert not seeded, f"seeded streams {seeded} differ from the no-fault run"
+
+
+def run(url, payloads, fault=None):
+    return asyncio.run(F.run_streams(url, payloads, fault))
+
+
+def wait_clean(timeout_s: float = 60.0) -> None:
+    left = asyncio.run(_settle(timeout_s))
+    assert not left, f"ranks still hold (role, rank, pid, exports, KV objects, accepted KV, pages, requests): {left}"
+
+
+async def _settle(timeout_s: float):
+    try:
+        await F.wait_for(lambda: not F.clean(), timeout_s, period_s=0.5)
+        return []
+    except TimeoutError:
+        return F.clean()
+
+
+def test_decode_rank_killed_mid_stream(server):
+    payloads = [F.body(i, p, 48) for i, p in enumerate(F.prompts(STREAMS, 40, tag=1))]
+    ref, _ = run(server, payloads)
+
+    async def kill_busy_decode_rank(progress):
+        await F.wait_for(lambda: sum(progress) >= 6 * STREAMS, 120)
+        busy = max(await asyncio.to_thread(F.rank_stats, "decode"), key=lambda s: s["num_requests"])
+        assert busy["num_requests"] > 0, "no decode rank holds a request mid-stream"
+        return F.kill([busy])
+
+    got, dead = run(server, payloads, kill_busy_decode_rank)
+    assert 0 < min(len(r["tokens"]) for r in got)
+    seeded = check_invisible(got, ref)
+    wait_clean()
+    check_seeded(seeded)
+
+
+def test_prefill_rank_killed_mid_prefill(server):
+    # The fault run goes first, on prompts no rank has seen, so that the prefills really are computing.
+    payloads = [F.body(i, p, 16) for i, p in enumerate(F.prompts(STREAMS, 1500, tag=2))]
+
+    async def kill_prefilling_rank(progress):
+        busy = await F.wait_for(lambda: [s for s in F.rank_stats("prefill") if s["num_requests"] > 0], 120)
+        await asyncio.sleep(0.3)
+        assert sum(progress) < STREAMS, "every prefill finished before the kill"
+        return F.kill(busy[:1])
+
+    got, dead = run(server, payloads, kill_prefilling_rank)
+    ref, _ = run(server, payloads)
+    seeded = check_invisible(got, ref)
+    wait_clean()
+    check_seeded(seeded)
