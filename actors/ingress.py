@@ -95,7 +95,7 @@ class Ingress:
     # -- endpoints -------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self):
-        return {"status": "ok", "inflight": self.inflight}
+        return {"status": "ok", "inflight": self.inflight, "resumed": self.runner.resumed}
 
     @app.get("/v1/models")
     async def models(self, request: Request):

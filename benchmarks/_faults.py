@@ -68,6 +68,13 @@ async def run_streams(url: str, payloads: list[dict], fault=None) -> tuple[list[
         return await asyncio.gather(*tasks), injected
 
 
+def resumed(url: str) -> int:
+    """Rank calls the ingress has resumed elsewhere so far (its /health says)."""
+    import httpx
+
+    return httpx.get(f"{url}/health", timeout=30).json()["resumed"]
+
+
 def failed(r: dict) -> bool:
     return r["status"] != 200 or bool(r["errors"]) or r["finish"] != ["length"] or r["usage"] is None
 
@@ -87,7 +94,10 @@ def rank_stats(role: str) -> list[dict]:
     from rayinfer.actors.server import APP_NAME
 
     handle = serve.get_deployment_handle(role, app_name=APP_NAME)
-    results = handle.broadcast("stats").results(timeout_s=30, return_exceptions=True)
+    try:
+        results = handle.broadcast("stats").results(timeout_s=30, return_exceptions=True)
+    except Exception:  # noqa: BLE001 - Serve refuses a broadcast while the deployment has no live replica
+        return []
     return [s for s in results if isinstance(s, dict)]
 
 
@@ -125,7 +135,10 @@ def clean(roles=("prefill", "decode")) -> list[tuple]:
     """(role, rank, pid, exports, KV objects, accepted KV, pages, requests) of every rank still holding any."""
     left = []
     for role in roles:
-        for s in rank_stats(role):
+        stats = rank_stats(role)
+        if not stats:
+            left.append((role, "no rank answered"))
+        for s in stats:
             held = (s["kv_exports"], s["kv_objects_alive"], s["kv_accepted_waiting"], s["kv_blocks_used"],
                     s["num_requests"])
             if any(held):

@@ -98,7 +98,9 @@ def test_decode_rank_killed_mid_stream(server):
         assert busy["num_requests"] > 0, "no decode rank holds a request mid-stream"
         return F.kill([busy])
 
+    before = F.resumed(server)
     got, dead = run(server, payloads, kill_busy_decode_rank)
+    assert F.resumed(server) > before, "the kill hit no stream: nothing was resumed"
     assert 0 < min(len(r["tokens"]) for r in got)
     seeded = check_invisible(got, ref)
     wait_clean()
@@ -115,7 +117,9 @@ def test_prefill_rank_killed_mid_prefill(server):
         assert sum(progress) < STREAMS, "every prefill finished before the kill"
         return F.kill(busy[:1])
 
+    before = F.resumed(server)
     got, dead = run(server, payloads, kill_prefilling_rank)
+    assert F.resumed(server) > before, "the kill hit no prefill: nothing was resumed"
     ref, _ = run(server, payloads)
     seeded = check_invisible(got, ref)
     wait_clean()
