@@ -3,7 +3,7 @@
 Owns the calls that serve one choice (prefill rank, then the KV handoff to a decode rank; or one
 mixed rank) and what happens when one fails. The choice's progress lives in its `EngineRequest`
 (tokens and text the client already has, `rayinfer.actors.choice.advance`); when a rank fails, the
-call's gang is taken out of routing at once (rayinfer.balance.health) and the choice continues on a
+call's gang leaves routing at once (rayinfer.balance.health, told by Serve's router) and the choice continues on a
 healthy gang from that progress: a decode rank re-prefills prompt + emitted tokens and samples on,
 so the client's stream goes on without a gap, a repeat or an error. With no healthy gang of the
 role, the choice waits for one to be routed up to `deadline_s`, then ends in a 503 (Retry-After).
@@ -12,7 +12,7 @@ Three outcomes of a call are told apart: a rank failure (the call errors, the ac
 stream ends without a finish reason or with `RESUME_REASONS`) resumes; a request error (the rank
 refused it: ValueError) is the client's, a 400; cancellation (the client left) aborts the call.
 A rank that must shed its requests (a drain) ends their streams with `finish_reason="migrate"`:
-`ChoiceRunner.run` continues each elsewhere, as after a failure, without blaming the gang.
+`ChoiceRunner.run` continues each elsewhere, as after a failure (the drain keeps new calls away).
 Crossing it: packed `EngineRequest`s out to the ranks, `Delta`s in, `APIError`s up.
 """
 from __future__ import annotations
@@ -23,22 +23,20 @@ import time
 from contextlib import aclosing
 
 from rayinfer.actors.choice import advance
-from rayinfer.balance.health import HEALTH
+from rayinfer.balance import health
 from rayinfer.balance.prefix_index import page_keys
 from rayinfer.http_input import one_line
 from rayinfer.messages import Delta, EngineRequest, pack, unpack
 from rayinfer.openai_protocol import APIError
 
 log = logging.getLogger("rayinfer.ingress")
+# `health.HEALTH` is looked up at each use, never bound here: Serve ships these classes by value, which would
+# give every router and the ingress a copy of their own of a name bound at import.
 RESUME_REASONS = ("migrate", "abort")  # a rank gave the request back (drain, shutdown): continue elsewhere
 
 
 class RankFailed(Exception):
-    """A rank could not finish the call; `blame` says whether its gang should leave routing."""
-
-    def __init__(self, message: str, blame: bool = True):
-        super().__init__(message)
-        self.blame = blame
+    """A rank could not finish the call (or gave it back)."""
 
 
 class ChoiceRunner:
@@ -56,7 +54,7 @@ class ChoiceRunner:
                 async with aclosing(self._attempt(req, attempt, deadline)) as deltas:
                     async for d in deltas:
                         if d.finish_reason in RESUME_REASONS:
-                            raise RankFailed(f"the rank gave the request back ({d.finish_reason})", blame=False)
+                            raise RankFailed(f"the rank gave the request back ({d.finish_reason})")
                         advance(req, d)
                         yield d
                         if d.finish_reason:
@@ -67,14 +65,15 @@ class ChoiceRunner:
             except ValueError as e:  # the rank refused the request (admission): the client's to fix
                 raise APIError(400, f"the serving rank refused this request: {one_line(e)}") from e
             except Exception as e:  # noqa: BLE001 - any other failure is the rank's: resume
-                gang = HEALTH.failed(attempt) if not isinstance(e, RankFailed) or e.blame else None
+                # Its gang already left routing: Serve's router reports the dead replica (`on_replica_actor_died`)
+                # as this call fails, and the routers skip its whole gang from then on.
                 self.resumed += 1
                 deadline = deadline or time.monotonic() + self.deadline_s
-                log.warning("resuming %s after %d tokens (gang %s failed: %s)", req.request_id,
-                            len(req.output_token_ids), gang, one_line(e)[:200])
+                log.warning("resuming %s after %d tokens (%s)", req.request_id, len(req.output_token_ids),
+                            one_line(e)[:200])
                 await asyncio.sleep(0.01 * min(tries, 50))  # a failure that repeats at once does not spin
             finally:
-                HEALTH.release(attempt)
+                health.HEALTH.release(attempt)
 
     async def _attempt(self, req: EngineRequest, attempt: str, deadline: float | None):
         """One try: the calls from where the choice stands to its end (or to a failure)."""
@@ -90,7 +89,7 @@ class ChoiceRunner:
                 return
             # A fresh choice starts on a prefill rank; one with output (or whose prefill role is down) goes
             # straight to a decode rank, which computes prompt + output as one prefill.
-            if not req.output_token_ids and HEALTH.available("prefill"):
+            if not req.output_token_ids and health.HEALTH.available("prefill"):
                 call = self.prefill.prefill.remote(pack(req), cost=cost)
                 raw, handoff = await self._bounded(call, attempt, deadline, "prefill")
                 first = unpack(raw, Delta)
@@ -139,7 +138,7 @@ class ChoiceRunner:
         task = asyncio.ensure_future(awaitable)
         try:
             while not task.done():
-                if time.monotonic() > deadline and not HEALTH.was_routed(attempt):
+                if time.monotonic() > deadline and not health.HEALTH.was_routed(attempt):
                     raise APIError(503, f"no healthy {role} gang could take this request within "
                                         f"{self.deadline_s:g}s of a rank failure; retry shortly")
                 await asyncio.wait({task}, timeout=0.05)

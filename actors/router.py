@@ -19,13 +19,17 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from rayinfer.balance.health import HEALTH
+from rayinfer.balance import health
 from rayinfer.balance.policies import RankLoad, RequestCost
 from rayinfer.balance.prefix_index import PrefixIndex
 from rayinfer.balance.tracker import LoadTracker
 
 _LOAD_FIELDS = ("num_requests", "prefill_tokens", "attention_work", "kv_used_tokens", "kv_capacity_tokens",
                 "max_num_seqs")
+
+
+# The process's registry is read as `health.HEALTH` at each use: Serve ships router classes by value, and a
+# name bound at import would travel with each copy, one registry per router instead of one per process.
 
 
 def rank_hint(gang_id: str | None, rank: int) -> str:
@@ -109,15 +113,15 @@ class _BalancingRouter(RequestRouter):
         """The replicas of gangs not seen failing; records who is listed (Serve's list, which lags deaths)."""
         listed = {r.replica_id.unique_id for r in replicas}
         for r in replicas:
-            HEALTH.saw(self.kind, r.replica_id.unique_id, r.replica_metadata.get("gang_id"))
+            health.HEALTH.saw(self.kind, r.replica_id.unique_id, r.replica_metadata.get("gang_id"))
         if listed:  # an empty list is Serve between gangs: keep the failed ones marked meanwhile
-            for gone in [r for r, role in HEALTH.role_of.items() if role == self.kind and r not in listed]:
-                HEALTH.forget(gone)
+            for gone in [r for r, role in health.HEALTH.role_of.items() if role == self.kind and r not in listed]:
+                health.HEALTH.forget(gone)
         now = time.time()
-        return [r for r in replicas if HEALTH.usable(r.replica_id.unique_id, now)]
+        return [r for r in replicas if health.HEALTH.usable(r.replica_id.unique_id, now)]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
-        HEALTH.routed(_cost(pending_request).get("attempt"), replica_id.unique_id)
+        health.HEALTH.routed(_cost(pending_request).get("attempt"), replica_id.unique_id)
         if _pin(pending_request) is not None:
             return  # counted when its first call was routed
         self.tracker.routed(replica_id.unique_id, request_cost(pending_request), time.time())
@@ -125,7 +129,7 @@ class _BalancingRouter(RequestRouter):
 
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
-        HEALTH.replica_died(replica_id.unique_id)
+        health.HEALTH.replica_died(replica_id.unique_id)
         self.tracker.forget(replica_id.unique_id)
         self.prefixes.forget(replica_id.unique_id)
 

@@ -81,6 +81,8 @@ class Role:
         if what == "stuck" or not usable:
             return Call(stuck=True)
         HEALTH.routed(cost["attempt"], usable[0])
+        if what == "fail":  # as Serve's router does when a call fails with the actor's death
+            HEALTH.replica_died(usable[0])
         if what == "refuse":
             return Call(error=ValueError("prompt too long"))
         if method == "accept_kv":
@@ -103,8 +105,7 @@ class Role:
 @pytest.fixture(autouse=True)
 def fresh_health(monkeypatch):  # each test its own registry, seen by the runner and by these fakes
     h = GangHealth(ttl_s=30.0)
-    for mod in ("rayinfer.actors.resume", "rayinfer.balance.health"):
-        monkeypatch.setattr(f"{mod}.HEALTH", h)
+    monkeypatch.setattr("rayinfer.balance.health.HEALTH", h)
     globals()["HEALTH"] = h
     yield h
 
@@ -153,8 +154,7 @@ def test_prefill_failure_goes_to_a_decode_rank_that_prefills():
 def test_restarted_gang_rejoins_as_new_replicas():
     HEALTH.saw("decode", "a0", "A")
     HEALTH.saw("decode", "a1", "A")
-    HEALTH.routed("x#1", "a1")
-    assert HEALTH.failed("x#1") == "A" and not HEALTH.available("decode")
+    assert HEALTH.replica_died("a1") == "A" and not HEALTH.usable("a0") and not HEALTH.available("decode")
     HEALTH.forget("a0"), HEALTH.forget("a1")
     HEALTH.saw("decode", "a2", "A2")
     assert HEALTH.available("decode") and HEALTH.usable("a2")
@@ -181,7 +181,7 @@ def test_no_healthy_gang_within_the_deadline_is_a_503():
     assert e.value.status == 503 and "no healthy decode gang" in e.value.message
 
 
-def test_a_drained_rank_gives_the_request_back_without_blame():
+def test_a_drained_rank_gives_the_request_back():
     prefill = Role("prefill", [("P", "p0")], ["ok"])
     decode = Role("decode", [("A", "a0"), ("B", "b0")], ["ok", "migrate", "ok"])
     runner = ChoiceRunner(prefill, decode, deadline_s=5)

@@ -2,15 +2,18 @@
 
 Serve learns that a rank died at its next health check or when the actor's death is reported, and
 until then it keeps offering the dead rank and, for a whole gang's restart, its live partners,
-whose collectives are broken. The ingress sees the failure first (the call errors): it marks the
-gang here and every router of the process skips that gang's replicas from the next pick on. A
+whose collectives are broken. The failed call is seen first in this process: Serve's router, as
+the call errors with the actor's death, reports the replica (`replica_died`), the whole gang is marked
+here, and every router of the process skips that gang's replicas from the next pick on. A
 restarted gang comes back as new replicas, which were never marked, so it rejoins routing as soon as
 Serve lists them; a mark also lapses after `ttl_s`, so that a call that failed for a passing reason
 does not take a healthy gang out for good.
 
-Crossing it: routers report the replicas they see (`saw`) and where each attempt went (`routed`);
-the ingress names a failed attempt (`failed`) or asks whether a role has any gang left (`available`).
-Plain Python, one instance per process (`HEALTH`): the ingress and the routers it owns share it.
+Crossing it: routers report the replicas they see (`saw`), dead ones (`replica_died`) and where Serve
+sent each attempt (`routed`); the ingress asks whether an attempt was routed yet (a call still waiting
+for a gang is bounded by its deadline, a routed one is not) and whether a role has any gang left.
+Plain Python, one instance per process (`HEALTH`): the ingress and the routers it owns share it, reading
+it as `health.HEALTH` (Serve ships their classes by value: a name bound at import would be copied).
 """
 from __future__ import annotations
 
@@ -44,14 +47,8 @@ class GangHealth:
         return attempt in self.attempts
 
     def release(self, attempt: str) -> str | None:
-        """Forgets an attempt; -> the replica it went to, if it was routed."""
+        """Forgets an attempt (its call ended); -> the replica it went to, if it was routed."""
         return self.attempts.pop(attempt, None)
-
-    def failed(self, attempt: str, now: float | None = None) -> str | None:
-        """The attempt's call failed: takes its whole gang out of routing; -> that gang's id (None if the
-        attempt was never routed, so no gang is to blame)."""
-        replica = self.release(attempt)
-        return self.replica_died(replica, now) if replica is not None else None
 
     def replica_died(self, replica_id: str, now: float | None = None) -> str:
         now = time.time() if now is None else now
