@@ -194,3 +194,34 @@ def test_unseeded_sampled_choices_get_a_seed_greedy_ones_need_none():
     assert isinstance(sampled.seed, int) and sampled.seed >= 0
     assert own_seed(SamplingParams(temperature=0), 0).seed is None
     assert own_seed(SamplingParams(seed=5), 0).seed == 5 and own_seed(SamplingParams(seed=5), 1).seed != 5
+
+
+def _replica(rid, gang):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), replica_metadata={"gang_id": gang},
+                           routing_stats={})
+
+
+def test_decode_router_skips_a_dead_ranks_whole_gang_and_takes_its_replacement():
+    from types import SimpleNamespace
+
+    from rayinfer.actors.router import DecodeRouter
+
+    router = DecodeRouter.__new__(DecodeRouter)  # its state only: no Serve around it
+    router.initialize_state()
+    pending = SimpleNamespace(kwargs={"cost": {"prompt_tokens": 4, "max_tokens": 8}},
+                              routing_context=SimpleNamespace(should_backoff=False))
+
+    def pick(replicas):
+        groups = asyncio.run(router.choose_replicas(replicas, pending))
+        return {r.replica_id.unique_id for g in groups for r in g}
+
+    gang_a, gang_b = [_replica("a0", "A"), _replica("a1", "A")], [_replica("b0", "B"), _replica("b1", "B")]
+    assert pick(gang_a + gang_b) == {"a0", "a1", "b0", "b1"}
+    HEALTH.replica_died("a0")  # Serve's router, as a call to a0 fails with the actor's death
+    assert pick(gang_a + gang_b) == {"b0", "b1"}, "a0's live partner must leave routing with it"
+    HEALTH.replica_died("b1")
+    assert pick(gang_a + gang_b) == set() and not HEALTH.available("decode")  # calls wait, bounded by the deadline
+    restarted = [_replica("a2", "A2"), _replica("a3", "A2")]
+    assert pick(gang_b + restarted) == {"a2", "a3"} and HEALTH.available("decode")
