@@ -57,6 +57,7 @@ def run_scenario(url: str, name: str, role: str, node: bool, streams: int, promp
         before = F.resumed(url)
         got, (dead, outage) = asyncio.run(F.run_streams(url, payloads, scenario_kill(role, node, streams)))
         rows["resumed"] += F.resumed(url) - before
+        asyncio.run(_recovered(role, dead, gangs=2 if role == "decode" else 1))  # the reference runs on every gang
         ref, _ = asyncio.run(F.run_streams(url, payloads))
         rows["requests"] += streams
         rows["failed"] += sum(F.failed(r) for r in got)
@@ -70,6 +71,10 @@ def run_scenario(url: str, name: str, role: str, node: bool, streams: int, promp
               f"no healthy {role} gang for {outage:.1f}s", flush=True)
         asyncio.run(_settle())
     return rows
+
+
+async def _recovered(role: str, dead: set[int], gangs: int):
+    await F.wait_for(lambda: F.healthy_gangs(role, dead) >= gangs, 300, period_s=0.5)
 
 
 async def _settle():
