@@ -27,8 +27,10 @@ class ForwardBatch:
     # Derived once per step:
     decode_rows: torch.Tensor | None = field(default=None, init=False)  # [Bd] row of each decode sequence
     decode_seqs: list[int] = field(default_factory=list, init=False)
+    decode_lens: torch.Tensor | None = field(default=None, init=False)  # [Bd] context length of each
+    decode_tables: torch.Tensor | None = field(default=None, init=False)  # [Bd, max_pages] their block tables
     prefill_groups: list["PrefillGroup"] = field(default_factory=list, init=False)
-    # Per-step values every layer shares (decode lengths, FlashMLA's schedule): built by the first layer.
+    # Per-step kernel metadata every layer shares (FlashMLA's schedule): built by the first layer.
     step_cache: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -39,6 +41,7 @@ class ForwardBatch:
             s += q
         assert s == self.positions.shape[0], "positions must cover every query row"
         self.num_tokens = s
+        self.num_positions = max(self.context_lens, default=0)  # positions < this: sizes rope tables without a read
         cached = self.kv_caches is not None
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens)):
@@ -52,6 +55,8 @@ class ForwardBatch:
         dev = self.positions.device
         if self.decode_seqs:
             self.decode_rows = torch.tensor([starts[i] for i in self.decode_seqs], device=dev)
+            self.decode_lens = torch.tensor([self.context_lens[i] for i in self.decode_seqs], device=dev)
+            self.decode_tables = self.block_tables[self.decode_seqs]
         for (q, c), seqs in by_shape.items():
             rows = torch.tensor([[starts[i] + j for j in range(q)] for i in seqs], device=dev)  # [G, q]
             ctx_rows = None
