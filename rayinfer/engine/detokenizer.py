@@ -21,8 +21,9 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded output text so far (truncated at a stop string)
         self.emitted = 0  # characters of `text` already returned
 
-    def add(self, token_id: int | None) -> bool:
-        """Appends one token (None: nothing to add); returns True when a stop string completed."""
+    def add(self, token_id: int | None, find_stop: bool = True) -> bool:
+        """Appends one token (None: nothing to add); returns True when a stop string completed.
+        With `find_stop` False (before min_tokens) stop strings in the new text are kept as text."""
         if token_id is not None:
             self.ids.append(token_id)
             prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
@@ -31,7 +32,7 @@ class IncrementalDetokenizer:
                 before = len(self.text)
                 self.text += full[len(prefix):]
                 self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-                return self._find_stop(before)
+                return find_stop and self._find_stop(before)
         return False
 
     def _find_stop(self, before: int) -> bool:

@@ -44,9 +44,9 @@ class ModelRunner:
         # pages cost no memory until used.
         self.kv_caches = [torch.empty(self.num_blocks, PAGE_SIZE, cfg.kv_cache_dim, dtype=self.dtype,
                                       device=self.device) for _ in range(cfg.num_hidden_layers)]
-        self.sampler = Sampler(config.seed)
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = set(cfg.eos_token_id)
+        self.sampler = Sampler(config.seed, self.device, self.eos_token_ids)
         self.checkpoint_path = self.model.checkpoint_path
 
     def _rows(self, seq, num_tokens: int) -> torch.Tensor:
