@@ -51,11 +51,11 @@ class RankReplica:
 
             from rayinfer.engine.eplb_live import LiveRebalancer
 
-            group, store = form_group(self.gang_id, self.rank, self.world, config.parallel.collective_timeout_s,
-                                      config.device)
-            engine = build_rank_engine(config, self.rank, group)
-            self.lockstep = Lockstep(group, store, self.world, self.rank)
-            self.rebalancer = LiveRebalancer(engine, group, self.rank, engine.runner.model.cfg.n_group,
+            groups, store = form_group(self.gang_id, self.rank, self.world, config.parallel.collective_timeout_s,
+                                       config.device)
+            engine = build_rank_engine(config, self.rank, groups)
+            self.lockstep = Lockstep(groups.control, store, self.world, self.rank)
+            self.rebalancer = LiveRebalancer(engine, groups.control, self.rank, engine.runner.model.cfg.n_group,
                                              config.parallel.eplb_interval_s)
             self.lockstep.extras, self.lockstep.after_vote = self.rebalancer.vote_extras, self.rebalancer.after_vote
             self.loop = AsyncEngine(engine, gang=self.lockstep, on_step=self._publish)

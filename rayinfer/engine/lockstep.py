@@ -30,6 +30,7 @@ class Lockstep:
     the live expert balancer plugs into."""
 
     def __init__(self, group, store_address: tuple[str, int], world: int, rank: int, heartbeat_s: float = 30.0):
+        """`group`: the gang's gloo control group (votes are host tensors, whatever the device)."""
         host, port = store_address
         connect = lambda: dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=heartbeat_s))  # noqa: E731
         self.group, self.rank = group, rank

@@ -7,6 +7,7 @@ once per step), and samples a next token for each sequence whose chunk reached i
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 
 import torch
 
@@ -99,6 +100,10 @@ class ModelRunner:
         first, second = balanced_split([n * (start + n) for _, start, n in items])
         return [[items[i] for i in first], [items[i] for i in second]]
 
+    def _gather(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """hidden[rows] with the row numbers copied to the device once."""
+        return hidden.index_select(0, torch.tensor(rows, dtype=torch.long).to(hidden.device))
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, tuple[int, dict[int, float] | None]]:
         """Runs the step; returns request id -> (sampled token, logprobs) for sequences that sample.
@@ -111,11 +116,10 @@ class ModelRunner:
         if self.ctx is None:
             ids, batch = self.prepare([(s.seq, s.start, s.num_new_tokens) for s in sched.scheduled])
             hidden = self.model.hidden_states(ids, batch)
-            ends = batch.last_rows().tolist()
-            for i, s in enumerate(sched.scheduled):
-                if s.samples:
-                    rows.append(hidden[ends[i]])
-                    seqs.append(s.seq)
+            ends = list(accumulate(batch.query_lens))  # host-side: no device sync for row numbers
+            picked = [(ends[i] - 1, s.seq) for i, s in enumerate(sched.scheduled) if s.samples]
+            rows = [self._gather(hidden, [r for r, _ in picked])] if picked else []
+            seqs = [seq for _, seq in picked]
         else:
             t0 = time.perf_counter()
             parts = self._parts(sched)
@@ -127,12 +131,12 @@ class ModelRunner:
             self.ctx.steps += 1
             self.ctx.step_s += time.perf_counter() - t0
             for part, (ids, b), hidden in zip(parts, prepared, hiddens):
-                ends = b.last_rows().tolist() if part else []
-                for (seq, start, n), end in zip(part, ends):
-                    if start + n == seq.num_tokens:
-                        rows.append(hidden[end])
-                        seqs.append(seq)
+                picked = [(end - 1, seq) for (seq, start, n), end in zip(part, accumulate(b.query_lens))
+                          if start + n == seq.num_tokens]
+                if picked:
+                    rows.append(self._gather(hidden, [r for r, _ in picked]))
+                    seqs += [seq for _, seq in picked]
         if not seqs:
             return {}
-        tokens, logprobs = self.sampler(self.model.logits(torch.stack(rows)), seqs)
+        tokens, logprobs = self.sampler(self.model.logits(torch.cat(rows)), seqs)
         return {seq.request_id: (t, lp) for seq, t, lp in zip(seqs, tokens, logprobs)}
