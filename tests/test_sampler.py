@@ -158,3 +158,10 @@ def test_sampler_keeps_everything_on_the_logits_device():
     with DeviceGuard():
         out = Sampler(0, "meta", eos_token_ids={2}).sample(torch.empty(6, V, device="meta"), seqs)
     assert out.device.type == "meta" and out.shape == (6, 2 + 2 * 2)
+
+
+def test_seeds_are_taken_modulo_2_64_as_a_handoff_carries_them():
+    def run(seed):
+        return _run(Sampler(0), [_seq("n", [4], SamplingParams(temperature=1.0, seed=seed))], 8)[0]
+
+    assert run(-3) == run(2 ** 64 - 3) != run(3)

@@ -148,7 +148,7 @@ class Engine:
     def _hand_off(self, seq: Sequence) -> None:
         """A prefill rank's job ends at the first token: keep the prompt's latents for the decode rank."""
         latents = self.runner.export_kv(seq)
-        rng = seq.sample_seed.to_bytes(8, "little") if seq.sample_seed is not None else None
+        rng = (seq.sample_seed % 2 ** 64).to_bytes(8, "little") if seq.sample_seed is not None else None
         self.exports[seq.request_id] = (latents, rng)
         self.counters["kv_exported_tokens"] += latents.shape[1]
         seq.finish_reason = "handoff"
