@@ -6,7 +6,7 @@ import pytest
 import torch
 from device_guard import DeviceGuard
 
-from rayinfer.engine.sampler import Sampler, exponential_noise
+from rayinfer.engine.sampler import Sampler, uniform_noise
 from rayinfer.engine.sequence import Sequence
 from rayinfer.messages import SamplingParams
 
@@ -113,15 +113,22 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     assert Sampler(0, eos_token_ids={2})(logits[:1], [ignore])[0] == [2]  # ignore_eos: EOS is an ordinary token
 
 
-def test_noise_is_exponential_and_sampling_follows_the_distribution():
+def test_noise_is_uniform_and_sampling_follows_the_distribution():
     b = 4000
-    noise = exponential_noise(torch.full((b,), 11), torch.zeros(b, dtype=torch.long), torch.arange(b), V)
-    assert abs(noise.mean().item() - 1) < 0.01 and abs(noise.var().item() - 1) < 0.03
+    u = uniform_noise(torch.full((b,), 11), torch.zeros(b, dtype=torch.long), torch.arange(b))
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    assert torch.histc(u, bins=10, min=0, max=1).min() > b / 10 * 0.8
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    hits = torch.bincount((probs / noise[:, :4]).argmax(dim=-1), minlength=4).float() / b
-    assert (hits - probs).abs().max() < 4 * math.sqrt(0.25 / b), hits
-    assert not torch.equal(exponential_noise(torch.tensor([11]), torch.tensor([0]), torch.tensor([5]), V),
-                           exponential_noise(torch.tensor([11]), torch.tensor([1]), torch.tensor([5]), V))
+    for top_k in (0, 3):  # vocab order, and the sorted (top-k) path
+        seqs = [_seq(str(i), [1], SamplingParams(temperature=1.0, seed=11, top_k=top_k)) for i in range(b)]
+        for i, s in enumerate(seqs):
+            s.token_ids += [0] * i  # every row at another position
+        tokens, _ = Sampler(0)(probs.log().expand(b, -1).contiguous(), seqs)
+        hits = torch.bincount(torch.tensor(tokens), minlength=4).float() / b
+        want = probs if top_k == 0 else torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95
+        assert (hits - want).abs().max() < 4 * math.sqrt(0.25 / b), (top_k, hits)
+    assert uniform_noise(torch.tensor([11]), torch.tensor([0]), torch.tensor([5])) != \
+        uniform_noise(torch.tensor([11]), torch.tensor([1]), torch.tensor([5]))
 
 
 def test_logprobs_are_the_raw_distribution():

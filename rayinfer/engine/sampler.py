@@ -2,10 +2,11 @@
 
 Everything runs on the logits' device as whole-batch tensor ops (no per-row loop, so the op count
 does not grow with the batch), and the only host sync is the one transfer of the results.
-Greedy rows take the argmax. Random rows sample by the exponential race (argmax of p / E with
-E ~ Exp(1)) where E is counter-based noise: a hash of (request seed, token position, vocab id).
+Greedy rows take the argmax. Random rows sample by inverting their filtered distribution's CDF
+at one uniform number per row, which is counter-based: a hash of (request seed, token position).
 A row's tokens therefore depend on nothing else in the batch, and a request resumed elsewhere
-from its emitted tokens samples the same continuation with no RNG state carried. Unseeded
+from its emitted tokens samples the same continuation with no RNG state carried. (One number per
+row, not one per vocab entry: hashing the whole vocabulary cost more than the model on a CPU.) Unseeded
 requests draw a seed when first sampled (`Sequence.sample_seed`), from the engine's seed.
 Logprobs are those of the model's raw distribution (before penalties and temperature), as the
 OpenAI API reports them.
@@ -36,12 +37,10 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def exponential_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, pos: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [B, vocab], a pure function of each row's (seed, position) and the vocab id."""
-    key = mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ pos)  # [B]
-    col = mix32(torch.arange(vocab, device=key.device) ^ 0x9E3779B9)  # [V]
-    bits = mix32(key[:, None] ^ col) >> 8  # 24 uniform bits: what a float32 mantissa holds
-    return -torch.log((bits.float() + 0.5) * 2.0 ** -24)
+def uniform_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) [B], a pure function of each row's (seed, position); 24 bits, what float32 resolves."""
+    key = mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ pos)
+    return ((key >> 8).float() + 0.5) * 2.0 ** -24
 
 
 class Sampler:
@@ -75,20 +74,26 @@ class Sampler:
             if s.sample_seed is None:
                 s.sample_seed = s.params.seed if s.params.seed is not None else self.seeds.getrandbits(64)
         dev = logits.device
-        f = torch.tensor([[getattr(p, name) for name in _FLOATS] for p in params], dtype=torch.float32).to(dev)
-        seeds = [s.sample_seed & (2 ** 64 - 1) for s in seqs]
-        ints = torch.tensor([[sd & _M32, sd >> 32, s.num_tokens & _M32, s.params.top_k] for sd, s in zip(seeds, seqs)],
-                            dtype=torch.int64).to(dev)
         logits = logits.float()
         k_max = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         raw_lp = torch.log_softmax(logits, dim=-1) if k_max is not None else None
+        random = not all(p.greedy for p in params)
+        f = None  # per-row float parameters, built only when penalties or sampling need them
+        if random or any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
+            f = torch.tensor([[getattr(p, name) for name in _FLOATS] for p in params], dtype=torch.float32).to(dev)
         logits = self._penalise(logits, seqs, f)
         logits = self._min_tokens(logits, seqs)
         tokens = logits.argmax(dim=-1)
-        if not all(p.greedy for p in params):
-            probs = self._filtered_probs(logits, f, ints[:, 3], params)
-            noise = exponential_noise(ints[:, 0], ints[:, 1], ints[:, 2], logits.shape[1])
-            tokens = torch.where(f[:, 0] == 0, tokens, (probs / noise).argmax(dim=-1))
+        if random:
+            seeds = [s.sample_seed & (2 ** 64 - 1) for s in seqs]
+            ints = torch.tensor([[sd & _M32, sd >> 32, s.num_tokens & _M32, s.params.top_k]
+                                 for sd, s in zip(seeds, seqs)], dtype=torch.int64).to(dev)
+            probs, order = self._filtered_probs(logits, f, ints[:, 3], params)
+            cdf = probs.cumsum(dim=-1)  # [B, V]
+            u = uniform_noise(ints[:, 0], ints[:, 1], ints[:, 2])
+            pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[1] - 1)
+            sampled = (order.gather(1, pick) if order is not None else pick).squeeze(1)
+            tokens = torch.where(f[:, 0] == 0, tokens, sampled)
         if raw_lp is None:
             return tokens[:, None].double()
         chosen = raw_lp.gather(1, tokens[:, None])
@@ -132,21 +137,27 @@ class Sampler:
         return flat[:, 0], flat[:, 1]
 
     @staticmethod
-    def _filtered_probs(logits: torch.Tensor, f: torch.Tensor, top_k: torch.Tensor, params) -> torch.Tensor:
-        """Probabilities after temperature, top-k, top-p and min-p (not renormalised: the race does not need it)."""
+    def _filtered_probs(logits: torch.Tensor, f: torch.Tensor, top_k: torch.Tensor, params):
+        """Probabilities after temperature, top-k, top-p and min-p (not renormalised: the CDF is scaled
+        by its total), in descending order with the vocab ids of that order when a row asked for
+        top-k or top-p, else in vocab order with None."""
         temp = torch.where(f[:, 0:1] == 0, 1.0, f[:, 0:1])  # greedy rows are computed, then ignored
         logits = logits / temp
         v = logits.shape[1]
-        if not any(0 < p.top_k < v or p.top_p < 1 for p in params):
-            probs = logits.softmax(dim=-1)
-        else:
-            ordered, order = logits.sort(dim=-1, descending=True)
-            k = torch.where((top_k > 0) & (top_k < v), top_k, v)
-            kth = ordered.gather(1, (k - 1)[:, None])
-            ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # ties with the k-th value stay
-            p_sorted = ordered.softmax(dim=-1)
+        order = None
+        random = [p for p in params if not p.greedy]
+        if all(0 < p.top_k < v for p in random):  # the k best suffice: O(V) instead of a full sort
+            logits, order = logits.topk(max(p.top_k for p in random), dim=-1)
+        elif any(0 < p.top_k < v or p.top_p < 1 for p in random):
+            logits, order = logits.sort(dim=-1, descending=True)
+        if order is not None:
+            k = torch.where((top_k > 0) & (top_k < logits.shape[1]), top_k, logits.shape[1])
+            kth = logits.gather(1, (k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value stay
+        probs = logits.softmax(dim=-1)
+        if order is not None:
             top_p = f[:, 1:2]
-            drop = ((p_sorted.cumsum(dim=-1) - p_sorted) >= top_p) & (top_p < 1)  # smallest prefix reaching top_p
-            probs = torch.zeros_like(p_sorted).scatter(1, order, p_sorted.masked_fill(drop, 0.0))
+            drop = ((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1)  # smallest prefix reaching top_p
+            probs = probs.masked_fill(drop, 0.0)
         min_p = f[:, 2:3]
-        return probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        return probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0), order
