@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -28,8 +29,19 @@ def module(name: str):
         return None
 
 
+@functools.cache
+def installed(name: str) -> bool:
+    """Present, enabled and on a Hopper GPU, without importing it (importing is left to probed code)."""
+    if name in _DISABLE or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        return False
+    return importlib.util.find_spec(name) is not None
+
+
 def usable(name: str, *tensors: torch.Tensor) -> bool:
-    return all(t.is_cuda for t in tensors) and module(name) is not None
+    """On CUDA tensors, installed, and its health probe (run once per process, in a child) passed."""
+    from rayinfer.kernels import probe
+
+    return all(t.is_cuda for t in tensors) and installed(name) and probe.healthy(name) and module(name) is not None
 
 
 def available() -> dict[str, bool]:

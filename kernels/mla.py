@@ -3,7 +3,9 @@
 The cache holds, per token, the normalised KV latent (kv_lora_rank values) followed by the
 rope key, in pages of 64 tokens: `kv_cache [num_pages, 64, D]`. Queries come already absorbed
 (`q [B, s_q, h, D]`: latent-space nope part + rope part), so one cached row serves as key (all
-D values) and value (the first `dv` values). FlashMLA is used on Hopper when installed.
+D values) and value (the first `dv` values). FlashMLA is used on Hopper when installed, its health
+probe passed and its shapes hold (bf16, page 64, D 576 = 512 latent + 64 rope, dv 512); its
+schedule metadata is built once per step (`step_cache`, shared by every layer) not once per layer.
 """
 from __future__ import annotations
 
@@ -14,14 +16,29 @@ from rayinfer.kernels import backends
 PAGE_SIZE = 64
 
 
+FLASH_MLA_D, FLASH_MLA_DV = 576, 512
+
+
+def flash_mla_preconditions(q: torch.Tensor, kv_cache: torch.Tensor, dv: int) -> str | None:
+    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
+        return f"q {q.dtype} / cache {kv_cache.dtype} are not bfloat16"
+    if q.shape[-1] != FLASH_MLA_D or kv_cache.shape[-1] != FLASH_MLA_D or dv != FLASH_MLA_DV:
+        return f"head dims q {q.shape[-1]}, cache {kv_cache.shape[-1]}, dv {dv} are not {FLASH_MLA_D}/{FLASH_MLA_DV}"
+    if kv_cache.dim() != 3 or kv_cache.shape[1] != PAGE_SIZE:
+        return f"cache shape {tuple(kv_cache.shape)} is not [pages, {PAGE_SIZE}, D]"
+    return None
+
+
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-               dv: int, softmax_scale: float, causal: bool = True) -> torch.Tensor:
+               dv: int, softmax_scale: float, causal: bool = True, step_cache: dict | None = None) -> torch.Tensor:
     """q [B, s_q, h, D]; kv_cache [P, 64, D]; block_table [B, M]; cache_seqlens [B] -> out [B, s_q, h, dv].
 
     Query i of s_q sits at position cache_seqlens - s_q + i and (when causal) sees keys up to it.
+    `step_cache`: a dict living for one step, where per-step kernel metadata is kept across layers.
     """
-    if backends.usable("flash_mla", q, kv_cache) and q.dtype == torch.bfloat16:
-        return _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal)
+    if flash_mla_preconditions(q, kv_cache, dv) is None and backends.usable("flash_mla", q, kv_cache):
+        return _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal,
+                          {} if step_cache is None else step_cache)
     b, s_q, h, d = q.shape
     s_max = block_table.shape[1] * PAGE_SIZE
     lens = cache_seqlens.to(kv_cache.device).long()
@@ -42,10 +59,36 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     return torch.bmm(probs, kv)[..., :dv].reshape(b, s_q, h, dv).to(q.dtype)
 
 
-def _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal):
+def _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal, step: dict):
     fm = backends.module("flash_mla")
-    seqlens = cache_seqlens.to(torch.int32)
-    meta, splits = fm.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1)
-    out, _lse = fm.flash_mla_with_kvcache(q, kv_cache.unsqueeze(2), block_table.to(torch.int32), seqlens, dv,
-                                          meta, splits, softmax_scale=softmax_scale, causal=causal)
+    key = ("flash_mla", q.shape[1] * q.shape[2])
+    if key not in step:
+        seqlens = cache_seqlens.to(torch.int32)
+        # Upstream main returns (schedule, None) and wants num_splits=None; older releases return two tensors.
+        meta, splits = fm.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1)
+        step[key] = (seqlens, block_table.to(torch.int32), meta, splits)
+    seqlens, table, meta, splits = step[key]
+    out, _lse = fm.flash_mla_with_kvcache(q, kv_cache.unsqueeze(2), table, seqlens, dv, meta, splits,
+                                          softmax_scale=softmax_scale, causal=causal)
     return out
+
+
+def probe_flash_mla() -> None:
+    """Health probe (run in a child by kernels.probe): FlashMLA against the reference on a small paged batch."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, h, lens = 3, 16, [1, 70, 200]
+    pages = sum(-(-n // PAGE_SIZE) for n in lens)
+    cache = torch.randn(pages, PAGE_SIZE, FLASH_MLA_D, device="cuda", generator=g).bfloat16()
+    width = max(-(-n // PAGE_SIZE) for n in lens)
+    table, start = torch.zeros(b, width, dtype=torch.int32, device="cuda"), 0
+    for i, n in enumerate(lens):
+        k = -(-n // PAGE_SIZE)
+        table[i, :k] = torch.arange(start, start + k, device="cuda")
+        start += k
+    q = torch.randn(b, 1, h, FLASH_MLA_D, device="cuda", generator=g).bfloat16()
+    seqlens = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    got = _flash_mla(q, cache, table, seqlens, FLASH_MLA_DV, 0.07, True, {})
+    want = mla_decode(q.float(), cache.float(), table, seqlens, FLASH_MLA_DV, 0.07)
+    err = ((got.float() - want).norm() / want.norm()).item()
+    if not err < 2e-2:
+        raise SystemExit(f"flash_mla: relative error {err:.3g} against the reference")

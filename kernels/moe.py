@@ -1,8 +1,11 @@
 """Grouped expert FFN: `down(silu(gate(x)) * up(x))` over tokens sorted by expert.
 
 Rows of `x` arrive grouped by local expert slot (`counts[s]` rows for slot s, in slot order).
-The reference runs one fused gate/up matmul and one down matmul per non-empty slot; the
-DeepGEMM backend would run the same as one grouped FP8 GEMM over 128-aligned segments.
+Float weights: one fused gate/up matmul and one down matmul per non-empty slot, or two batched
+matmuls over padded slots when rows are few (decode). FP8 weights (with their block scales) run as
+grouped FP8 GEMMs through `kernels.fp8`: DeepGEMM's contiguous layout for many rows (prefill), its
+masked layout over padded slots for few (decode), per-slot block-scaled GEMMs where DeepGEMM is not
+healthy; the weights are never dequantised whole per call on a GPU.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ def grouped_ffn(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch
                 w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, H] grouped by slot; w13 [S, 2I, H] (gate rows then up rows); w2 [S, H, I] -> [N, H]."""
     assert len(counts) == w13.shape[0] and sum(counts) == x.shape[0]
-    if w13_scale is None and w2_scale is None and x.shape[0] and \
-            max(counts) <= 64 and max(counts) * sum(1 for n in counts if n) <= 2 * x.shape[0]:
+    few = x.shape[0] and max(counts) <= 64 and max(counts) * sum(1 for n in counts if n) <= 2 * x.shape[0]
+    if w13_scale is not None and w2_scale is not None:
+        return _fp8_ffn(x, counts, w13, w2, w13_scale, w2_scale, masked=bool(few))
+    if few:
         return _padded_ffn(x, counts, w13, w2)
     out = torch.empty(x.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
     start = 0
@@ -46,3 +51,16 @@ def _padded_ffn(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch
         w13, w2 = w13[used], w2[used]
     gate, up = torch.bmm(xs.view(len(used), width, -1), w13.transpose(1, 2)).chunk(2, dim=-1)
     return torch.bmm(F.silu(gate) * up, w2.transpose(1, 2)).view(-1, w2.shape[1])[pos]
+
+
+def _fp8_ffn(x, counts, w13, w2, s13, s2, masked: bool) -> torch.Tensor:
+    if not masked:
+        gate, up = fp8.grouped_linear(x, counts, w13, s13).chunk(2, dim=-1)  # [N, I] each
+        return fp8.grouped_linear(F.silu(gate) * up, counts, w2, s2)
+    width = max(counts)
+    pos = torch.cat([torch.arange(n, device=x.device) + s * width for s, n in enumerate(counts) if n])
+    xs = x.new_zeros(len(counts) * width, x.shape[1])
+    xs[pos] = x
+    gate, up = fp8.grouped_linear_masked(xs.view(len(counts), width, -1), counts, w13, s13).chunk(2, dim=-1)
+    y = fp8.grouped_linear_masked(F.silu(gate) * up, counts, w2, s2)  # [S, width, H]
+    return y.reshape(-1, w2.shape[1])[pos]

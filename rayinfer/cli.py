@@ -1,11 +1,13 @@
-"""Command line: `rayinfer serve` (the OpenAI endpoint), `rayinfer generate` (one offline completion)
-and `rayinfer rebalance` (re-place a running server's experts now).
+"""Command line: `rayinfer serve` (the OpenAI endpoint), `rayinfer generate` (one offline completion),
+`rayinfer rebalance` (re-place a running server's experts now), `rayinfer plan` (what each rank holds)
+and `rayinfer report` (DeepSeek's daily report of a running server or a metrics dump).
 
 Owns argument parsing and what is printed to the user; all work is delegated to the library.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -26,8 +28,11 @@ def _serve(args) -> int:
     from rayinfer.actors.server import serve_forever
     from rayinfer.config import ServeConfig
 
+    keys = args.api_key or [k for k in os.environ.get("RAYINFER_API_KEY", "").split(",") if k.strip()]
     overrides = dict(model=args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
-                     served_model_name=args.served_model_name)
+                     served_model_name=args.served_model_name, api_keys=tuple(k.strip() for k in keys) or None,
+                     metrics_need_key=args.metrics_need_key or None, disk_cache_dir=args.disk_cache_dir,
+                     disk_cache_bytes=args.disk_cache_bytes)
     if args.colocated:
         overrides["disaggregated"] = False
     cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
@@ -38,7 +43,7 @@ def _serve(args) -> int:
 def _rebalance(args) -> int:
     from rayinfer.actors.server import rebalance
 
-    for name, gangs in rebalance(args.address).items():
+    for name, gangs in rebalance(args.address, connect_timeout_s=args.connect_timeout).items():
         for g in gangs:
             if "skipped" in g:
                 print(f"{name} gang {g['gang_id']}: skipped ({g['skipped']})")
@@ -48,9 +53,55 @@ def _rebalance(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from rayinfer import report
+
+    since = report.parse_duration(args.since) if args.since else None
+    prices = report.Prices(args.gpu_hour_cost, args.price_cache_hit, args.price_cache_miss, args.price_output,
+                           args.gpus_per_node)
+    if args.url:
+        url = args.url.rstrip("/") + "/metrics/history" + (f"?since={since}" if since else "")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                text = r.read().decode()
+        except (urllib.error.URLError, OSError) as e:
+            raise ValueError(f"cannot read {url}: {e}") from None
+    else:
+        try:
+            with open(args.metrics) as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --metrics {args.metrics!r}: {e.strerror}") from None
+    samples = report.load_dump(text)
+    result = report.compute(samples, prices, since)
+    if args.plot:
+        report.plot(report.series(samples, since), args.plot, title=f"rayinfer: {args.url or args.metrics}")
+    print(json.dumps(result, indent=2) if args.json else report.table(result))
+    return 0
+
+
+def _plan(args) -> int:
+    import json
+
+    from rayinfer.config import ServeConfig
+    from rayinfer.config.engine import parse_bytes
+    from rayinfer.plan import as_json, format_table, plan
+
+    overrides = dict(model=args.model)
+    cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
+    mem = parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory is not None else None
+    rows = plan(cfg, mem)
+    print(json.dumps(as_json(rows), indent=2) if args.json else format_table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rayinfer", description="Serve DeepSeek-V3-architecture MoE models on Ray.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd")
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API (default: tiny preset, 127.0.0.1:8000)")
     s.add_argument("--model", default=None, help="preset name (tiny, small) or checkpoint directory [tiny]")
     s.add_argument("--host", default=None, help="address to listen on [127.0.0.1]")
@@ -63,20 +114,57 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 [float32]")
     s.add_argument("--device", default=None, help="cpu | cuda [cpu]")
     s.add_argument("--served-model-name", default=None, help="model id clients send [the model's name]")
+    s.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (repeat for several keys) "
+                        "[$RAYINFER_API_KEY, comma-separated; none: open]")
+    s.add_argument("--metrics-need-key", action="store_true", help="/metrics requires an API key too")
+    s.add_argument("--disk-cache-dir", default=None,
+                   help="keep prompt KV pages in this directory (shared by all ranks; survives restarts)")
+    s.add_argument("--disk-cache-bytes", default=None, help="the disk cache's budget, e.g. 200GiB [64GiB]")
     g = sub.add_parser("generate", help="generate a completion for one prompt, offline")
     g.add_argument("--model", default="tiny", help="preset name (tiny, small) or checkpoint directory")
-    g.add_argument("--prompt", default="Hello, rayinfer!")
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--prompt", default="Hello, rayinfer!", help="the text to continue [Hello, rayinfer!]")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most [32]")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy [0]")
     g.add_argument("--ep-size", type=int, default=1, help="run as an expert-parallel gang of this many ranks")
     r = sub.add_parser("rebalance", help="re-place the experts of every gang of a running server from measured load")
     r.add_argument("--address", default="auto", help="the Ray cluster the server runs on [auto]")
+    r.add_argument("--connect-timeout", type=float, default=20.0,
+                   help="seconds to wait for that cluster before giving up [20]")
+    pl = sub.add_parser("plan", help="what each rank of a serve config holds and whether it fits (config.json only)")
+    pl.add_argument("--config", default=None, help="YAML file with the topology and limits (see examples/)")
+    pl.add_argument("--model", default=None, help="checkpoint directory (config.json suffices) or preset [the config's]")
+    pl.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GiB or bytes [the local GPU's, if any]")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("report", help="DeepSeek's daily report (tokens, throughput, cost, revenue) of a running "
+                                      "server or a saved metrics dump")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (reads its /metrics/history)")
+    src.add_argument("--metrics", help="a saved /metrics scrape (text) or /metrics/history (JSON)")
+    p.add_argument("--since", default=None, help="window: the last N seconds (or 30m, 6h, 1d) [server lifetime]")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--gpu-hour-cost", type=float, default=2.0, help="USD per GPU-hour (a CPU rank counts as a GPU) [2]")
+    p.add_argument("--price-cache-hit", type=float, default=0.14, help="USD per M input tokens from cache [0.14]")
+    p.add_argument("--price-cache-miss", type=float, default=0.55, help="USD per M input tokens computed [0.55]")
+    p.add_argument("--price-output", type=float, default=2.19, help="USD per M output tokens [2.19]")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node for the per-node figures [8]")
+    p.add_argument("--plot", default=None, help="also draw requests, tokens/s and gangs per role into this PNG")
     args = ap.parse_args(argv)
+    if args.cmd is None:
+        ap.print_help()
+        return 2
     try:
-        return {"generate": _generate, "serve": _serve, "rebalance": _rebalance}[args.cmd](args)
+        return {"generate": _generate, "serve": _serve, "rebalance": _rebalance, "plan": _plan,
+                "report": _report}[args.cmd](args)
     except ValueError as e:  # user errors: bad model name, bad config
         print(f"rayinfer: error: {e}", file=sys.stderr)
         return 2
+    except (ConnectionError, RuntimeError) as e:  # no cluster to reach; a deployment that failed to start
+        print(f"rayinfer: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rayinfer: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -210,7 +210,10 @@ def test_bashrc_edits_are_idempotent(cluster, tmp_path):
 
 
 def test_serve_config_keys_and_values(serve_cfg):
-    assert set(serve_cfg) == {"model", "dtype", "host", "port", "prefill", "decode", "kv_cache_memory", "max_queue"}
+    assert set(serve_cfg) == {"model", "dtype", "device", "host", "port", "prefill", "decode", "kv_cache_memory",
+                              "max_queue", "max_request_bytes"}
+    assert serve_cfg["device"] == "cuda", "the sample deploys GPU ranks; without device: cuda they would be CPU actors"
+    assert parse_bytes(serve_cfg["max_request_bytes"], "max_request_bytes") == 8 * 2**20
     assert isinstance(serve_cfg["model"], str) and serve_cfg["model"]
     assert serve_cfg["dtype"] in ("bfloat16", "float16", "float32")
     assert ipaddress.ip_address(serve_cfg["host"]).is_loopback, "loopback by default; --host opens it on a cluster"

@@ -190,3 +190,30 @@ def test_async_stream_and_abort_on_cancel(llm):
     got = asyncio.run(run())
     assert sum(len(d.token_ids) for d in got) <= 5 and got[-1].finish_reason in ("length", "stop")
     assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_allocated_blocks() == 0
+
+
+def test_handoff_between_engines_decodes_like_one_engine(alone):
+    """Prefill engine -> latents -> decode engine whose cache holds only a few requests at once, so most
+    arrive with KV and wait: each is imported when admitted and decodes exactly what one engine does."""
+    from rayinfer.config import EngineConfig
+    from rayinfer.engine.engine import Engine
+
+    prefill = Engine(EngineConfig.from_options("tiny", scheduler_mode="prefill"))
+    decode = Engine(EngineConfig.from_options("tiny", scheduler_mode="decode", kv_cache_tokens=640))
+    prompts = _prompts()[:12]
+    got = {}
+    for i, p in enumerate(prompts):
+        prefill.add_request(EngineRequest(str(i), p, GREEDY))
+    while prefill.has_unfinished():
+        for d in prefill.step():
+            got[d.request_id] = list(d.token_ids)
+    for i, p in enumerate(prompts):
+        latents, _ = prefill.exports.pop(str(i))
+        decode.add_request(EngineRequest(str(i), p, GREEDY, output_token_ids=got[str(i)]), latents)
+    assert decode.block_manager.num_allocated_blocks() == 0  # waiting requests hold no pages
+    while decode.has_unfinished():
+        for d in decode.step():
+            got[d.request_id] += d.token_ids
+    assert [got[str(i)] for i in range(len(prompts))] == alone[:12]
+    assert decode.counters["kv_imported_tokens"] + decode.counters["prefill_tokens_computed"] >= sum(map(len, prompts))
+    assert decode.counters["kv_imported_tokens"] > 0 and decode.block_manager.num_allocated_blocks() == 0

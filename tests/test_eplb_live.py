@@ -24,10 +24,10 @@ def test_load_window_slides():
 
 
 def test_move_experts_fills_new_slots_from_local_copies_and_checkpoint():
-    full = load_model("tiny")
+    full = load_model("tiny", mtp=True)  # the MTP layer's experts move too
     layers = full.cfg.moe_layers + [full.cfg.num_hidden_layers]
     old = ExpertPlacement.initial(layers, 16, 4, ep_size=4)  # rank 1 holds experts 5..9
-    shard = load_model("tiny", local_experts=old.local_experts(1))
+    shard = load_model("tiny", local_experts=old.local_experts(1), mtp=True)
     row = torch.arange(20) % 16
     row[5:10] = torch.tensor([9, 2, 2, 5, 15])  # rank 1: a local move, a new expert twice, a kept one, a new one
     row[16:19] = torch.tensor([6, 7, 8])  # (every expert keeps a replica somewhere)

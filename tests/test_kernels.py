@@ -77,3 +77,36 @@ def test_grouped_ffn_matches_per_token():
     for r, e in enumerate(slot_of_row):
         gate, up = (w13[e] @ x[r]).chunk(2)
         assert torch.allclose(out[r], w2[e] @ (F.silu(gate) * up), atol=1e-5)
+
+
+def test_flash_mla_adapter_checks_shapes_and_builds_metadata_once_per_step(monkeypatch):
+    """With a stand-in FlashMLA: metadata is built once for all layers of a step; wrong dims never reach it."""
+    from rayinfer.kernels import backends, mla
+
+    calls = {"meta": 0, "run": 0}
+
+    class FakeFlashMLA:
+        @staticmethod
+        def get_mla_metadata(seqlens, sq_h, h_kv):
+            calls["meta"] += 1
+            assert seqlens.dtype == torch.int32 and h_kv == 1
+            return "schedule", None
+
+        @staticmethod
+        def flash_mla_with_kvcache(q, kcache, table, seqlens, dv, meta, splits, softmax_scale, causal):
+            calls["run"] += 1
+            assert kcache.shape[2] == 1 and meta == "schedule" and splits is None and table.dtype == torch.int32
+            return mla_decode(q.float(), kcache.squeeze(2).float(), table, seqlens, dv, softmax_scale).bfloat16(), None
+
+    monkeypatch.setattr(backends, "usable", lambda name, *t: True)
+    monkeypatch.setattr(backends, "module", lambda name: FakeFlashMLA)
+    q = torch.randn(2, 1, 4, 576).bfloat16()
+    cache = torch.randn(3, PAGE_SIZE, 576).bfloat16()
+    table, lens = torch.tensor([[0, 1], [2, 0]]), torch.tensor([70, 5])
+    step = {}
+    for _layer in range(3):
+        out = mla_decode(q, cache, table, lens, 512, 0.1, step_cache=step)
+    assert calls == {"meta": 1, "run": 3} and out.shape == (2, 1, 4, 512)
+    assert "head dims" in mla.flash_mla_preconditions(q[..., :40], cache[..., :40], 32)
+    mla_decode(q[..., :40], cache[..., :40], table, lens, 32, 0.1, step_cache={})  # the reference, not the fake
+    assert calls["run"] == 3

@@ -97,18 +97,41 @@ def test_fp8_checkpoint_matches_transformers_on_dequantised_weights(tmp_path):
         assert (hf(ids).logits - want).abs().max().item() > 10 * TOL
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_cuda_parity(tmp_path):
+def bf16_deviation(path: str, device: str) -> dict[str, float]:
+    """Max |logit - transformers fp32| for transformers' bf16 and ours, and argmax agreement of each."""
     from transformers import DeepseekV3ForCausalLM
 
-    hf_checkpoint(str(tmp_path), **CONFIGS["yarn-groups-1dense"])
-    hf = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).cuda().eval()
-    ours = load_model(str(tmp_path), dtype=torch.bfloat16, device="cuda")
-    ids = torch.stack(_prompts(hf.config.vocab_size, [64] * 4)).cuda()
+    ids = torch.stack(_prompts(256, [64] * 4)).to(device)
     with torch.no_grad():
-        a, b = hf(ids).logits.float(), ours(ids).float()
-    diff, scale = (a - b).abs().max().item(), a.abs().max().item()
-    print(f"\n[parity] cuda bf16: max |dlogit| = {diff:.3e} (max |logit| {scale:.2f})")
-    assert diff <= 0.05 * scale
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+        ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()(ids).logits
+        hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()(ids).logits.float()
+        ours = load_model(path, dtype=torch.bfloat16, device=device)(ids).float()
+    return {"hf": (hf - ref).abs().max().item(), "ours": (ours - ref).abs().max().item(),
+            "hf_mean": (hf - ref).abs().mean().item(), "ours_mean": (ours - ref).abs().mean().item(),
+            "hf_argmax": (hf.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "ours_argmax": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_bf16_cuda_parity(tmp_path, name):
+    """Issue 10 (4): in bf16 on CUDA, at most 1.5x transformers' own bf16 deviation from its fp32 logits, and
+    argmax agreement no worse than transformers' bf16 minus 1 point."""
+    hf_checkpoint(str(tmp_path), **CONFIGS[name])
+    d = bf16_deviation(str(tmp_path), "cuda")
+    print(f"\n[parity] cuda bf16 {name}: {d}")
+    assert d["ours"] <= 1.5 * d["hf"]
+    assert d["ours_argmax"] >= d["hf_argmax"] - 0.01
+
+
+def test_bf16_cpu_deviation_within_transformers_bound(tmp_path):
+    """The same bound on CPU (a proxy: CPU bf16 kernels differ from CUDA's) on the YaRN config, where
+    bf16 rope tables once made ours 10x worse than transformers. The mean deviation is held to the bound
+    too: a single max over 256 positions of two rounding-noise processes swings by ~1.5x on its own."""
+    hf_checkpoint(str(tmp_path), **CONFIGS["yarn-groups-1dense"])
+    d = bf16_deviation(str(tmp_path), "cpu")
+    print(f"\n[parity] cpu bf16 yarn-groups-1dense: {d}")
+    assert d["ours_mean"] <= 1.5 * d["hf_mean"]
+    assert d["ours"] <= 2.0 * d["hf"]
+    assert d["ours_argmax"] >= d["hf_argmax"] - 0.01

@@ -109,20 +109,20 @@ def test_metrics_show_prefill_on_prefill_ranks_and_decode_on_decode_ranks(server
     deadline, text = time.time() + 30, ""
     while time.time() < deadline:  # Ray exports metrics about once a second
         text = httpx.get(url + "/metrics", timeout=10).text
-        if _metric_sum(text, "ray_rayinfer_rank_decode_tokens_total", role="decode") > 900 and \
-                _metric_sum(text, "ray_rayinfer_rank_kv_transfers_total", role="decode", outcome="done") >= 64:
+        if _metric_sum(text, "rayinfer_rank_decode_tokens_total", role="decode") > 900 and \
+                _metric_sum(text, "rayinfer_rank_kv_transfers_total", role="decode", outcome="done") >= 64:
             break
         time.sleep(1)
-    prefill_on_prefill = _metric_sum(text, "ray_rayinfer_rank_prefill_tokens_total", role="prefill")
-    decode_on_decode = _metric_sum(text, "ray_rayinfer_rank_decode_tokens_total", role="decode")
+    prefill_on_prefill = _metric_sum(text, "rayinfer_rank_prefill_tokens_total", role="prefill")
+    decode_on_decode = _metric_sum(text, "rayinfer_rank_decode_tokens_total", role="decode")
     print(f"\n[serve] prefill tokens on prefill ranks {prefill_on_prefill:.0f}, decode tokens on decode ranks "
           f"{decode_on_decode:.0f}")
     assert prefill_on_prefill > 1000 and decode_on_decode > 900
-    assert _metric_sum(text, "ray_rayinfer_rank_decode_tokens_total", role="prefill") == 0
-    assert _metric_sum(text, "ray_rayinfer_rank_prefill_tokens_total", role="decode") == 0  # no fallback re-prefill
-    assert _metric_sum(text, "ray_rayinfer_rank_kv_transfers_total", role="decode", outcome="done") >= 64
-    for name in ("ray_rayinfer_time_to_first_token_seconds_count", "ray_rayinfer_prompt_tokens_total",
-                 "ray_rayinfer_generation_tokens_total", "ray_rayinfer_rank_kv_usage", "ray_rayinfer_ingress_queue_depth"):
+    assert _metric_sum(text, "rayinfer_rank_decode_tokens_total", role="prefill") == 0
+    assert _metric_sum(text, "rayinfer_rank_prefill_tokens_total", role="decode") == 0  # no fallback re-prefill
+    assert _metric_sum(text, "rayinfer_rank_kv_transfers_total", role="decode", outcome="done") >= 64
+    for name in ("rayinfer_time_to_first_token_seconds_count", "rayinfer_prompt_tokens_total",
+                 "rayinfer_generation_tokens_total", "rayinfer_rank_kv_usage", "rayinfer_ingress_queue_depth"):
         assert name in text, name
 
 
@@ -224,7 +224,7 @@ def test_mid_stream_disconnects_free_all_kv(server):
     print(f"all KV freed {time.time() - left:.2f}s after the clients left")
     if not all(s["kv_blocks_used"] == 0 and s["num_requests"] == 0 for s in stats):
         # Which request is left, with how many tokens, and whether the ingress still streams it.
-        depth = _metric_sum(httpx.get(url + "/metrics", timeout=10).text, "ray_rayinfer_ingress_queue_depth")
+        depth = _metric_sum(httpx.get(url + "/metrics", timeout=10).text, "rayinfer_ingress_queue_depth")
         pytest.fail(f"KV left after the disconnects (ingress queue depth {depth:.0f}): "
                     f"{[(s['role'], s['rank'], s['kv_blocks_used'], s['live_requests']) for s in stats]}")
 

@@ -51,15 +51,26 @@ class ServeConfig:
     mixed: RoleConfig = field(default_factory=RoleConfig)
     kv_cache_memory: int = 512 * 2**20  # per rank, unless a role sets its own
     max_queue: int = 256  # requests in flight at one ingress replica before 429s
+    max_request_bytes: int = 8 * 2**20  # larger request bodies get 413, refused while they arrive
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # any one of them, as a bearer token; none: open
+    metrics_need_key: bool = False  # /metrics asks for an API key too (/health never does)
     kv_transfer_timeout_s: float = 10.0
     collective_timeout_s: float = 30.0
     cpus_per_rank: float | None = None  # default: 0.5 on CPU machines, 1 per GPU rank
     seed: int = 0
+    disk_cache_dir: str | None = None  # the on-disk KV tier, shared by every rank (all nodes must mount it)
+    disk_cache_bytes: int | None = None  # the tier's budget; default: the engine's
 
     def __post_init__(self):
         check_field(isinstance(self.port, int) and 0 < self.port < 65536, "port", self.port, "must be in 1..65535")
         check_field(isinstance(self.max_queue, int) and self.max_queue > 0, "max_queue", self.max_queue,
                     "must be a positive integer")
+        check_field(isinstance(self.max_request_bytes, int) and self.max_request_bytes >= 1024,
+                    "max_request_bytes", self.max_request_bytes, "must be at least 1024 bytes")
+        keys = (self.api_keys,) if isinstance(self.api_keys, str) else tuple(self.api_keys or ())
+        check_field(all(isinstance(k, str) and k.strip() == k and k for k in keys), "api_keys", "<hidden>",
+                    "each key must be a non-empty string without surrounding spaces")
+        object.__setattr__(self, "api_keys", keys)
         check_field(self.kv_transfer_timeout_s > 0, "kv_transfer_timeout_s", self.kv_transfer_timeout_s, "must be > 0")
         self.engine_config(self.roles[0])  # validates model/dtype and the role's engine options
 
@@ -81,8 +92,8 @@ class ServeConfig:
             num_redundant_experts=r.num_redundant_experts, enable_overlap=r.enable_overlap,
             max_num_seqs=r.max_num_seqs, max_num_batched_tokens=r.max_num_batched_tokens,
             kv_cache_memory=r.kv_cache_memory or self.kv_cache_memory, scheduler_mode=role,
-            eplb_interval_s=r.eplb_interval_s,
-            collective_timeout_s=self.collective_timeout_s)
+            eplb_interval_s=r.eplb_interval_s, disk_cache_dir=self.disk_cache_dir,
+            disk_cache_bytes=self.disk_cache_bytes, collective_timeout_s=self.collective_timeout_s)
 
     @property
     def num_ranks(self) -> int:
@@ -96,9 +107,10 @@ class ServeConfig:
         for role in ROLES:
             if role in kw:
                 kw[role] = _role(role, kw[role])
-        if "kv_cache_memory" in kw:
-            kw["kv_cache_memory"] = parse_bytes(kw["kv_cache_memory"], "kv_cache_memory")
         kw.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("kv_cache_memory", "max_request_bytes", "disk_cache_bytes"):
+            if kw.get(key) is not None:
+                kw[key] = parse_bytes(kw[key], key)
         return ServeConfig(**kw)
 
     @staticmethod

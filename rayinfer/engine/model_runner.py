@@ -6,6 +6,7 @@ once per step), and samples a next token for each sequence whose chunk reached i
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from itertools import accumulate
 
@@ -24,6 +25,18 @@ def kv_bytes_per_token(model: DeepseekV3, dtype: torch.dtype) -> int:
     return cfg.num_hidden_layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def kv_cache_pages(config: EngineConfig, model: DeepseekV3, max_model_len: int) -> int:
+    """Pages of a rank's latent cache: `kv_cache_tokens`, or what `kv_cache_memory` holds, never more
+    than `max_num_seqs` full-length sequences need."""
+    cache = config.cache
+    if cache.kv_cache_tokens is not None:
+        tokens = cache.kv_cache_tokens
+    else:
+        tokens = min(cache.kv_cache_memory // kv_bytes_per_token(model, getattr(torch, config.dtype)),
+                     config.scheduler.max_num_seqs * max_model_len)
+    return max(1, -(-tokens // PAGE_SIZE))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: DeepseekV3 | None = None, ctx=None):
         self.config = config
@@ -34,13 +47,7 @@ class ModelRunner:
         cfg = self.model.cfg
         self.max_model_len = min(config.scheduler.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
-        cache = config.cache
-        if cache.kv_cache_tokens is not None:
-            tokens = cache.kv_cache_tokens
-        else:
-            tokens = min(cache.kv_cache_memory // kv_bytes_per_token(self.model, self.dtype),
-                         config.scheduler.max_num_seqs * self.max_model_len)
-        self.num_blocks = max(1, -(-tokens // PAGE_SIZE))
+        self.num_blocks = kv_cache_pages(config, self.model, self.max_model_len)
         # Uninitialised on purpose: a page is always written before it is read, and untouched
         # pages cost no memory until used.
         self.kv_caches = [torch.empty(self.num_blocks, PAGE_SIZE, cfg.kv_cache_dim, dtype=self.dtype,
@@ -66,6 +73,28 @@ class ModelRunner:
         rows = self._rows(seq, latents.shape[1]).to(self.device)
         for cache, layer in zip(self.kv_caches, latents):
             cache.view(-1, cache.shape[-1])[rows] = layer.to(device=self.device, dtype=cache.dtype)
+
+    def read_page(self, block_id: int) -> bytes:
+        """One page of every layer as bytes, [layers, 64, D] row-major (what the disk tier stores)."""
+        page = torch.stack([c[block_id] for c in self.kv_caches])  # [L, 64, D]
+        return page.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+    def write_pages(self, block_ids: list[int], payloads: list[bytes]) -> None:
+        """Puts pages read back from the disk tier into device pages `block_ids`."""
+        c0 = self.kv_caches[0]
+        for bid, payload in zip(block_ids, payloads):
+            page = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(c0.dtype)
+            page = page.view(len(self.kv_caches), *c0.shape[1:]).to(self.device)  # [L, 64, D]
+            for cache, layer in zip(self.kv_caches, page):
+                cache[bid] = layer
+
+    def kv_fingerprint(self) -> str:
+        """What decides a cached page's bytes: model config, weights, dtype and cache layout."""
+        m = self.model
+        probe = b"".join(t.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes()
+                         for t in (m.embed_tokens.weight, m.lm_head.weight, m.norm.weight))
+        return (f"rayinfer-kv-page v1; config={m.cfg!r}; dtype={self.dtype}; layers={len(self.kv_caches)}; "
+                f"layout=[layers,{PAGE_SIZE},{self.kv_caches[0].shape[-1]}]; weights={hashlib.blake2b(probe).hexdigest()}")
 
     def prepare(self, items: list[tuple]) -> tuple[torch.Tensor, ForwardBatch]:
         """items: (sequence, first position, number of tokens) -> (token ids [T], ForwardBatch)."""

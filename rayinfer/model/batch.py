@@ -28,6 +28,8 @@ class ForwardBatch:
     decode_rows: torch.Tensor | None = field(default=None, init=False)  # [Bd] row of each decode sequence
     decode_seqs: list[int] = field(default_factory=list, init=False)
     prefill_groups: list["PrefillGroup"] = field(default_factory=list, init=False)
+    # Per-step values every layer shares (decode lengths, FlashMLA's schedule): built by the first layer.
+    step_cache: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         assert len(self.query_lens) == len(self.context_lens)

@@ -41,7 +41,8 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.weight_scale_inv: torch.Tensor | None = None  # set by the loader for FP8 weights
+        # [ceil(out/128), ceil(in/128)] fp32 for FP8 weights; a buffer so that `to_empty` places it.
+        self.register_buffer("weight_scale_inv", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fp8.linear(x, self.weight, self.weight_scale_inv)

@@ -1,11 +1,14 @@
-"""Loading Hugging Face safetensors checkpoints into `DeepseekV3`.
+"""Loading Hugging Face safetensors checkpoints into `DeepseekV3`, as the rank will run it.
 
 Owns the mapping from checkpoint tensor names to model parameters: HF per-expert tensors are
-stacked into slots, `model.layers.{N+k}` becomes MTP module k, FP8 weights (`weight` +
-`weight_scale_inv`, 128x128 blocks) are dequantised (or kept in FP8 where asked and aligned).
-Single-file, sharded (`model.safetensors.index.json`) and unindexed multi-file checkpoints load
-the same way. Only the tensors the instance needs are read: a rank holding a subset of experts
-never touches the other experts' bytes. Any missing or unexpected tensor is an error that lists them.
+stacked into slots, `model.layers.{N+k}` becomes MTP module k. The model is built on `meta`
+(`model.build`) in its final layout and materialised on the rank's device, then filled tensor by
+tensor: no fp32 copy of the model, no full-model staging. FP8 weights (`weight` +
+`weight_scale_inv`, 128x128 blocks) stay FP8 where an FP8 kernel can run (CUDA) and are
+dequantised, one tensor at a time, where none can (CPU) or when asked. Single-file, sharded
+and unindexed multi-file checkpoints load the same way. Only the tensors the instance needs are
+read, each once: a rank never touches other experts' bytes, and redundant slots of one expert
+copy the bytes read for the first. Any missing or unexpected tensor is an error that lists them.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from safetensors import safe_open
 
 from rayinfer.config import ModelConfig
 from rayinfer.kernels import fp8
+from rayinfer.model.build import Fp8Layout, materialise, meta_model
 from rayinfer.model.deepseek_v3 import DeepseekV3
+from rayinfer.model.layers import Linear
 
 _EXPERT = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
@@ -82,7 +87,9 @@ class _Reader:
         return t
 
 
-def load_weights(model: DeepseekV3, path: str, keep_fp8: bool = False, progress: bool = False) -> LoadReport:
+def load_weights(model: DeepseekV3, path: str, progress: bool = False) -> LoadReport:
+    """Fills every tensor of `model` from the checkpoint; FP8 parameters take FP8 bytes and scales, others
+    take (dequantised where stored FP8) values in their own dtype."""
     cfg = model.cfg
     index = checkpoint_index(path)
     report = LoadReport()
@@ -95,7 +102,7 @@ def load_weights(model: DeepseekV3, path: str, keep_fp8: bool = False, progress:
     keys = [k for k in index if not k.endswith("_scale_inv")]
     for key in _progress(keys, progress, "loading weights"):
         name = _model_name(key, cfg.num_hidden_layers)
-        if name is None:
+        if name is None or _unbuilt_mtp(name, model):
             continue
         m = _EXPERT.match(name)
         if m:
@@ -105,13 +112,13 @@ def load_weights(model: DeepseekV3, path: str, keep_fp8: bool = False, progress:
                 unexpected.append(key)
                 continue
             experts_seen.add((layer, expert, proj))
-            for experts, s in slots.get((layer, expert), []):
-                _load_expert(experts, s, proj, key, reader, index)
+            if (layer, expert) in slots:
+                _load_expert(slots[(layer, expert)], proj, key, reader, index)
             continue
         if name not in params:
             unexpected.append(key)
             continue
-        _load_param(model, name, params[name], key, reader, index, keep_fp8)
+        _load_param(model, name, params[name], key, reader, index)
         filled.add(name)
     missing = [_hf_name(n, cfg.num_hidden_layers) for n in params if n not in filled and not _is_expert_param(n)]
     missing += [f"layer {layer} expert {e} {p}" for (layer, e) in slots for p in ("gate_proj", "up_proj", "down_proj")
@@ -120,6 +127,10 @@ def load_weights(model: DeepseekV3, path: str, keep_fp8: bool = False, progress:
         raise CheckpointError(f"checkpoint {path!r} does not match its config: "
                               f"missing {_listing(missing)}; unexpected {_listing(unexpected)}")
     return report
+
+
+def _unbuilt_mtp(name: str, model: DeepseekV3) -> bool:
+    return name.startswith("mtp.") and int(name.split(".")[1]) >= len(model.mtp)
 
 
 def _hf_name(name: str, num_layers: int) -> str:
@@ -156,62 +167,103 @@ def _expert_slots(model: DeepseekV3) -> dict[tuple[int, int], list]:
     return out
 
 
-def _read(key: str, reader: _Reader, index: dict[str, str], dtype: torch.dtype, keep_fp8: bool):
-    """(tensor, fp8 scale or None): FP8 tensors are dequantised unless kept."""
+def _read(key: str, reader: _Reader, index: dict[str, str], dtype: torch.dtype):
+    """(tensor, fp8 scale or None): FP8 tensors come with their scale when `dtype` is FP8, else dequantised."""
     t = reader.get(key)
-    scale_key = key + "_scale_inv"
     if t.dtype != fp8.FP8:
-        return t.to(dtype), None
+        return t, None
+    scale_key = key + "_scale_inv"
     if scale_key not in index:
         raise CheckpointError(f"FP8 tensor {key!r} has no {scale_key!r}")
-    scale = reader.get(scale_key).float()
-    aligned = all(d % fp8.BLOCK == 0 for d in t.shape)
-    if keep_fp8 and aligned:
+    scale = reader.get(scale_key)
+    if dtype == fp8.FP8:
         return t, scale
     return fp8.dequantize_weight_blocks(t, scale, dtype), None
 
 
-def _load_param(model, name, param, key, reader, index, keep_fp8):
-    # The routing bias stays fp32: it decides expert selection among close scores.
-    dtype = torch.float32 if name.endswith("e_score_correction_bias") else param.dtype
-    t, scale = _read(key, reader, index, dtype, keep_fp8)
-    if tuple(t.shape) != tuple(param.shape):
-        raise CheckpointError(f"tensor {key!r} has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}")
-    if scale is not None:
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        param.data = t.to(param.device)
-        module.weight_scale_inv = scale.to(param.device)
-    else:
-        param.data = t.to(param.device) if dtype != param.dtype else param.data.copy_(t)
+def _check_shape(key: str, got, want) -> None:
+    if tuple(got) != tuple(want):
+        raise CheckpointError(f"tensor {key!r} has shape {tuple(got)}, the config implies {tuple(want)}")
 
 
-def _load_expert(experts, slot: int, proj: str, key, reader, index):
-    inter = experts.w2.shape[2]
-    dst, rows = (experts.w2, slice(None)) if proj == "down_proj" else \
-        (experts.w13, slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter))
-    t, _ = _read(key, reader, index, dst.dtype, keep_fp8=False)
-    want = tuple(dst[slot, rows].shape)
-    if tuple(t.shape) != want:
-        raise CheckpointError(f"tensor {key!r} has shape {tuple(t.shape)}, the config implies {want}")
+def _load_param(model, name, param, key, reader, index):
+    t, scale = _read(key, reader, index, param.dtype)
+    _check_shape(key, t.shape, param.shape)
+    if param.dtype == fp8.FP8 and scale is None:
+        raise CheckpointError(f"tensor {key!r} is {t.dtype}, but this model keeps it in FP8 with a block scale")
     with torch.no_grad():
-        dst[slot, rows].copy_(t)
+        if scale is not None:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            _check_shape(key + "_scale_inv", scale.shape, module.weight_scale_inv.shape)
+            module.weight_scale_inv.copy_(scale)
+        elif name.endswith("gate.weight") and t.dtype == torch.float32 and param.dtype != torch.float32:
+            # The router stays as precise as stored (transformers keeps it fp32): expert choice flips otherwise.
+            param.data = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        param.copy_(t)
+
+
+def _load_expert(targets: list, proj: str, key, reader, index):
+    """One checkpoint expert tensor, read once, into every slot holding that expert."""
+    experts = targets[0][0]
+    inter = experts.w2.shape[2]
+    dst = experts.w2 if proj == "down_proj" else experts.w13
+    rows = slice(None) if proj == "down_proj" else slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+    t, scale = _read(key, reader, index, dst.dtype)
+    _check_shape(key, t.shape, dst[0, rows].shape)
+    with torch.no_grad():
+        for ex, slot in targets:
+            (ex.w2 if proj == "down_proj" else ex.w13)[slot, rows].copy_(t)
+            if scale is not None:
+                s_dst = ex.w2_scale if proj == "down_proj" else ex.w13_scale
+                s_rows = slice(None) if proj == "down_proj" else slice(rows.start // fp8.BLOCK, rows.stop // fp8.BLOCK)
+                _check_shape(key + "_scale_inv", scale.shape, s_dst[slot, s_rows].shape)
+                s_dst[slot, s_rows].copy_(scale)
+
+
+def checkpoint_fp8_layout(model: DeepseekV3, index: dict[str, str]) -> Fp8Layout:
+    """The weights the checkpoint stores in FP8 (those with a `weight_scale_inv`)."""
+    n = model.cfg.num_hidden_layers
+    linears = frozenset(name for name, m in model.named_modules() if isinstance(m, Linear)
+                        and _hf_name(name + ".weight", n) + "_scale_inv" in index)
+    experts = any(k.endswith("_proj.weight_scale_inv") and ".mlp.experts." in k for k in index)
+    return Fp8Layout(linears, experts)
+
+
+def rank_model(path: str, dtype: torch.dtype, device: str | torch.device = "cpu",
+               local_experts: dict[int, list[int]] | None = None, keep_fp8: bool | None = None,
+               mtp: bool = False) -> DeepseekV3:
+    """The rank's model on `meta`, every tensor in the layout `load_model` fills: what a rank will hold.
+
+    Needs only config.json; with weights present, FP8 is kept exactly where the checkpoint has scales,
+    without them (planning) where DeepSeek's FP8 format puts them. `keep_fp8` defaults to "on CUDA"."""
+    cfg = ModelConfig.from_file(path)
+    has_weights = any(f.endswith(".safetensors") for f in os.listdir(path)) if os.path.isdir(path) else False
+    index = checkpoint_index(path) if has_weights else None
+    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+    if not mtp or (index is not None and not any(k.startswith(mtp_prefix) for k in index)):
+        # Not asked for (nothing runs it yet), or declared but not shipped (transformers drops it).
+        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    if keep_fp8 is None:
+        keep_fp8 = torch.device(device).type == "cuda"
+    if not keep_fp8:
+        return meta_model(cfg, dtype, local_experts, Fp8Layout())
+    if index is None:
+        return meta_model(cfg, dtype, local_experts)
+    return meta_model(cfg, dtype, local_experts, checkpoint_fp8_layout(meta_model(cfg, dtype, {}, Fp8Layout()), index))
 
 
 def load_model(path_or_preset: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               local_experts: dict[int, list[int]] | None = None, keep_fp8: bool = False,
-               progress: bool = False) -> DeepseekV3:
-    """A ready model from a checkpoint directory or a built-in preset name ("tiny", "small")."""
+               local_experts: dict[int, list[int]] | None = None, keep_fp8: bool | None = None,
+               mtp: bool = False, progress: bool = False) -> DeepseekV3:
+    """A ready model from a checkpoint directory or a built-in preset name ("tiny", "small").
+
+    `keep_fp8`: keep the checkpoint's FP8 weights in FP8 (default: on CUDA, where FP8 GEMMs run).
+    `mtp`: also load the MTP module when the checkpoint ships it."""
     from rayinfer.model.presets import resolve_model_path
 
     path = resolve_model_path(path_or_preset)
-    cfg = ModelConfig.from_file(path)
-    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
-    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in checkpoint_index(path)):
-        # Declared but not shipped (transformers' save_pretrained drops it): serve without MTP.
-        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
-    with torch.device(device):
-        model = DeepseekV3(cfg, local_experts).to(dtype)
-    load_weights(model, path, keep_fp8=keep_fp8, progress=progress)
+    model = materialise(rank_model(path, dtype, device, local_experts, keep_fp8, mtp), device)
+    load_weights(model, path, progress=progress)
     model.checkpoint_path = path
     return model.eval().requires_grad_(False)
 
@@ -234,7 +286,8 @@ def to_hf_state_dict(model: DeepseekV3) -> dict[str, torch.Tensor]:
 
 
 def read_experts(path: str, wanted: list[tuple[int, int]], dtype: torch.dtype) -> dict[tuple[int, int], tuple]:
-    """(layer, logical expert) -> (w13 [2I, H], w2 [H, I]) read from the checkpoint, nothing else read.
+    """(layer, logical expert) -> (w13 [2I, H], w2 [H, I]) read from the checkpoint, nothing else read;
+    with `dtype` FP8 -> (w13, w2, w13_scale [2I/128, H/128], w2_scale [H/128, I/128]), the slots' layout.
 
     What a rank uses when a new expert placement gives it an expert it does not hold."""
     index = checkpoint_index(path)
@@ -242,7 +295,12 @@ def read_experts(path: str, wanted: list[tuple[int, int]], dtype: torch.dtype) -
     out = {}
     for layer, e in wanted:
         pre = f"model.layers.{layer}.mlp.experts.{e}."
-        gate, up, down = (_read(pre + f"{p}_proj.weight", reader, index, dtype, keep_fp8=False)[0]
-                          for p in ("gate", "up", "down"))
-        out[(layer, e)] = (torch.cat([gate, up]), down)
+        (gate, gs), (up, us), (down, ds) = (_read(pre + f"{p}_proj.weight", reader, index, dtype)
+                                            for p in ("gate", "up", "down"))
+        if dtype == fp8.FP8:
+            if gs is None or us is None or ds is None:
+                raise CheckpointError(f"expert {e} of layer {layer} is not stored in FP8; cannot keep it in FP8")
+            out[(layer, e)] = (torch.cat([gate, up]), down, torch.cat([gs, us]), ds)
+        else:
+            out[(layer, e)] = (torch.cat([gate, up]).to(dtype), down.to(dtype))
     return out

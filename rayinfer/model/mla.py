@@ -98,6 +98,10 @@ class MLA(nn.Module):
         w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope[rows], w_uk)  # [Bd, h, r]
         q = torch.cat([q_lat, q_pe[rows]], dim=-1).unsqueeze(1)  # [Bd, 1, h, D]
-        lens = torch.tensor([batch.context_lens[i] for i in seqs], device=q.device)
-        o_lat = mla_decode(q.to(kv_cache.dtype), kv_cache, batch.block_tables[seqs], lens, self.r, self.scale)
+        step = batch.step_cache
+        if "decode_lens" not in step:
+            step["decode_lens"] = torch.tensor([batch.context_lens[i] for i in seqs], device=q.device)
+            step["decode_tables"] = batch.block_tables[seqs]
+        o_lat = mla_decode(q.to(kv_cache.dtype), kv_cache, step["decode_tables"], step["decode_lens"], self.r,
+                           self.scale, step_cache=step)
         out[rows] = torch.einsum("bhr,hvr->bhv", o_lat[:, 0].to(q_lat.dtype), w_uv)  # [Bd, h, v]

@@ -56,8 +56,10 @@ class RoutedExperts(nn.Module):
         self.logical_ids = list(logical_ids)
         self.w13 = nn.Parameter(torch.empty(s, 2 * i, h))
         self.w2 = nn.Parameter(torch.empty(s, h, i))
-        self.w13_scale: torch.Tensor | None = None  # FP8 block scales, when kept in FP8
-        self.w2_scale: torch.Tensor | None = None
+        # FP8 block scales when the weights are kept in FP8: w13_scale [S, 2I/128, H/128], w2_scale
+        # [S, H/128, I/128]. Buffers, so they move with the weights (`to_empty`, EPLB slot copies).
+        self.register_buffer("w13_scale", None, persistent=False)
+        self.register_buffer("w2_scale", None, persistent=False)
 
     @property
     def num_slots(self) -> int:
@@ -73,7 +75,8 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat[pair], minlength=self.num_slots).tolist()
         token = pair // k
         y = grouped_ffn(x[token], counts, self.w13, self.w2, self.w13_scale, self.w2_scale)  # [M, H]
-        y = y * weights.reshape(-1)[pair].unsqueeze(1).to(y.dtype)
+        # Weighted in fp32 (the weights are fp32), rounded once: as transformers does in bf16.
+        y = (y * weights.reshape(-1)[pair].unsqueeze(1)).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
 

@@ -21,7 +21,9 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def inv_freq_and_factor(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [dim/2] and the factor scaling cos/sin."""
-    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    # Always fp32 on the CPU: built under a meta/cuda default device or a low-precision model
+    # dtype, the tables would lose the precision YaRN's long-range positions need.
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     if rope.kind == "default":
         return 1.0 / pos_freqs, 1.0
     if rope.attention_factor is not None:
@@ -40,7 +42,7 @@ def inv_freq_and_factor(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 keeps the original frequency, 0 interpolates it fully
     inv = (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
     return inv, factor
@@ -51,8 +53,8 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, rope: RopeConfig, dim: int, interleave: bool):
         super().__init__()
-        inv, self.factor = inv_freq_and_factor(rope, dim)
-        self.register_buffer("inv_freq", inv, persistent=False)
+        # A plain attribute, not a buffer: `model.to(bfloat16)` or `to_empty` must never touch it.
+        self.inv_freq, self.factor = inv_freq_and_factor(rope, dim)
         self.interleave = interleave
         self._cos = self._sin = None
 

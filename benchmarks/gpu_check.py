@@ -1,0 +1,240 @@
+"""One-command GPU check of rayinfer on one H200: correctness, FP8 kernels, memory plan and timings, one table.
+
+Needs no Ray (the GPU image has none). Every native kernel runs behind its health probe (a child process),
+so a crashing library shows as a disabled backend, not a dead run; every section is guarded, so one
+failure still prints the rest. `--device cpu` is the smoke mode the tests run: same code, small sizes.
+Run (after `python3 -m pip install -q --no-deps --no-build-isolation -e .`, from outside the repo root):
+  PYTHONUNBUFFERED=1 python3 /path/to/benchmarks/gpu_check.py [--device cuda|cpu] [--budget-s 360]
+DeepGEMM / FlashMLA are picked up when importable (see shared/gpu/README.md for building them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V3_CONFIG = os.path.join(ROOT, "tests", "fixtures", "deepseek_v3")
+SERVE_EXAMPLE = os.path.join(ROOT, "examples", "serve_config.yaml")
+ROWS: list[tuple[str, str, str]] = []  # (check, result, verdict)
+
+
+def _row(check: str, result: str, ok: bool | None) -> None:
+    verdict = "-" if ok is None else "PASS" if ok else "FAIL"
+    ROWS.append((check, result, verdict))
+    print(f"[gpu_check] {check}: {result} [{verdict}]", flush=True)
+
+
+def _sync(dev: str) -> None:
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _seconds(fn, dev: str, repeats: int = 3) -> float:
+    fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(dev)
+    return (time.perf_counter() - t0) / repeats
+
+
+def parity(dev: str, smoke: bool) -> None:
+    """Logits vs transformers fp32: ours in fp32 and bf16, with transformers' own bf16 deviation beside."""
+    from helpers import hf_checkpoint
+    from test_parity import CONFIGS
+    from transformers import DeepseekV3ForCausalLM
+
+    from rayinfer.model import load_model
+
+    for name, kw in CONFIGS.items():
+        path = tempfile.mkdtemp(prefix="gpu-check-")
+        hf_checkpoint(path, **kw)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(2, 256, (4, 64), generator=g).to(dev)  # test_bf16_cuda_parity's inputs
+        with torch.no_grad():
+            ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()(ids).logits
+            hf16 = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()(ids).logits.float()
+            ours32 = load_model(path, torch.float32, dev)(ids)
+            ours16 = load_model(path, torch.bfloat16, dev)(ids).float()
+        d32, dh, do = ((x - ref).abs().max().item() for x in (ours32, hf16, ours16))
+        ah, ao = ((x.argmax(-1) == ref.argmax(-1)).float().mean().item() for x in (hf16, ours16))
+        ok = d32 <= 1e-3 and do <= 1.5 * dh and ao >= ah - 0.01
+        _row(f"parity {name}", f"fp32 {d32:.1e}; bf16 ours {do:.3f} vs transformers {dh:.3f} ({do / dh:.2f}x, "
+             f"bound 1.5x); argmax ours {ao:.3f} vs transformers {ah:.3f}", ok)
+
+
+def greedy(dev: str, smoke: bool) -> None:
+    from transformers import DeepseekV3ForCausalLM
+
+    from rayinfer import LLM, SamplingParams
+    from rayinfer.model import resolve_model_path
+
+    preset, n_req, n_tok = ("tiny", 4, 8) if smoke else ("small", 32, 32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 250, (int(n),), generator=g).tolist() for n in torch.randint(4, 40, (n_req,), generator=g)]
+    llm = LLM(preset, device=dev, dtype="float32")
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n_tok, temperature=0.0), use_tqdm=False)
+    hf = DeepseekV3ForCausalLM.from_pretrained(resolve_model_path(preset), dtype=torch.float32).to(dev).eval()
+    same = 0
+    with torch.no_grad():
+        for p, o in zip(prompts, outs):
+            want = hf.generate(torch.tensor([p], device=dev), max_new_tokens=n_tok, do_sample=False)[0, len(p):].tolist()
+            same += list(o.token_ids) == want[:len(o.token_ids)]
+    _row("engine greedy vs transformers (fp32)", f"{same}/{len(prompts)} requests identical ({preset})",
+         same == len(prompts))
+
+
+def sampling(dev: str, smoke: bool) -> None:
+    from rayinfer import LLM, SamplingParams
+
+    llm = LLM("tiny", device=dev, dtype="bfloat16" if dev.startswith("cuda") else "float32")
+    prompts = [[5 + i, 9, 11 + i, 40] for i in range(4 if smoke else 16)]
+    sp = SamplingParams(max_tokens=8 if smoke else 32, temperature=0.8, top_p=0.9, top_k=50, seed=1234,
+                        repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3)
+    a = [o.token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    b = [o.token_ids for o in llm.generate(prompts[::-1], sp, use_tqdm=False)][::-1]  # other batch order
+    _row("seeded sampling + penalties", f"{sum(x == y for x, y in zip(a, b))}/{len(a)} requests reproduce "
+         "across batch orders", a == b)
+
+
+def _fp8_operands(m: int, n: int, k: int, dev: str, groups: int | None = None):
+    from rayinfer.kernels import fp8
+
+    g = torch.Generator(device=dev).manual_seed(2)
+    ws = [torch.randn(n, k, device=dev, generator=g) * k ** -0.5 for _ in range(groups or 1)]
+    q = [fp8.quantize_weight_blocks(w) for w in ws]
+    x = torch.randn(m, k, device=dev, generator=g).bfloat16()
+    deq = [fp8.dequantize_weight_blocks(a, b, torch.bfloat16) for a, b in q]
+    return x, torch.stack([a for a, _ in q]), torch.stack([b for _, b in q]), deq
+
+
+def fp8_gemms(dev: str, smoke: bool) -> None:
+    """Each FP8 backend found, on a DeepSeek-V3 expert shape, vs the bf16 product of the dequantised weights."""
+    from rayinfer.kernels import fp8, probe
+
+    m, n, k = (64, 256, 512) if smoke else (4096, 4096, 7168)
+    x, wq, ws, deq = _fp8_operands(m, n, k, dev)
+    want = (x @ deq[0].t()).float()
+    for name in ["reference", *fp8.native_backends(x)]:
+        if name != "reference":
+            why = fp8._NATIVE[name][0](x, wq[0], ws[0])
+            if why is not None or not probe.healthy(name):
+                _row(f"fp8 linear {name}", why or f"disabled: {probe.verdicts()[name][1]}", None)
+                continue
+
+        def run(name=name):
+            if name == "reference":
+                return torch.nn.functional.linear(x, fp8.dequantize_weight_blocks(wq[0], ws[0], x.dtype))
+            return fp8._NATIVE[name][1](*fp8.quantize_act_groups(x), wq[0], ws[0])
+
+        err = ((run().float() - want).norm() / want.norm()).item()
+        secs = _seconds(run, dev)
+        _row(f"fp8 linear {name}", f"M{m} N{n} K{k}: rel err {err:.1e}, {2 * m * n * k / secs / 1e12:.3g} TFLOP/s",
+             err < 3e-2)
+    e, per = (2, 16) if smoke else (8, 512)
+    x, wq, ws, deq = _fp8_operands(e * per, n, k, dev, groups=e)
+    counts = [per] * e
+    want = torch.cat([(x[i * per:(i + 1) * per] @ deq[i].t()).float() for i in range(e)])
+    for label, fn in (("contiguous", lambda: fp8.grouped_linear(x, counts, wq, ws)),
+                      ("masked", lambda: fp8.grouped_linear_masked(x.view(e, per, k), counts, wq, ws).view(-1, n))):
+        err = ((fn().float() - want).norm() / want.norm()).item()
+        secs = _seconds(fn, dev)
+        used = "deep_gemm" if probe.verdicts().get("deep_gemm_grouped", (False,))[0] else \
+            f"per-slot {fp8.linear_backend(x[:per], wq[0], ws[0])}"
+        _row(f"fp8 grouped {label}", f"{e}x{per} rows via {used}: rel err {err:.1e}, "
+             f"{2 * e * per * n * k / secs / 1e12:.3g} TFLOP/s", err < 3e-2)
+
+
+def flash_mla(dev: str, smoke: bool) -> None:
+    from rayinfer.kernels import backends, mla, probe
+
+    if not backends.installed("flash_mla"):
+        _row("flash_mla vs reference", "not installed (or no Hopper GPU)", None)
+        return
+    ok = probe.healthy("flash_mla")
+    _row("flash_mla vs reference", "probe passed (rel err < 2e-2 on a paged batch)" if ok else
+         f"disabled: {probe.verdicts()['flash_mla'][1]}", ok)
+    if ok:
+        b, h, length = 64, 128, 4096
+        pages = b * length // mla.PAGE_SIZE
+        cache = torch.randn(pages, mla.PAGE_SIZE, 576, device=dev).bfloat16()
+        table = torch.arange(pages, device=dev, dtype=torch.int32).view(b, -1)
+        q = torch.randn(b, 1, h, 576, device=dev).bfloat16()
+        lens = torch.full((b,), length, device=dev, dtype=torch.int32)
+        secs = _seconds(lambda: mla.mla_decode(q, cache, table, lens, 512, 0.07, step_cache={}), dev)
+        _row("flash_mla decode timing", f"B{b} h{h} len {length}: {secs * 1e6:.0f} us, "
+             f"{cache.numel() * 2 / secs / 1e9:.0f} GB/s of cache read", None)
+
+
+def plan_v3(dev: str, smoke: bool) -> None:
+    from rayinfer.config import ServeConfig
+    from rayinfer.plan import plan
+
+    rows = {p.role: p for p in plan(ServeConfig.from_file(SERVE_EXAMPLE, model=V3_CONFIG), 80 * 2**30)}
+    pre, dec = rows["prefill"].weight_bytes_per_rank / 1e9, rows["decode"].weight_bytes_per_rank / 1e9
+    _row("rayinfer plan V3 (FP8, example topology)", f"prefill {pre:.1f} GB/rank (18 slots), decode {dec:.1f} GB/rank "
+         "(9 slots); published 65.0 / 42.1", abs(pre / 65.0 - 1) <= 0.03 and abs(dec / 42.1 - 1) <= 0.03)
+
+
+def timings(dev: str, smoke: bool) -> None:
+    from rayinfer import LLM, SamplingParams
+    from rayinfer.model import load_model
+
+    preset = "tiny" if smoke else "small"
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    model = load_model(preset, dtype, dev)
+    ids = torch.randint(5, 250, (1, 32) if smoke else (8, 512), device=dev)
+    with torch.no_grad():
+        secs = _seconds(lambda: model(ids), dev)
+    _row(f"prefill forward ({preset})", f"{ids.numel()} tokens in {secs * 1e3:.1f} ms: {ids.numel() / secs:,.0f} tok/s",
+         None)
+    llm = LLM(preset, device=dev, dtype=str(dtype).replace("torch.", ""))
+    n_req, n_tok = (2, 4) if smoke else (64, 64)
+    prompts = [[5 + i, 9, 11, 40] for i in range(n_req)]
+    sp = SamplingParams(max_tokens=n_tok, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    llm.generate(prompts, sp, use_tqdm=False)
+    secs = time.perf_counter() - t0
+    _row(f"decode ({preset})", f"{n_req} requests x {n_tok} tokens: {n_req * n_tok / secs:,.0f} output tok/s, "
+         f"{secs / n_tok * 1e3:.1f} ms/step", None)
+
+
+SECTIONS = [parity, greedy, sampling, fp8_gemms, flash_mla, plan_v3, timings]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (smoke mode: same code, small sizes)")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="skip sections that would start after this")
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    smoke = not args.device.startswith("cuda")
+    if not smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; run with --device cpu for the smoke mode", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    for section in SECTIONS:
+        if time.perf_counter() - t0 > args.budget_s:
+            _row(section.__name__, f"skipped: past the {args.budget_s:.0f}s budget", None)
+            continue
+        try:
+            section(args.device, smoke)
+        except Exception as e:  # one broken section must not hide the others
+            _row(section.__name__, f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}", False)
+    gpu = torch.cuda.get_device_name() if not smoke else "cpu (smoke mode)"
+    print(f"\nrayinfer gpu_check on {gpu}, torch {torch.__version__}, {time.perf_counter() - t0:.0f}s")
+    widths = [max(len(r[i]) for r in ROWS + [("check", "result", "verdict")]) for i in range(3)]
+    for r in [("check", "result", "verdict"), *ROWS]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 1 if any(v == "FAIL" for _, _, v in ROWS) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
