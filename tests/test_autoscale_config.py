@@ -54,3 +54,8 @@ def test_bad_values_are_named(section, named):
 def test_section_must_be_a_mapping():
     with pytest.raises(ConfigError, match="decode.autoscaling' must be a mapping"):
         ServeConfig.from_dict({"decode": {"autoscaling": 3}})
+
+
+def test_max_ranks_counts_autoscaled_roles_at_their_max():
+    cfg = _cfg(min_gangs=1, max_gangs=3)
+    assert (cfg.num_ranks, cfg.max_ranks) == (2 + 4 * 2, 2 + 4 * 3)  # prefill: 1 gang of 2; decode: gangs of 4

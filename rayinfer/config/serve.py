@@ -139,6 +139,12 @@ class ServeConfig:
     def num_ranks(self) -> int:
         return sum(self.role(r).ep_size * self.role(r).num_gangs for r in self.roles)
 
+    @property
+    def max_ranks(self) -> int:
+        """Ranks when every autoscaled role runs its max gangs (what the cluster must be able to hold)."""
+        return sum(self.role(r).ep_size * (a.max_gangs if (a := self.role(r).autoscaling) else self.role(r).num_gangs)
+                   for r in self.roles)
+
     @staticmethod
     def from_dict(raw: dict, **overrides) -> "ServeConfig":
         """From a parsed YAML mapping, then flag overrides (None values are ignored)."""
