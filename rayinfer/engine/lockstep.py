@@ -56,6 +56,16 @@ class Lockstep:
     def ring_from_loop(self) -> None:
         self._waiter.set(self._key(self.epoch), b"1")
 
+    def leave(self) -> None:
+        """Tells the gang this rank is stopping (it will get no new request)."""
+        with self._lock:
+            self._ringer.set(f"rayinfer/leaving/{self.rank}", b"1")
+
+    def all_leaving(self) -> bool:
+        """Whether every rank of the gang said it is stopping: then no rank can get new work."""
+        with self._lock:
+            return self._ringer.check([f"rayinfer/leaving/{r}" for r in range(self.world)])
+
     def sleep(self) -> None:
         """Blocks until someone rings the current key, or the heartbeat passes."""
         try:
