@@ -75,12 +75,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 
 def ensure_serve(host: str = LOOPBACK, port: int = 8000, http: bool = True) -> None:
+    import time
+
+    import ray
     from ray import serve
 
-    if http:
-        serve.start(http_options={"host": host, "port": port})
-    else:
-        serve.start(proxy_location="Disabled")
+    for attempt in range(3):
+        try:
+            if http:
+                serve.start(http_options={"host": host, "port": port})
+            else:
+                serve.start(proxy_location="Disabled")
+            return
+        except ray.exceptions.ActorDiedError:  # a controller `serve.shutdown()` just stopped is still going away
+            if attempt == 2:
+                raise
+            time.sleep(2.0)
 
 
 def bind_replica_grpc_to_loopback() -> None:

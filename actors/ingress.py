@@ -1,7 +1,9 @@
 """The HTTP ingress: OpenAI-compatible endpoints on Ray Serve + FastAPI.
 
-Owns the request's life at the edge: parse and validate (rayinfer.openai_protocol), refuse
-beyond the queue bound (429 with Retry-After), fan a request out into its choices, send each to
+Owns the request's life at the edge: check the API key, read the body within its bound
+(rayinfer.http_input), parse, validate and tokenize it off the event loop
+(rayinfer.openai_protocol), refuse beyond the queue bound (429 with Retry-After), fan a request
+out into its choices, send each to
 a prefill rank and then, with the KV handoff, to a decode rank (or to one mixed rank when
 colocated), merge the choices' deltas into SSE chunks or one response, and count usage and
 latency. It never carries KV bytes (it forwards a reference), never blocks its event loop, and a
@@ -9,65 +11,30 @@ client that goes away has its requests aborted on the ranks.
 """
 
 import asyncio
-import json
-import zlib
-from array import array
 import time
 import uuid
+from dataclasses import replace
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from ray import serve
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from rayinfer.actors.cluster import bind_replica_grpc_to_loopback
+from rayinfer.actors.choice import choice_seed, empty_choice, fold, own_request_identity
+from rayinfer.actors.edge import app, error_response
 from rayinfer.actors.metrics import IngressMetrics
+from rayinfer.balance.prefix_index import page_keys
 from rayinfer.config import ModelConfig, ServeConfig
-from rayinfer.kernels.mla import PAGE_SIZE
 from rayinfer.messages import Delta, EngineRequest, pack, unpack
 from rayinfer.openai_protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
                                       models_response, parse_chat_request, parse_completion_request, sse,
                                       usage_chunk, usage_for)
-
-app = FastAPI(title="rayinfer", docs_url=None, redoc_url=None)
-
-
-def _error(e: APIError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(e.to_dict(), status_code=e.status, headers=headers)
+from rayinfer.http_input import key_matches, one_line, parse_body, read_body
+from rayinfer.openai_tokenize import detokenize, tokenize
 
 
-def _empty_choice(spec, index: int) -> ChoiceResult:
-    """Choice `index` before any delta; it collects logprobs when the request asked for them."""
-    return ChoiceResult(index=index, token_ids=[], text="", logprobs=[] if spec.params.logprobs is not None else None)
-
-
-def _fold(out: ChoiceResult, d: Delta) -> None:
-    out.token_ids += d.token_ids
-    out.text += d.text
-    if d.logprobs is not None and out.logprobs is not None:
-        out.logprobs += d.logprobs
-    out.num_prompt_tokens, out.num_cached_tokens = d.num_prompt_tokens, d.num_cached_tokens
-    if d.finish_reason:
-        out.finish_reason = d.finish_reason
-
-
-def _own_request_identity() -> None:
-    """Gives the calling task's outgoing handle calls their own internal request id.
-
-    Serve (2.60) copies the HTTP request's internal id onto every handle call made while serving
-    it, and its router keeps pending calls in a dict keyed by that id: two calls in flight from
-    one HTTP request (choices of n > 1, several prompts) overwrite each other and one never
-    routes. Each choice runs in its own task, so setting the context here affects only it."""
-    from dataclasses import replace
-
-    from ray.serve import context
-    from ray.serve._private.utils import generate_request_id
-
-    ctx = context._get_serve_request_context()
-    context._serve_request_context.set(replace(ctx, _internal_request_id=generate_request_id()))
-
-
-def _inc(counter, n: int, tags: dict) -> None:
+def inc(counter, n: int, tags: dict) -> None:
     if n > 0:  # Ray counters reject increments of zero
         counter.inc(n, tags)
 
@@ -81,10 +48,13 @@ class Ingress:
 
         path = resolve_model_path(config.model)
         model = ModelConfig.from_file(path)
+        tok = load_tokenizer(path)
+        longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=0) if tok else 0
         self.info = ModelInfo(config.model_name, model.max_position_embeddings, model.vocab_size,
-                              load_tokenizer(path), int(time.time()))
+                              tok, int(time.time()), max_token_chars=longest)
         self.prefill, self.decode, self.mixed = prefill, decode, mixed
-        self.max_queue = config.max_queue
+        self.max_queue, self.max_request_bytes = config.max_queue, config.max_request_bytes
+        self.api_keys, self.metrics_need_key = config.api_keys, config.metrics_need_key
         self.inflight = 0
         self.metrics = IngressMetrics(self.info.name, {"prefill": prefill, "decode": decode, "mixed": mixed})
         self._warm = None
@@ -96,9 +66,30 @@ class Ingress:
         can miss the update and wait forever (seen with Ray Serve 2.60 inside a replica); one
         call first avoids it."""
         if self._warm is None:
-            self._warm = asyncio.ensure_future(asyncio.gather(
-                *(h.stats.remote() for h in (self.prefill, self.decode, self.mixed) if h is not None)))
-        await asyncio.shield(self._warm)
+            self._warm = asyncio.ensure_future(self._rank_stats())
+        stats = await asyncio.shield(self._warm)
+        if not self.info.kv_capacity_tokens:
+            caps = [s.get("kv_capacity_tokens") for s in stats]
+            if all(caps):  # known once every role's ranks have reported (their first stats period)
+                # A decode rank admits prompt + first token + max_tokens: the handed-off token counts twice.
+                slack = 1 if self.decode is not None else 0
+                self.info = replace(self.info, kv_capacity_tokens=min(caps) - slack)
+            else:
+                self._warm = None
+
+    async def _rank_stats(self) -> list[dict]:
+        return await asyncio.gather(*(h.stats.remote() for h in (self.prefill, self.decode, self.mixed)
+                                      if h is not None))
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_keys and not key_matches(request.headers.get("authorization"), self.api_keys):
+            raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>' with one of "
+                                "the keys this server was started with", code="invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        """The raw body, after the key check: what `parse_body` reads, off the event loop."""
+        self._authorize(request)
+        return await read_body(request.stream(), self.max_request_bytes, request.headers.get("content-length"))
 
     # -- endpoints -------------------------------------------------------------------------------
     @app.get("/health")
@@ -106,21 +97,36 @@ class Ingress:
         return {"status": "ok", "inflight": self.inflight}
 
     @app.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        self._authorize(request)
         return models_response([self.info])
 
     @app.get("/metrics")
-    async def metrics(self):
+    async def metrics(self, request: Request):
+        if self.metrics_need_key:
+            self._authorize(request)
         # sampling polls every rank with a blocking broadcast: off the event loop
         return PlainTextResponse(await asyncio.to_thread(self.metrics.exposition),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/metrics/history")
-    async def metrics_history(self, since: float | None = None):
+    async def metrics_history(self, request: Request, since: float | None = None):
         """The sampled series `rayinfer report` reads, over the last `since` seconds (default: all)."""
+        if self.metrics_need_key:
+            self._authorize(request)
         if since is not None and since <= 0:
-            return _error(APIError(400, f"since must be > 0 seconds, got {since}"))
+            return error_response(APIError(400, f"since must be > 0 seconds, got {since}"))
         return await asyncio.to_thread(self.metrics.history, since)
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        raw = await self._body(request)
+        return await asyncio.to_thread(lambda: tokenize(parse_body(raw), self.info))
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        raw = await self._body(request)
+        return await asyncio.to_thread(lambda: detokenize(parse_body(raw), self.info))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -134,18 +140,17 @@ class Ingress:
     async def _handle(self, request: Request, kind: str) -> Response:
         endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         try:
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(400, f"the request body is not valid JSON: {e}") from e
-            spec = (parse_chat_request if kind == "chat" else parse_completion_request)(body, self.info)
+            raw = await self._body(request)
+            await self._warm_up()  # the ranks' KV capacity bounds the request's default max_tokens
+            # Parsing, tokenizing and the chat template take time in proportion to the body: off the event loop.
+            parse = parse_chat_request if kind == "chat" else parse_completion_request
+            spec = await asyncio.to_thread(lambda: parse(parse_body(raw), self.info))
             if self.inflight >= self.max_queue:
                 raise APIError(429, f"server is at its queue bound ({self.max_queue} requests in flight); retry shortly")
         except APIError as e:
             self.metrics.request(endpoint, e.status)
-            return _error(e, {"Retry-After": "1"} if e.status == 429 else None)
+            return error_response(e)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        await self._warm_up()
         self.inflight += 1
         self.metrics.queue.set(self.inflight, self.metrics.tags)
         if spec.stream:
@@ -154,7 +159,7 @@ class Ingress:
             results = await asyncio.gather(*(self._collect(spec, rid, i) for i in range(len(spec.prompts) * spec.n)))
         except APIError as e:
             self.metrics.request(endpoint, e.status)
-            return _error(e)
+            return error_response(e)
         finally:
             self._leave()
         self.metrics.request(endpoint, 200)
@@ -173,17 +178,14 @@ class Ingress:
         text, ids = spec.prompts[index // spec.n]
         params = spec.params
         if params.seed is not None and index % spec.n:  # n samples of one seed must differ, reproducibly
-            from dataclasses import replace
-
-            params = replace(params, seed=params.seed + index % spec.n)
+            params = replace(params, seed=choice_seed(params.seed, index % spec.n))
         return EngineRequest(f"{rid}-{index}", ids, params, time.time())
 
     async def _choice(self, req: EngineRequest):
         """Deltas of one choice: prefill rank, then decode rank with the KV handoff (or one mixed rank)."""
-        _own_request_identity()
+        own_request_identity()
         ids = req.prompt_token_ids
-        cost = {"prompt_tokens": len(ids), "max_tokens": req.params.max_tokens,
-                "prefix": zlib.crc32(array("q", ids[:PAGE_SIZE]).tobytes()) if len(ids) > PAGE_SIZE else None}
+        cost = {"prompt_tokens": len(ids), "max_tokens": req.params.max_tokens, "pages": page_keys(ids)}
         call = None  # the rank call in flight: cancelled explicitly, as our fresh request id hides it from Serve
         try:
             if self.mixed is not None:
@@ -198,21 +200,29 @@ class Ingress:
                 yield first
                 return
             first.finish_reason = None
+            # The KV goes to a decode rank in a call of its own, so the object store lets it go once that
+            # rank holds it (a stream would pin it to its end); the stream is then routed to the same rank.
+            # Sent before the first token is yielded: a client leaving there must not leave the KV held here.
+            call = self.decode.accept_kv.remote(req.request_id, len(ids), handoff, cost=cost)
+            del raw, handoff
             yield first
             req.output_token_ids, req.emitted_chars = list(first.token_ids), len(first.text)
             req.num_cached_tokens = first.num_cached_tokens
-            call = self.decode.options(stream=True).decode.remote(pack(req), handoff, cost=cost)
+            replica = await call
+            call = self.decode.options(stream=True).decode.remote(pack(req), cost=dict(cost, replica=replica))
             async for raw in call:
                 yield unpack(raw, Delta)
         except (asyncio.CancelledError, GeneratorExit):
             if call is not None:  # the client left: the rank aborts the request and frees its KV
                 call.cancel()
+                call = None  # a cancelled call's arguments may hold the KV reference; this frame may outlive it
             raise
         except APIError:
             raise
+        except ValueError as e:  # the rank refused the request (admission): the client's to fix
+            raise APIError(400, f"the serving rank refused this request: {one_line(e)}") from e
         except Exception as e:  # a rank failed: the client gets an error, not a hang
-            raise APIError(503, f"a serving rank failed while handling this request: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:300]}") from e
+            raise APIError(503, f"a serving rank failed while handling this request: {one_line(e)}") from e
 
     async def _deltas(self, spec, rid: str, index: int):
         """One choice's deltas with latency metrics recorded."""
@@ -235,14 +245,14 @@ class Ingress:
 
     def _count_usage(self, d: Delta, first_choice_of_prompt: bool) -> None:
         if first_choice_of_prompt:
-            _inc(self.metrics.prompt_tokens, d.num_prompt_tokens, self.metrics.tags)
-            _inc(self.metrics.cached_tokens, d.num_cached_tokens, self.metrics.tags)
+            inc(self.metrics.prompt_tokens, d.num_prompt_tokens, self.metrics.tags)
+            inc(self.metrics.cached_tokens, d.num_cached_tokens, self.metrics.tags)
 
     async def _collect(self, spec, rid: str, index: int) -> ChoiceResult:
-        out = _empty_choice(spec, index)
+        out = empty_choice(spec, index)
         async for d in self._deltas(spec, rid, index):
-            _fold(out, d)
-        _inc(self.metrics.generation_tokens, len(out.token_ids), self.metrics.tags)
+            fold(out, d)
+        inc(self.metrics.generation_tokens, len(out.token_ids), self.metrics.tags)
         return out
 
     async def _stream(self, spec, rid: str, endpoint: str):
@@ -260,7 +270,7 @@ class Ingress:
                 await queue.put((index, e))
 
         tasks = [asyncio.create_task(pump(i)) for i in range(count)]
-        results = [_empty_choice(spec, i) for i in range(count)]
+        results = [empty_choice(spec, i) for i in range(count)]
         status = 200
         try:
             if chat:
@@ -273,12 +283,12 @@ class Ingress:
                     live -= 1
                     continue
                 if isinstance(d, BaseException):
-                    err = d if isinstance(d, APIError) else APIError(500, f"internal error: {d!r}")
+                    err = d if isinstance(d, APIError) else APIError(500, f"internal error: {one_line(d)}")
                     status = err.status
                     yield sse(err.to_dict())
                     break
                 sent = len(results[index].text)
-                _fold(results[index], d)
+                fold(results[index], d)
                 yield sse(self._chunk(spec, rid, created, index, d, sent))
             if status == 200 and spec.include_usage:
                 yield sse(usage_chunk(spec.kind, rid, created, self.info.name, usage_for(results, spec.n)))
@@ -286,7 +296,7 @@ class Ingress:
         finally:
             for t in tasks:  # a client that left mid-stream: cancelling aborts its requests on the ranks
                 t.cancel()
-            _inc(self.metrics.generation_tokens, sum(len(r.token_ids) for r in results), self.metrics.tags)
+            inc(self.metrics.generation_tokens, sum(len(r.token_ids) for r in results), self.metrics.tags)
             self.metrics.request(endpoint, status)
             self._leave()
 

@@ -29,6 +29,15 @@ _RANK_COUNTERS = {  # engine counter -> (metric name without _total, help)
     "kv_exported_tokens": ("rayinfer_rank_kv_exported_tokens", "KV tokens handed to decode ranks"),
     "num_preemptions": ("rayinfer_rank_preemptions", "requests preempted for lack of KV pages"),
     "eplb_rebalances": ("rayinfer_rank_eplb_rebalances", "expert re-placements done by this rank's gang"),
+    "disk_hit_tokens": ("rayinfer_rank_disk_cache_hit_tokens", "prompt tokens loaded from the disk KV tier"),
+    "disk_miss_tokens": ("rayinfer_rank_disk_cache_miss_tokens", "prompt tokens looked up on disk and not found"),
+    "disk_bytes_read": ("rayinfer_rank_disk_cache_read_bytes", "bytes read from the disk KV tier"),
+    "disk_bytes_written": ("rayinfer_rank_disk_cache_written_bytes", "bytes written to the disk KV tier"),
+    "disk_read_seconds": ("rayinfer_rank_disk_cache_read_seconds", "seconds spent reading pages (divide by pages read)"),
+    "disk_pages_read": ("rayinfer_rank_disk_cache_pages_read", "pages read from the disk KV tier"),
+    "disk_evictions": ("rayinfer_rank_disk_cache_evictions", "pages evicted for the disk tier's byte budget"),
+    "disk_corrupt_pages": ("rayinfer_rank_disk_cache_corrupt_pages", "disk pages ignored: corrupt, truncated or foreign"),
+    "disk_writes_dropped": ("rayinfer_rank_disk_cache_writes_dropped", "page writes dropped: queue full or disk full"),
 }
 _RANK_GAUGES = {
     "kv_usage": ("rayinfer_rank_kv_usage", "fraction of this rank's KV pages in use"),

@@ -7,13 +7,20 @@ cache, the experts in its slots) and starts the engine loop thread. Requests arr
   - mixed ranks: `generate` streams a request to the end;
   - prefill ranks: `prefill` runs to the first token and returns it with a `KVHandoff` whose
     latents wait in this node's object store;
-  - decode ranks: `decode` fetches those latents (pollable transfer with a deadline; on any
-    failure it re-prefills) and streams the rest.
+  - decode ranks: `accept_kv` fetches those latents (pollable transfer with a deadline; on any
+    failure the request re-prefills), then `decode`, routed to the same rank, streams the rest.
+    Two calls, because Ray keeps an object alive while any call that was passed its reference
+    runs: passed to the stream, the latents would stay in the object store until the request
+    ended; passed to `accept_kv`, they go as soon as this rank holds them (or gave up on them).
 A rank whose collectives failed reports unhealthy, and Serve restarts the whole gang.
+A rank Serve stops (a scale-down, a redeploy, shutdown) first drains: Serve stops routing to it and
+waits for its own calls to end, then `__del__` keeps its engine stepping until its whole gang is idle
+(a peer's requests still need this rank in every collective), up to `drain_timeout_s`.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from contextlib import aclosing
@@ -27,13 +34,13 @@ from rayinfer.messages import Delta, EngineRequest, KVHandoff, pack, unpack
 
 
 class RankReplica:
-    def __init__(self, config: EngineConfig, role: str = "mixed", threads: int = 1, kv_timeout_s: float = 10.0):
+    def __init__(self, config: EngineConfig, role: str = "mixed", threads: int = 1, kv_timeout_s: float = 10.0,
+                 drain_timeout_s: float = 5.0):
         bind_replica_grpc_to_loopback()
         import torch
 
         from rayinfer.engine.async_engine import AsyncEngine
         from rayinfer.engine.engine import Engine
-        from rayinfer.engine.kv_transfer import KVSender
         from rayinfer.engine.rank import build_rank_engine
 
         torch.set_num_threads(threads)
@@ -42,7 +49,7 @@ class RankReplica:
         self.rank, self.world = (gang.rank, gang.world_size) if gang else (0, 1)
         self.gang_id = gang.gang_id if gang else ctx.replica_id.unique_id
         self.replica_id = ctx.replica_id.unique_id
-        self.role, self.kv_timeout_s = role, kv_timeout_s
+        self.role, self.kv_timeout_s, self.drain_timeout_s = role, kv_timeout_s, drain_timeout_s
         t0 = self.t0 = time.time()  # when this rank began to hold its device: what GPU-hours count from
         if self.world > 1:
             from rayinfer.actors.rendezvous import form_group
@@ -50,11 +57,11 @@ class RankReplica:
 
             from rayinfer.engine.eplb_live import LiveRebalancer
 
-            group, store = form_group(self.gang_id, self.rank, self.world, config.parallel.collective_timeout_s,
-                                      config.device)
-            engine = build_rank_engine(config, self.rank, group)
-            self.lockstep = Lockstep(group, store, self.world, self.rank)
-            self.rebalancer = LiveRebalancer(engine, group, self.rank, engine.runner.model.cfg.n_group,
+            groups, store = form_group(self.gang_id, self.rank, self.world, config.parallel.collective_timeout_s,
+                                       config.device)
+            engine = build_rank_engine(config, self.rank, groups)
+            self.lockstep = Lockstep(groups.control, store, self.world, self.rank)
+            self.rebalancer = LiveRebalancer(engine, groups.control, self.rank, engine.runner.model.cfg.n_group,
                                              config.parallel.eplb_interval_s)
             self.lockstep.extras, self.lockstep.after_vote = self.rebalancer.vote_extras, self.rebalancer.after_vote
             self.loop = AsyncEngine(engine, gang=self.lockstep, on_step=self._publish)
@@ -63,8 +70,9 @@ class RankReplica:
             self.lockstep = self.rebalancer = None
             self.loop = AsyncEngine(engine, on_step=self._publish)
         self.engine = engine
-        self.sender = KVSender(kv_timeout_s)
         self.transfers = {"done": 0, "failed": 0}
+        self.arrived: dict[str, tuple] = {}  # request id -> (latents or None, rng state, when): accepted, not yet decoding
+        self.handed_out: dict[str, float] = {}  # object id -> when: KV objects this rank put or received
         self.startup_s = time.time() - t0
         self._stats: dict = {}
         self._publish()
@@ -124,28 +132,54 @@ class RankReplica:
         handoff = None
         if merged.finish_reason == "handoff":
             latents, rng = self.engine.exports.pop(req.request_id)
-            ref = ray.put(latents)
-            self.sender.hand_out(req.request_id, ref)
+            ref = ray.put(latents)  # alive exactly while the ingress or a decode rank holds the reference
+            self.handed_out[ref.hex()] = time.time()
             handoff = KVHandoff([ref], latents.shape[1], time.time(), f"{self.gang_id}/{self.rank}", rng)
         return pack(merged), handoff
 
-    async def decode(self, request: bytes, handoff: KVHandoff | None = None, cost=None):
-        """Continues a request whose prefill ran elsewhere; re-prefills if its KV cannot be had."""
+    async def accept_kv(self, request_id: str, num_prompt_tokens: int, handoff: KVHandoff, cost=None) -> str:
+        """First half of a disaggregated decode: takes the request's KV out of the object store into this
+        rank; -> this replica's id, which routes the second half (`decode`) here."""
+        self._expire_arrived()
+        self.arrived[request_id] = (await self._fetch(request_id, num_prompt_tokens, handoff), handoff.rng_state,
+                                    time.monotonic())
+        return self.replica_id
+
+    async def _fetch(self, request_id: str, num_prompt_tokens: int, handoff: KVHandoff):
+        """The handed-off latents, or None when they cannot be had (the request then re-prefills)."""
         from rayinfer.engine.kv_transfer import KVReceiver, TransferState
 
-        req = unpack(request, EngineRequest)
-        kv = None
-        if handoff is not None:
-            req.rng_state = handoff.rng_state
-            caches = self.engine.runner.kv_caches
-            shape = (len(caches), len(req.prompt_token_ids), caches[0].shape[-1])
-            receiver = KVReceiver(req.request_id, handoff.ref[0].future(), shape, self.kv_timeout_s)
+        caches = self.engine.runner.kv_caches
+        shape = (len(caches), num_prompt_tokens, caches[0].shape[-1])
+        self.handed_out[handoff.ref[0].hex()] = time.time()  # watched until this process lets go of it
+        receiver = KVReceiver(request_id, handoff.ref[0].future(), shape, self.kv_timeout_s)
+        handoff.ref.clear()  # the receiver's future is now the only reference this rank holds
+        try:
             while receiver.poll() is TransferState.TRANSFERRING:
                 await asyncio.sleep(0.002)
-            ok = receiver.transfer.state is TransferState.DONE
-            self.transfers["done" if ok else "failed"] += 1
-            kv = receiver.result
+        finally:
+            receiver.close()
+        ok = receiver.transfer.state is TransferState.DONE
+        self.transfers["done" if ok else "failed"] += 1
+        return receiver.result
+
+    def _expire_arrived(self) -> None:
+        """Drops accepted KV whose decode call never came (the client left in between)."""
+        now = time.monotonic()
+        for rid, (_, _, at) in list(self.arrived.items()):
+            if now - at > self.kv_timeout_s:
+                del self.arrived[rid]
+
+    async def decode(self, request: bytes, handoff: KVHandoff | None = None, cost=None):
+        """Continues a request whose prefill ran elsewhere, with the KV `accept_kv` took (or `handoff`'s);
+        re-prefills if there is none."""
+        req = unpack(request, EngineRequest)
+        kv, rng, _ = self.arrived.pop(req.request_id, (None, None, 0))
+        if handoff is not None:
+            kv, rng = await self._fetch(req.request_id, len(req.prompt_token_ids), handoff), handoff.rng_state
+        req.rng_state = rng if rng is not None else req.rng_state
         async with aclosing(self.loop.stream(req, kv)) as deltas:
+            del kv  # the engine holds it until the scheduler imports it
             async for delta in deltas:
                 yield pack(delta)
 
@@ -154,14 +188,68 @@ class RankReplica:
         return dict(self._stats, rank=self.rank, gang_id=self.gang_id, pid=os.getpid(), role=self.role, started_at=self.t0,
                     replica_id=self.replica_id, actor_name=ray.get_runtime_context().get_actor_name(),
                     startup_s=self.startup_s, ep=ctx.stats() if ctx is not None else None,
-                    engine_tid=self.loop.native_id, votes=self.lockstep.votes if self.lockstep else None)
+                    engine_tid=self.loop.native_id, votes=self.lockstep.votes if self.lockstep else None,
+                    kv_exports=len(self.engine.exports), kv_accepted_waiting=len(self.arrived),
+                    kv_objects_alive=self._kv_objects_alive())
+
+    def _collect_stale_handoffs(self) -> None:
+        """A call cancelled at the wrong moment can leave a KV reference (its result, or its arguments) in a
+        garbage cycle here (a task and its traceback); an idle process may not collect it for a long time."""
+        now = time.time()
+        if any(now - t > self.kv_timeout_s for t in self.handed_out.values()) and self._kv_objects_alive():
+            import gc
+
+            gc.collect()
+
+    def _kv_objects_alive(self) -> int:
+        """How many KV objects this rank put (or received) are still referenced (so still in the object store)
+        by anyone (or by this rank): the owner's reference table lists each until every holder let go, a
+        borrower's until it let go itself."""
+        held = {k.decode() if isinstance(k, bytes) else str(k)
+                for k in ray._private.worker.global_worker.core_worker.get_all_reference_counts()}
+        for oid in [o for o in self.handed_out if o not in held]:
+            del self.handed_out[oid]
+        return len(self.handed_out)
 
     def check_health(self) -> None:
-        self.sender.expire()
+        self._expire_arrived()
+        self._collect_stale_handoffs()
         if not self.loop.alive:
             raise RuntimeError(f"rank {self.rank} of gang {self.gang_id} is down: {self.loop.error!r}")
+
+    def _gang_done(self) -> bool:
+        """Whether the gang can stop: every rank is stopping (none can get new work) and, at the gang's
+        last vote, none had requests left. A store that is gone means its host rank (0) already stopped."""
+        if self.engine.has_unfinished():
+            return False
+        if self.lockstep is None:
+            return True
+        try:
+            return self.lockstep.all_leaving() and not self.lockstep.last_vote.busy
+        except Exception:  # noqa: BLE001 - rank 0's store went with it: the gang is over
+            return True
+
+    def drain(self) -> float:
+        """Blocks until the gang can stop or the drain bound passed; -> seconds waited. Serve calls `__del__`
+        only once no call of this rank's is left and routes it nothing new: peers' requests may remain, and
+        each of their steps needs this rank's share of every collective."""
+        t0 = time.monotonic()
+        if self.lockstep is not None:
+            try:
+                self.lockstep.leave()
+            except Exception:  # noqa: BLE001 - as in _gang_done
+                pass
+        while self.loop.alive and not self._gang_done() and time.monotonic() - t0 < self.drain_timeout_s:
+            time.sleep(0.05)
+        return time.monotonic() - t0
 
     def __del__(self):
         loop = getattr(self, "loop", None)
         if loop is not None:
+            busy = self.engine.has_unfinished() or (self.lockstep is not None and self.lockstep.last_vote.busy)
+            waited = self.drain()
+            logging.getLogger("ray.serve").info(
+                "rank %d of gang %s stopping: drained for %.1fs (gang busy when asked: %s, still busy: %s)",
+                self.rank, self.gang_id, waited, busy, not self._gang_done())
             loop.shutdown()
+            self.engine.close(timeout=5.0)  # a graceful stop keeps the disk-tier pages still queued

@@ -6,8 +6,9 @@ chosen data-parallel rank with it. `PrefillRouter` and `DecodeRouter` are the pr
 load balancers: DeepSeek's policies (rayinfer.balance.policies) over each replica's reported
 load, which arrives up to a stats period late, plus what this router itself routed since
 (rayinfer.balance.tracker). A request's cost travels as the `cost` keyword of the call; its
-`prefix` (a hash of the prompt's first page) lets the prefill LB keep shared prefixes on the
-rank that has them cached when that rank is not much busier.
+`pages` (chained keys of the prompt's full pages) let the prefill LB count, per rank, the prefix
+that rank already holds (where this router sent those pages before) and, when the ranks have a
+disk tier, the prefix any rank can load from disk instead of computing.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import List, Optional
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from rayinfer.balance.policies import RankLoad, RequestCost
+from rayinfer.balance.prefix_index import PrefixIndex
 from rayinfer.balance.tracker import LoadTracker
 
-AFFINITY_SLACK_TOKENS = 2048
 _LOAD_FIELDS = ("num_requests", "prefill_tokens", "attention_work", "kv_used_tokens", "kv_capacity_tokens",
                 "max_num_seqs")
 
@@ -47,10 +48,21 @@ class RankRouter(RequestRouter):
         return [sorted(candidate_replicas, key=lambda r: (r.routing_stats or {}).get("num_requests", 0))]
 
 
+def _pin(pending_request: Optional[PendingRequest]) -> str | None:
+    """The replica a call must go to, when an earlier call of the same request chose it (a dead one: none)."""
+    raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
+    return raw.get("replica")
+
+
 def request_cost(pending_request: Optional[PendingRequest]) -> RequestCost:
     raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
     return RequestCost(prompt_tokens=int(raw.get("prompt_tokens", 1)), cached_tokens=int(raw.get("cached_tokens", 0)),
                        max_tokens=int(raw.get("max_tokens", 0)))
+
+
+def _pages(pending_request: Optional[PendingRequest]) -> list[int]:
+    raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
+    return list(raw.get("pages") or ())
 
 
 class _BalancingRouter(RequestRouter):
@@ -59,6 +71,8 @@ class _BalancingRouter(RequestRouter):
     def initialize_state(self, **kwargs):
         self.tracker = LoadTracker(self.kind)
         self._costs: dict[str, RequestCost] = {}
+        self.prefixes = PrefixIndex()
+        self.disk_tier = False  # whether the ranks report an on-disk KV tier
 
     def _absorb_reports(self, replicas: List[RunningReplica]) -> None:
         for r in replicas:
@@ -66,6 +80,7 @@ class _BalancingRouter(RequestRouter):
             if "taken_at" in stats:
                 load = RankLoad(**{k: stats[k] for k in _LOAD_FIELDS if k in stats})
                 self.tracker.report(r.replica_id.unique_id, load, stats["taken_at"])
+                self.disk_tier = self.disk_tier or "disk_max_bytes" in stats
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
@@ -73,31 +88,27 @@ class _BalancingRouter(RequestRouter):
         if not candidate_replicas:
             return [[]]
         self._absorb_reports(candidate_replicas)
+        pinned = [r for r in candidate_replicas if r.replica_id.unique_id == _pin(pending_request)]
+        if pinned:  # the second call of a request whose first one chose the rank (it holds the request's KV)
+            return [pinned]
         cost = request_cost(pending_request)
         by_id = {r.replica_id.unique_id: r for r in sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)}
-        now = time.time()
-        best = self.tracker.pick(list(by_id), cost, now)
-        best = self._prefer_affinity(pending_request, list(by_id), best, now)
+        ids, pages = list(by_id), _pages(pending_request)
+        device = self.prefixes.device_tokens(pages, ids) if pages else None
+        disk = self.prefixes.seen_tokens(pages) if pages and self.disk_tier else 0
+        best = self.tracker.pick(ids, cost, time.time(), device, disk)
         return [[by_id[best]], [r for i, r in by_id.items() if i != best]]
 
-    def _prefer_affinity(self, pending_request, ids: list[str], best: str, now: float) -> str:
-        """Prompts sharing a first page go to the same rank when that costs little: its prefix cache
-        already holds them. "Little": the affinity rank's queued prompt work is within one chunk
-        of the least-loaded rank's."""
-        raw = (pending_request.kwargs.get("cost") if pending_request is not None else None) or {}
-        prefix = raw.get("prefix")
-        if prefix is None:
-            return best
-        home = ids[prefix % len(ids)]
-        a, b = self.tracker.effective(home, now), self.tracker.effective(best, now)
-        return home if a.prefill_tokens <= b.prefill_tokens + AFFINITY_SLACK_TOKENS else best
-
     def on_request_routed(self, pending_request, replica_id, result) -> None:
+        if _pin(pending_request) is not None:
+            return  # counted when its first call was routed
         self.tracker.routed(replica_id.unique_id, request_cost(pending_request), time.time())
+        self.prefixes.record(_pages(pending_request), replica_id.unique_id)
 
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
         self.tracker.forget(replica_id.unique_id)
+        self.prefixes.forget(replica_id.unique_id)
 
 
 class PrefillRouter(_BalancingRouter):

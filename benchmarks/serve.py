@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
+
+from _stream import stream_completion  # benchmarks/ is the script's directory
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -21,23 +22,9 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 async def _one(http, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    t0 = time.perf_counter()
-    first = None
-    tokens = 0
-    async with http.stream("POST", "/v1/completions", json={
-            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"] and first is None:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    return first - t0, (end - first) / max(tokens - 1, 1), tokens
+    r = await stream_completion(http, model, prompt, max_tokens)
+    tokens = r["usage"]["completion_tokens"]
+    return r["ttft"], (r["seconds"] - r["ttft"]) / max(tokens - 1, 1), tokens
 
 
 async def _clients(url: str, model: str, prompts: list[str], max_tokens: int):

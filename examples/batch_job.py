@@ -2,7 +2,9 @@
 
 Each input line is `{"id": ..., "prompt": "..."}` (sent to /v1/completions) or
 `{"id": ..., "messages": [...]}` (sent to /v1/chat/completions); a line without an id gets its
-line number. Requests go out `--concurrency` at a time; each result is appended to `--output`
+line number. Any other field of a line is a request parameter for that line alone (`max_tokens`,
+`temperature`, `stop`, `seed`, ...), over the command line's defaults; a `model` other than the
+job's is refused before anything is sent, as a job talks to one model. Requests go out `--concurrency` at a time; each result is appended to `--output`
 as soon as it arrives: `{"id", "text", "finish_reason", "usage"}`, or `{"id", "error"}` for a
 request the server refused (a 4xx, or a 429/5xx that outlived its retries).
 
@@ -87,6 +89,8 @@ def read_requests(path: str) -> list[dict]:
             raise JobError(f"{path}:{n}: id {rid!r} must be a string or an integer")
         if rid in seen:  # resuming by id would be ambiguous
             raise JobError(f"{path}:{n}: id {rid!r} repeats the id of line {seen[rid]}")
+        if obj.get("stream"):
+            raise JobError(f"{path}:{n}: \"stream\" is not supported in a batch job (results are written whole)")
         seen[rid] = n
         requests.append(dict(obj, id=rid))
     return requests
@@ -140,16 +144,28 @@ def _retry_delay(attempt: int, response=None) -> float:
     return max(floor, min(30.0, 0.25 * 2 ** attempt)) * random.uniform(1.0, 1.5)
 
 
+_NOT_PARAMS = ("id", "prompt", "messages", "model")
+
+
+def _check_models(todo: list[dict], model: str) -> None:
+    for req in todo:
+        if req.get("model", model) != model:
+            raise JobError(f"request {req['id']!r} asks for model {req['model']!r}, but this job runs {model!r}; "
+                           f"split the input by model and pass --model")
+
+
 async def _send(client: openai.AsyncOpenAI, req: dict, args, stats: Stats) -> dict:
-    common = dict(model=args.model, max_tokens=args.max_tokens, temperature=args.temperature)
+    # The line's own parameters win; they travel as raw JSON so that the server validates every one.
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+              **{k: v for k, v in req.items() if k not in _NOT_PARAMS}}
     for attempt in range(args.max_retries + 1):
         retry = attempt < args.max_retries
         try:
             if "messages" in req:
-                r = await client.chat.completions.create(messages=req["messages"], **common)
+                r = await client.chat.completions.create(model=args.model, messages=req["messages"], extra_body=params)
                 text = r.choices[0].message.content
             else:
-                r = await client.completions.create(prompt=req["prompt"], **common)
+                r = await client.completions.create(model=args.model, prompt=req["prompt"], extra_body=params)
                 text = r.choices[0].text
             return {"id": req["id"], "text": text, "finish_reason": r.choices[0].finish_reason,
                     "usage": r.usage.model_dump(exclude_none=True) if r.usage else None}
@@ -182,6 +198,7 @@ async def _run(args, todo: list[dict], stats: Stats) -> None:
     async with openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0,
                                   timeout=args.timeout) as client:
         await _check_server(client, args)
+        _check_models(todo, args.model)
         bar = tqdm(total=len(todo), unit="req", desc="batch", mininterval=0.5)
         with open(args.output, "a", encoding="utf-8") as out:
             async def worker() -> None:
@@ -235,13 +252,14 @@ def main(argv: list[str] | None = None) -> Stats:
     ap.add_argument("--output", required=True, help="JSONL file of results (appended to; resumable)")
     ap.add_argument("--base-url", default=DEFAULT_URL, help=f"the server's /v1 URL [{DEFAULT_URL}]")
     ap.add_argument("--model", default=None, help="model id [the first one the server lists]")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per result, unless a line sets its own [64]")
+    ap.add_argument("--temperature", type=float, default=0.0, help="unless a line sets its own [0]")
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight at once [8]")
     ap.add_argument("--max-retries", type=int, default=10, help="retries of a refused (429/5xx) request [10]")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one response [600]")
     ap.add_argument("--retry-failed", action="store_true", help="resend requests recorded with an error")
-    ap.add_argument("--api-key", default="unused", help="only needed behind a gateway that checks keys")
+    ap.add_argument("--api-key", default=os.environ.get("RAYINFER_API_KEY", "unused"),
+                    help="a key the server accepts (`rayinfer serve --api-key`) [$RAYINFER_API_KEY]")
     args = ap.parse_args(argv)
     if args.concurrency < 1 or args.max_retries < 0:
         ap.error("--concurrency must be >= 1 and --max-retries >= 0")

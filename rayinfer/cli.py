@@ -7,6 +7,7 @@ Owns argument parsing and what is printed to the user; all work is delegated to 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -27,8 +28,11 @@ def _serve(args) -> int:
     from rayinfer.actors.server import serve_forever
     from rayinfer.config import ServeConfig
 
+    keys = args.api_key or [k for k in os.environ.get("RAYINFER_API_KEY", "").split(",") if k.strip()]
     overrides = dict(model=args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
-                     served_model_name=args.served_model_name)
+                     served_model_name=args.served_model_name, api_keys=tuple(k.strip() for k in keys) or None,
+                     metrics_need_key=args.metrics_need_key or None, disk_cache_dir=args.disk_cache_dir,
+                     disk_cache_bytes=args.disk_cache_bytes)
     if args.colocated:
         overrides["disaggregated"] = False
     cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
@@ -39,7 +43,7 @@ def _serve(args) -> int:
 def _rebalance(args) -> int:
     from rayinfer.actors.server import rebalance
 
-    for name, gangs in rebalance(args.address).items():
+    for name, gangs in rebalance(args.address, connect_timeout_s=args.connect_timeout).items():
         for g in gangs:
             if "skipped" in g:
                 print(f"{name} gang {g['gang_id']}: skipped ({g['skipped']})")
@@ -97,7 +101,7 @@ def _plan(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rayinfer", description="Serve DeepSeek-V3-architecture MoE models on Ray.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd")
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API (default: tiny preset, 127.0.0.1:8000)")
     s.add_argument("--model", default=None, help="preset name (tiny, small) or checkpoint directory [tiny]")
     s.add_argument("--host", default=None, help="address to listen on [127.0.0.1]")
@@ -110,14 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 [float32]")
     s.add_argument("--device", default=None, help="cpu | cuda [cpu]")
     s.add_argument("--served-model-name", default=None, help="model id clients send [the model's name]")
+    s.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (repeat for several keys) "
+                        "[$RAYINFER_API_KEY, comma-separated; none: open]")
+    s.add_argument("--metrics-need-key", action="store_true", help="/metrics requires an API key too")
+    s.add_argument("--disk-cache-dir", default=None,
+                   help="keep prompt KV pages in this directory (shared by all ranks; survives restarts)")
+    s.add_argument("--disk-cache-bytes", default=None, help="the disk cache's budget, e.g. 200GiB [64GiB]")
     g = sub.add_parser("generate", help="generate a completion for one prompt, offline")
     g.add_argument("--model", default="tiny", help="preset name (tiny, small) or checkpoint directory")
-    g.add_argument("--prompt", default="Hello, rayinfer!")
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--prompt", default="Hello, rayinfer!", help="the text to continue [Hello, rayinfer!]")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most [32]")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy [0]")
     g.add_argument("--ep-size", type=int, default=1, help="run as an expert-parallel gang of this many ranks")
     r = sub.add_parser("rebalance", help="re-place the experts of every gang of a running server from measured load")
     r.add_argument("--address", default="auto", help="the Ray cluster the server runs on [auto]")
+    r.add_argument("--connect-timeout", type=float, default=20.0,
+                   help="seconds to wait for that cluster before giving up [20]")
     pl = sub.add_parser("plan", help="what each rank of a serve config holds and whether it fits (config.json only)")
     pl.add_argument("--config", default=None, help="YAML file with the topology and limits (see examples/)")
     pl.add_argument("--model", default=None, help="checkpoint directory (config.json suffices) or preset [the config's]")
@@ -137,12 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node for the per-node figures [8]")
     p.add_argument("--plot", default=None, help="also draw requests, tokens/s and gangs per role into this PNG")
     args = ap.parse_args(argv)
+    if args.cmd is None:
+        ap.print_help()
+        return 2
     try:
         return {"generate": _generate, "serve": _serve, "rebalance": _rebalance, "plan": _plan,
                 "report": _report}[args.cmd](args)
     except ValueError as e:  # user errors: bad model name, bad config
         print(f"rayinfer: error: {e}", file=sys.stderr)
         return 2
+    except (ConnectionError, RuntimeError) as e:  # no cluster to reach; a deployment that failed to start
+        print(f"rayinfer: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rayinfer: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ class LLM:
         return self.gang.stats() if self.gang is not None else [self.engine.stats()]
 
     def shutdown(self) -> None:
-        """Releases the gang (ep_size > 1); the in-process engine needs nothing."""
+        """Releases the gang (ep_size > 1); an in-process engine finishes its disk-tier writes."""
+        if self.engine is not None:
+            self.engine.close()
         if self.gang is not None:
             self.gang.shutdown()
             self.gang = None

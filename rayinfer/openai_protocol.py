@@ -1,46 +1,31 @@
 """OpenAI-compatible request parsing: JSON bodies in, validated `RequestSpec`s or `APIError`s out.
 
 Owns the HTTP layer's input contract and nothing else (no Ray, no I/O): what `/v1/completions`
-and `/v1/chat/completions` accept, the chat template, tokenization, the context-length check and
-the mapping onto `SamplingParams`. Crossing it: the decoded JSON body and a `ModelInfo` in; a
+and `/v1/chat/completions` accept (vLLM's sampling extensions included), the chat template,
+tokenization and the mapping onto `SamplingParams`; the length limits are `rayinfer.openai_limits`'. Crossing it: the decoded JSON body and a `ModelInfo` in; a
 `RequestSpec` (token-id prompts + `SamplingParams` + rendering options) out, or an `APIError`
 whose `status` and `to_dict()` are the HTTP response. Response shaping lives in
-`rayinfer.openai_responses` (re-exported here so the ingress has one import).
+`rayinfer.openai_responses` (re-exported here so the ingress has one import), the error object in
+`rayinfer.openai_errors`.
 
 Every mistake a client can make is a 400 naming the parameter and the bad value (an unknown
 model is a 404). Parameters sent as JSON null count as absent, since many clients send them.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
 import jinja2
 
 from rayinfer.messages import SamplingParams
+from rayinfer.openai_errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
+from rayinfer.openai_limits import _guard_length, _max_tokens
 from rayinfer.openai_responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_logprobs,  # noqa: F401
                                        chat_response, completion_chunk, completion_logprobs,
                                        completion_response, models_response, sse, usage_chunk,
                                        usage_dict, usage_for)
 from rayinfer.tokenizer import Tokenizer
-
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-
-
-class APIError(Exception):
-    """An error the HTTP layer returns as OpenAI's error object with `status`."""
-
-    def __init__(self, status: int, message: str, type: str | None = None, param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-
-    def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -49,6 +34,8 @@ class ModelInfo:
     vocab_size: int  # the model's (embedding) vocabulary: token-id prompts must lie in [0, vocab_size)
     tokenizer: Tokenizer | None = None
     created: int = 0
+    kv_capacity_tokens: int = 0  # what the serving ranks' KV cache holds for one request; 0: not known
+    max_token_chars: int = 0  # the longest token's length in characters; 0: no length guard before tokenizing
 
 
 @dataclass
@@ -68,7 +55,10 @@ class RequestSpec:
 
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-           "frequency_penalty", "n", "stop", "seed", "stream", "stream_options", "ignore_eos", "logit_bias"}
+           "frequency_penalty", "n", "stop", "seed", "stream", "stream_options", "ignore_eos", "logit_bias",
+           # vLLM's extensions, which its benchmark and many ecosystem clients send
+           "repetition_penalty", "min_tokens", "stop_token_ids", "skip_special_tokens",
+           "spaces_between_special_tokens", "include_stop_str_in_output"}
 _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
                               "tool_choice", "functions", "function_call", "response_format"}}
@@ -76,21 +66,12 @@ _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "su
 _HARMLESS = {"echo": lambda v: v is False, "best_of": lambda v: v == 1 and not isinstance(v, bool),
              "suffix": lambda v: v == "", "tools": lambda v: v == [], "functions": lambda v: v == [],
              "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
-             "response_format": lambda v: v == {"type": "text"}, "logit_bias": lambda v: v == {}}
+             "response_format": lambda v: v == {"type": "text"}, "logit_bias": lambda v: v == {},
+             # output shaping rayinfer always does one way: special tokens skipped, stop strings cut off
+             "skip_special_tokens": lambda v: v is True, "spaces_between_special_tokens": lambda v: v is True,
+             "include_stop_str_in_output": lambda v: v is False}
 _ROLES = ("system", "user", "assistant")
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
-
-
-def _show(value) -> str:
-    try:
-        s = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        s = repr(value)
-    return s if len(s) <= 80 else s[:77] + "..."
-
-
-def _bad(param: str, value, why: str) -> APIError:
-    return APIError(400, f"Invalid value for '{param}': {_show(value)} ({why})", param=param)
 
 
 def _is_int(v) -> bool:
@@ -126,6 +107,17 @@ def _get_bool(body: dict, name: str, default: bool = False, param: str | None = 
     return v
 
 
+def check_model(body, info: ModelInfo) -> None:
+    model = body.get("model")
+    if model is None:
+        raise APIError(400, "Missing required parameter: 'model'", param="model")
+    if not isinstance(model, str):
+        raise _bad("model", model, "must be a string")
+    if model != info.name:
+        raise APIError(404, f"The model `{model}` does not exist or you do not have access to it "
+                            f"(this server serves `{info.name}`)", param="model", code="model_not_found")
+
+
 def _check_envelope(body, kind: str, info: ModelInfo) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(body).__name__}: {_show(body)}")
@@ -136,14 +128,7 @@ def _check_envelope(body, kind: str, info: ModelInfo) -> dict:
             raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name)
         if name in _HARMLESS and value is not None and not _HARMLESS[name](value):
             raise APIError(400, f"'{name}'={_show(value)} is not supported by this server", param=name)
-    model = body.get("model")
-    if model is None:
-        raise APIError(400, "Missing required parameter: 'model'", param="model")
-    if not isinstance(model, str):
-        raise _bad("model", model, "must be a string")
-    if model != info.name:
-        raise APIError(404, f"The model `{model}` does not exist or you do not have access to it "
-                            f"(this server serves `{info.name}`)", param="model", code="model_not_found")
+    check_model(body, info)
     return body
 
 
@@ -154,6 +139,9 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingPara
         if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
             raise _bad("stop", stop, "must be a non-empty string or a list of at most 4 non-empty strings")
         stop = tuple(stops)
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None and (not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids)):
+        raise _bad("stop_token_ids", stop_ids, "must be a list of token ids")
     top_k = body.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < -1):
         raise _bad("top_k", top_k, "must be an integer >= 1, or 0 / -1 to disable")
@@ -164,7 +152,10 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingPara
             min_p=_get_num(body, "min_p", 0, 1, 0.0),
             presence_penalty=_get_num(body, "presence_penalty", -2, 2, 0.0),
             frequency_penalty=_get_num(body, "frequency_penalty", -2, 2, 0.0), stop=stop or (),
-            ignore_eos=_get_bool(body, "ignore_eos"), seed=_get_int(body, "seed", *_INT64), logprobs=logprobs)
+            stop_token_ids=tuple(stop_ids or ()), ignore_eos=_get_bool(body, "ignore_eos"),
+            seed=_get_int(body, "seed", *_INT64), logprobs=logprobs,
+            repetition_penalty=_get_num(body, "repetition_penalty", 0, 100, 1.0, lo_open=True),
+            min_tokens=_get_int(body, "min_tokens", 0, max_tokens, default=0))
     except ValueError as e:  # a constraint SamplingParams knows and this layer does not
         name = str(e).split("=", 1)[0].removeprefix("SamplingParams.")
         raise APIError(400, f"Invalid request: {e}", param=name) from e
@@ -184,22 +175,6 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
             raise _bad(f"stream_options.{key}", opts[key], "unknown stream option")
     _get_bool(opts, "include_obfuscation", param="stream_options.include_obfuscation")
     return stream, _get_bool(opts, "include_usage", param="stream_options.include_usage")
-
-
-def _max_tokens(requested: int | None, prompt_len: int, info: ModelInfo, where: str) -> int:
-    limit = info.max_model_len
-    if requested is None:  # chat's default: whatever the context leaves
-        if prompt_len >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {where} "
-                                f"resulted in {prompt_len} tokens. Please reduce the length of the {where}.",
-                           param=where, code="context_length_exceeded")
-        return limit - prompt_len
-    if prompt_len + requested > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                            f"{prompt_len + requested} tokens ({prompt_len} in the {where}, {requested} for the "
-                            f"completion). Please reduce the length of the {where} or completion.",
-                       param=where, code="context_length_exceeded")
-    return requested
 
 
 def _token_ids(ids: list, param: str, info: ModelInfo) -> list[int]:
@@ -227,6 +202,7 @@ def _completion_prompts(prompt, info: ModelInfo) -> list[tuple[str | None, list[
                 raise _bad(param, p, "the prompt is empty")
             if info.tokenizer is None:
                 raise _bad(param, p, "this model has no tokenizer: send the prompt as a list of token ids")
+            _guard_length(len(p), param, info)
             out.append((p, info.tokenizer.encode(p)))
         elif isinstance(p, list):
             out.append((None, _token_ids(p, param, info)))
@@ -281,6 +257,8 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     if info.tokenizer is None:
         raise APIError(400, f"Model `{info.name}` has no tokenizer or chat template: use /v1/completions "
                             "with token-id prompts", param="messages")
+    _guard_length(sum(len(m["content"]) if isinstance(m["content"], str) else
+                      sum(len(p["text"]) for p in m["content"]) for m in messages), "messages", info)
     try:
         text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except jinja2.TemplateError as e:

@@ -150,3 +150,28 @@ def test_batch_job_beyond_the_queue_bound_retries_429s_to_completion(server, off
     got = _results(out)
     assert "HTTP 400" in got.pop("bad")["error"]
     assert {k: r["text"] for k, r in got.items()} == want
+
+
+def test_batch_job_honours_per_line_fields_and_refuses_another_model(server, tmp_path, capsys):
+    rows = [{"id": "three", "prompt": "Per-line fields", "max_tokens": 3, "ignore_eos": True},
+            {"id": "default", "prompt": "Per-line fields", "ignore_eos": True},
+            {"id": "unknown", "prompt": "Per-line fields", "frobnicate": 1},
+            {"id": "same-model", "prompt": "Per-line fields", "model": "tiny", "max_tokens": 2}]
+    _jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    args = ["--output", str(out), "--base-url", server, "--max-tokens", "8"]
+    stats = _example("batch_job").main([str(tmp_path / "in.jsonl"), *args])
+    got = _results(out)
+    assert (stats.done, stats.failed) == (3, 1)
+    assert got["three"]["usage"]["completion_tokens"] == 3 and got["default"]["usage"]["completion_tokens"] == 8
+    assert got["same-model"]["usage"]["completion_tokens"] <= 2
+    assert "HTTP 400" in got["unknown"]["error"] and "frobnicate" in got["unknown"]["error"]
+
+    _jsonl(tmp_path / "other.jsonl", [{"id": "x", "prompt": "hi"}, {"id": "y", "prompt": "hi", "model": "gpt-4o"}])
+    with pytest.raises(SystemExit) as e:
+        _example("batch_job").main([str(tmp_path / "other.jsonl"), "--output", str(tmp_path / "o2.jsonl"),
+                                    "--base-url", server])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "'y'" in err and "gpt-4o" in err and "'tiny'" in err
+    assert not (tmp_path / "o2.jsonl").exists() or not (tmp_path / "o2.jsonl").read_text()

@@ -4,7 +4,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from rayinfer.engine.kv_transfer import KVReceiver, KVSender, KVTransfer, TransferState
+from rayinfer.engine.kv_transfer import KVReceiver, KVTransfer, TransferState
 
 SHAPE = (3, 10, 48)
 
@@ -45,11 +45,13 @@ def test_illegal_transitions_are_caught():
         t.complete(1.0)
 
 
-def test_sender_holds_payloads_for_their_deadline():
-    s = KVSender(timeout_s=3)
-    s.hand_out("a", object(), now=0.0)
-    s.hand_out("b", object(), now=2.0)
-    s.expire(now=3.5)
-    assert list(s.outstanding) == ["b"] and s.completed == 1
-    s.expire(now=5.5)
-    assert not s.outstanding and s.completed == 2
+def test_a_finished_or_abandoned_receiver_lets_go_of_the_future():
+    """The transport may keep the payload alive while anyone holds its future: once done, nobody should."""
+    done, failed, abandoned = Future(), Future(), Future()
+    receivers = [KVReceiver(str(i), f, SHAPE, timeout_s=5, now=0.0) for i, f in enumerate((done, failed, abandoned))]
+    done.set_result(torch.zeros(SHAPE))
+    failed.set_exception(RuntimeError("lost"))
+    assert [r.poll(1.0) for r in receivers] == [TransferState.DONE, TransferState.FAILED, TransferState.TRANSFERRING]
+    receivers[2].close()
+    assert all(r.future is None for r in receivers) and abandoned.cancelled()
+    assert receivers[0].result is not None

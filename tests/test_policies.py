@@ -261,3 +261,52 @@ def test_decode_request_counts_stay_balanced(sims, name):
 def test_own_route_accounting_is_what_survives_bursts(sims, stage, metric):
     assert (sims[stage, "pareto-bursty", "ours", metric]
             < 0.8 * sims[stage, "pareto-bursty", "ours-stale", metric])
+
+
+def test_prefill_prefers_the_rank_holding_the_longest_prefix_unless_it_is_much_busier():
+    idle = [RankLoad(), RankLoad(), RankLoad()]
+    cost = RequestCost(prompt_tokens=2000)
+    assert pick_prefill_rank(idle, cost, device_hits=[0, 1920, 640]) == 1
+    assert pick_prefill_rank(idle, cost, device_hits=[0, 640, 1920]) == 2
+    busy = [RankLoad(), RankLoad(prefill_tokens=20000, attention_work=2e8, num_requests=10), RankLoad()]
+    assert pick_prefill_rank(busy, cost, device_hits=[0, 1920, 0]) == 0  # a hit does not outweigh a full queue
+    # Loading from disk is cheap work, not free: an equally idle rank holding it on the device wins...
+    assert pick_prefill_rank(idle, cost, device_hits=[0, 0, 1920], disk_hit=1920) == 2
+    # ...and stays preferred over a little queued work, less than the load would cost;
+    loads = [RankLoad(prefill_tokens=100, attention_work=5000.0), RankLoad(), RankLoad(prefill_tokens=100)]
+    assert pick_prefill_rank(loads, cost, device_hits=[1920, 0, 0], disk_hit=1920) == 0
+    # but with a prompt's worth queued there, an idle rank loading from disk is cheaper; without the
+    # disk tier that idle rank would compute all 2,000 tokens, and the busy holder is still the better pick.
+    loads[0] = RankLoad(prefill_tokens=2000, attention_work=5000.0)
+    assert pick_prefill_rank(loads, cost, device_hits=[1920, 0, 0], disk_hit=1920) == 1
+    assert pick_prefill_rank(loads, cost, device_hits=[1920, 0, 0], disk_hit=0) == 0
+
+
+def test_a_rank_holding_the_prefix_keeps_it_within_a_slack_smaller_when_the_disk_has_it():
+    from rayinfer.balance.policies import AFFINITY_SLACK_TOKENS, DISK_LOAD_COST, prefer_prefix_holder
+
+    loads = [RankLoad(prefill_tokens=1500), RankLoad()]
+    assert prefer_prefix_holder(loads, 1, [1920, 0]) == 0  # 1,500 queued < one chunk: the certain hit wins
+    assert prefer_prefix_holder(loads, 1, [1920, 0], disk_hit=1920) == 1  # rank 1 loads it for a tenth
+    assert prefer_prefix_holder(loads, 1, [0, 0]) == 1 and prefer_prefix_holder(loads, 1, [640, 640]) == 1
+    loads[0] = RankLoad(prefill_tokens=AFFINITY_SLACK_TOKENS + 1)
+    assert prefer_prefix_holder(loads, 1, [1920, 0]) == 1
+    loads[0] = RankLoad(prefill_tokens=int(AFFINITY_SLACK_TOKENS * DISK_LOAD_COST))
+    assert prefer_prefix_holder(loads, 1, [1920, 0], disk_hit=1920) == 0
+
+
+def test_prefix_index_remembers_where_pages_went_and_forgets_the_oldest():
+    from rayinfer.balance.prefix_index import PrefixIndex, page_keys
+
+    a = page_keys(list(range(700)))  # 10 full pages, the one with the last token excluded
+    b = page_keys(list(range(300)) + [999] * 200)
+    assert len(a) == 10 and a[:4] == b[:4] and a[4] != b[4] and page_keys([1] * 64) == []
+    idx = PrefixIndex(max_pages=11)
+    idx.record(a, "r0")
+    idx.record(b[:6], "r1")
+    assert idx.device_tokens(b, ["r0", "r1", "r2"]) == [256, 384, 0]
+    assert idx.seen_tokens(b) == 384
+    # 12 pages over a budget of 11: the least recently recorded goes (a's 5th: b refreshed the first 4)
+    assert len(idx.pages) == 11 and idx.seen_tokens(a) == 256 and idx.device_tokens(a, ["r0"]) == [256]
+    idx.forget("r1")
+    assert idx.device_tokens(b, ["r1"]) == [0] and idx.device_tokens(b, ["r0"]) == [256]

@@ -1,6 +1,7 @@
 """Scheduler and block manager driven through the engine with fake model outputs: no torch, no model."""
 import subprocess
 import sys
+from collections import defaultdict
 
 import pytest
 
@@ -10,38 +11,22 @@ from rayinfer.engine.engine import Engine
 from rayinfer.engine.sequence import Sequence
 from rayinfer.messages import EngineRequest, SamplingParams
 
+from fake_runner import FakeKV, FakeRunner
+
 BS = 64
 
 
-class FakeRunner:
-    """Samples token (last token * 7 + position) % 97 + 3: deterministic in the sequence's own tokens."""
-
-    def __init__(self, num_blocks: int, max_model_len: int = 4096):
-        self.num_blocks, self.max_model_len = num_blocks, max_model_len
-        self.vocab_size, self.eos_token_ids, self.checkpoint_path = 100, {1}, None
-        self.steps = []
-
-    def execute(self, sched):
-        self.steps.append([(s.seq.request_id, s.start, s.num_new_tokens) for s in sched.scheduled])
-        out = {}
-        for s in sched.scheduled:
-            if s.samples:
-                seq = s.seq
-                out[seq.request_id] = ((seq.token_ids[-1] * 7 + seq.num_tokens) % 97 + 3, None)
-        return out
-
-
-def make_engine(num_blocks=64, max_num_seqs=8, budget=256, prefix=True):
+def make_engine(num_blocks=64, max_num_seqs=8, budget=256, prefix=True, mode="mixed"):
     cfg = EngineConfig("fake", cache=CacheConfig(enable_prefix_caching=prefix),
-                       scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget))
+                       scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, mode=mode))
     runner = FakeRunner(num_blocks)
     return Engine(cfg, runner=runner), runner
 
 
-def run_all(engine, reqs):
+def run_all(engine, reqs, kv=None):
     for r in reqs:
-        engine.add_request(r)
-    out = {r.request_id: [] for r in reqs}
+        engine.add_request(r, (kv or {}).get(r.request_id))
+    out = defaultdict(list)
     finish = {}
     while engine.has_unfinished():
         for d in engine.step():
@@ -167,3 +152,69 @@ def test_stop_token_ids_and_eos():
     r = EngineRequest("s", req("x", 20).prompt_token_ids, SamplingParams(max_tokens=10, stop_token_ids=[stop_at]))
     out, fin = run_all(engine, [r])
     assert out["s"] == probe["p"][:4] and fin["s"].finish_reason == "stop"
+
+
+def handed_off(rid, n, max_tokens, start=10):
+    """A request as a decode rank gets it: the prompt, plus the first token the prefill rank sampled."""
+    r = req(rid, n, max_tokens, start)
+    first = (r.prompt_token_ids[-1] * 7 + n) % 97 + 3  # what FakeRunner samples after the prompt
+    return EngineRequest(rid, r.prompt_token_ids, r.params, output_token_ids=[first])
+
+
+def test_arrived_with_kv_holds_no_pages_until_admitted_and_skips_its_prefill():
+    engine, runner = make_engine(mode="decode")
+    engine.add_request(handed_off("a", 150, 5), FakeKV(150))
+    assert engine.block_manager.num_allocated_blocks() == 0 and not runner.imported
+    out, fin = run_all(engine, [])
+    assert runner.imported == [("a", 150, runner.imported[0][2])] and len(runner.imported[0][2]) == 3
+    assert runner.steps[0] == [("a", 150, 1)]  # only the first output token is computed here
+    assert engine.counters["kv_imported_tokens"] == 150 and engine.counters["prefill_tokens_computed"] == 0
+    want, _ = run_all(make_engine()[0], [req("a", 150, 5)])
+    assert out["a"] == want["a"][1:] and fin["a"].finish_reason == "length"
+    assert engine.block_manager.num_allocated_blocks() == 0
+
+
+def test_failed_transfer_at_the_head_and_kv_behind_it_both_decode():
+    """The issue's livelock: 4 pages; B lost its KV (200-token prompt, recomputed here) and waits first;
+    A arrived with KV for 150 tokens (3 pages). Neither may hold pages the other needs while waiting."""
+    engine, runner = make_engine(num_blocks=4, mode="decode")
+    b, a = handed_off("B", 200, 40, start=11), handed_off("A", 150, 20, start=12)
+    engine.add_request(b)
+    engine.add_request(a, FakeKV(150))
+    out = {"A": list(a.output_token_ids), "B": list(b.output_token_ids)}
+    fin = {}
+    for _ in range(500):
+        if not engine.has_unfinished():
+            break
+        deltas = engine.step()
+        assert runner.steps[-1], "a step with waiting work scheduled nothing"
+        for d in deltas:
+            out[d.request_id] += d.token_ids
+            fin[d.request_id] = d.finish_reason
+    assert fin == {"A": "length", "B": "length"} and len(out["A"]) == 20 and len(out["B"]) == 40
+    mixed, _ = run_all(make_engine()[0], [req("A", 150, 20, start=12), req("B", 200, 40, start=11)])
+    assert out["A"] == mixed["A"] and out["B"] == mixed["B"]
+    assert [rid for rid, _, _ in runner.imported] == ["A"] and engine.block_manager.num_allocated_blocks() == 0
+
+
+def test_preempted_kv_request_is_recomputed_and_abort_drops_a_waiting_payload():
+    engine, runner = make_engine(num_blocks=3, mode="decode")
+    engine.add_request(handed_off("a", 100, 60), FakeKV(100))  # 2 pages now, 3 by the end
+    engine.add_request(handed_off("w", 100, 5), FakeKV(100))
+    engine.step()
+    assert engine.seqs["w"].pending_kv is not None and not engine.seqs["w"].block_ids  # no room: waits, no pages
+    engine.abort("w")
+    assert [rid for rid, _, _ in runner.imported] == ["a"]
+    engine.add_request(req("c", 60, 60))  # needs pages a wants: a or c is preempted and recomputed
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.num_allocated_blocks() == 0
+    assert [rid for rid, _, _ in runner.imported] == ["a"]  # a preempted request recomputes; it never re-imports
+
+
+def test_abort_drops_an_uncollected_handoff():
+    engine, runner = make_engine(mode="prefill")
+    engine.add_request(req("p", 70, 8))
+    deltas = engine.step()
+    assert deltas[0].finish_reason == "handoff" and "p" in engine.exports
+    assert engine.abort("p") is None and not engine.exports  # the request is done here; its export is not

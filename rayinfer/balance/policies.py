@@ -12,9 +12,16 @@ then lower index.
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-__all__ = ["RankLoad", "RequestCost", "pick_prefill_rank", "pick_decode_rank", "round_robin",
+# What loading a prompt token's latents from the disk tier costs a prefill rank, as a fraction of
+# computing it: reading ~36 KB per token per 61 layers at a few GB/s against a forward pass of all layers.
+DISK_LOAD_COST = 0.1
+# A rank holding a longer prefix on its device keeps the request while its queued prompt work is within
+# this of the policy's pick (one prefill chunk): router load views lag, and the hit is certain.
+AFFINITY_SLACK_TOKENS = 2048
+
+__all__ = ["RankLoad", "RequestCost", "pick_prefill_rank", "prefer_prefix_holder", "pick_decode_rank", "round_robin",
            "power_of_two", "LoadTracker"]
 
 
@@ -75,7 +82,8 @@ def _mean(total: float, n: int) -> float:
     return total / n if total > 0 else 1.0
 
 
-def pick_prefill_rank(loads: list[RankLoad], cost: RequestCost) -> int:
+def pick_prefill_rank(loads: list[RankLoad], cost: RequestCost, device_hits: list[int] | None = None,
+                      disk_hit: int = 0) -> int:
     """Rank minimising attention work and queued input tokens, each relative to the mean.
 
     A prefill step's time on a rank is roughly (core attention) + (linear layers and the
@@ -83,10 +91,13 @@ def pick_prefill_rank(loads: list[RankLoad], cost: RequestCost) -> int:
     either axis sets the pace. Dividing each axis by its fleet mean makes both dimensionless and
     weighs a rank 2x over on tokens like one 2x over on attention, whatever the prompt mix.
     The sum, not the worse axis as for decode: here the axes grow together (attention is tokens
-    x context), and in the benchmark the sum balanced both as well or better. The request's
-    own cost is the same on every rank, so it shifts no preference and is left out. KV room is
+    x context), and in the benchmark the sum balanced both as well or better. KV room is
     no constraint: prefill KV is freed at handoff, and a rank short of it queues the work,
     which the attention term already counts.
+
+    The request's own cost is added to each rank: it differs by rank when `device_hits[i]` (the
+    tokens of its prefix rank i holds in its device cache) differ. A prefix of `disk_hit` tokens
+    on the disk tier any rank can load, at `DISK_LOAD_COST` of computing it.
     """
     _check(loads)
     n = len(loads)
@@ -94,10 +105,26 @@ def pick_prefill_rank(loads: list[RankLoad], cost: RequestCost) -> int:
     mean_tok = _mean(sum(l.prefill_tokens for l in loads) + cost.uncached, n)
     best, best_key = 0, None
     for i, l in enumerate(loads):
-        key = (l.attention_work / mean_attn + l.prefill_tokens / mean_tok, l.num_requests, i)
+        device = min(device_hits[i] if device_hits else 0, cost.prompt_tokens)
+        mine = replace(cost, cached_tokens=max(cost.cached_tokens, device, min(disk_hit, cost.prompt_tokens)))
+        tokens = mine.uncached + DISK_LOAD_COST * max(0, mine.cached_tokens - max(device, cost.cached_tokens))
+        key = ((l.attention_work + mine.attention_work) / mean_attn + (l.prefill_tokens + tokens) / mean_tok,
+               l.num_requests, i)
         if best_key is None or key < best_key:
             best, best_key = i, key
     return best
+
+
+def prefer_prefix_holder(loads: list[RankLoad], best: int, device_hits: list[int], disk_hit: int = 0) -> int:
+    """The rank holding the longest prefix on its device instead of the policy's pick `best`, when its
+    queued prompt work is within a slack of `best`'s. The slack is `AFFINITY_SLACK_TOKENS` when `best`
+    would compute that prefix, and `DISK_LOAD_COST` of it when `best` can load it from the disk tier."""
+    _check(loads)
+    home = max(range(len(loads)), key=lambda i: (device_hits[i], -i))
+    if device_hits[home] <= device_hits[best]:
+        return best
+    slack = AFFINITY_SLACK_TOKENS * (DISK_LOAD_COST if disk_hit >= device_hits[home] else 1.0)
+    return home if loads[home].prefill_tokens <= loads[best].prefill_tokens + slack else best
 
 
 def _decode_tier(load: RankLoad, cost: RequestCost) -> int:

@@ -10,7 +10,8 @@ keeps the loads moving between reports. Plain Python; the Serve request routers 
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from rayinfer.balance.policies import RankLoad, RequestCost, pick_decode_rank, pick_prefill_rank
+from rayinfer.balance.policies import (RankLoad, RequestCost, pick_decode_rank, pick_prefill_rank,
+                                      prefer_prefix_holder)
 
 KINDS = ("prefill", "decode")
 
@@ -110,10 +111,14 @@ class LoadTracker:
     def loads(self, rank_ids: list[str], now: float) -> list[RankLoad]:
         return [self.effective(r, now) for r in rank_ids]
 
-    def pick(self, rank_ids: list[str], cost: RequestCost, now: float) -> str:
+    def pick(self, rank_ids: list[str], cost: RequestCost, now: float, device_hits: list[int] | None = None,
+             disk_hit: int = 0) -> str:
         """The rank the kind's policy picks on effective loads. Does not record the route:
         call `routed` once the request is actually sent (Serve may retry elsewhere)."""
         if not rank_ids:
             raise ValueError("no ranks to pick from (rank_ids is empty)")
-        policy = pick_prefill_rank if self.kind == "prefill" else pick_decode_rank
-        return rank_ids[policy(self.loads(rank_ids, now), cost)]
+        if self.kind == "prefill":
+            loads = self.loads(rank_ids, now)
+            best = pick_prefill_rank(loads, cost, device_hits, disk_hit)
+            return rank_ids[prefer_prefix_holder(loads, best, device_hits, disk_hit) if device_hits else best]
+        return rank_ids[pick_decode_rank(self.loads(rank_ids, now), cost)]

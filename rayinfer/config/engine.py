@@ -45,6 +45,8 @@ class CacheConfig:
     kv_cache_tokens: int | None = None  # capacity in tokens; or derived from kv_cache_memory
     kv_cache_memory: int = 512 * 2**20  # bytes, used when kv_cache_tokens is not given
     enable_prefix_caching: bool = True
+    disk_cache_dir: str | None = None  # the on-disk KV tier's directory (shared by ranks); None: no disk tier
+    disk_cache_bytes: int = 64 * 2**30  # the tier's budget; least recently used pages go first
 
     def __post_init__(self):
         check_field(self.block_size == 64, "block_size", self.block_size, "the MLA cache uses 64-token pages")
@@ -53,6 +55,12 @@ class CacheConfig:
         _positive_int("kv_cache_memory", self.kv_cache_memory)
         check_field(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
                "must be true or false")
+        if self.disk_cache_dir is not None:
+            check_field(isinstance(self.disk_cache_dir, str) and self.disk_cache_dir, "disk_cache_dir",
+                        self.disk_cache_dir, "must be a directory path")
+            check_field(self.enable_prefix_caching, "enable_prefix_caching", self.enable_prefix_caching,
+                        "must be true when disk_cache_dir is set (the disk tier is keyed by prefix hashes)")
+        _positive_int("disk_cache_bytes", self.disk_cache_bytes)
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ class EngineConfig:
         for key, value in options.items():
             if value is None:
                 continue
-            if key == "kv_cache_memory":
+            if key in ("kv_cache_memory", "disk_cache_bytes"):
                 value = parse_bytes(value, key)
             if key == "dtype" and not isinstance(value, str):
                 value = str(value).replace("torch.", "")

@@ -17,6 +17,45 @@ ROLES = ("prefill", "decode", "mixed")
 
 
 @dataclass(frozen=True)
+class AutoscalingConfig:
+    """Whole gangs of one role added and removed with load (Ray Serve autoscaling, in gang-size steps).
+
+    The load signal is Serve's: requests in flight per rank (queued at the handle or running), averaged
+    over `look_back_s`; the role wants ceil(total / target_ongoing_requests) ranks, rounded up to whole
+    gangs. A gang scaled down drains: it takes no new request and its ranks stop once the whole gang
+    is idle, or after `drain_timeout_s`."""
+
+    min_gangs: int = 1
+    max_gangs: int = 2
+    target_ongoing_requests: float = 16.0  # per rank (each rank is a DP rank with its own requests)
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    look_back_s: float = 30.0
+    drain_timeout_s: float = 300.0
+
+    def __post_init__(self):
+        check_field(isinstance(self.min_gangs, int) and not isinstance(self.min_gangs, bool) and self.min_gangs >= 1,
+                    "min_gangs", self.min_gangs, "must be an integer >= 1")
+        check_field(isinstance(self.max_gangs, int) and not isinstance(self.max_gangs, bool)
+                    and self.max_gangs >= self.min_gangs, "max_gangs", self.max_gangs,
+                    f"must be an integer >= min_gangs ({self.min_gangs})")
+        for name, low in (("target_ongoing_requests", None), ("look_back_s", None), ("upscale_delay_s", 0),
+                          ("downscale_delay_s", 0), ("drain_timeout_s", 0)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if low is None else v >= low)
+            check_field(ok, name, v, "must be a number > 0" if low is None else "must be a number >= 0")
+
+    def replicas(self, ep_size: int, num_gangs: int) -> dict:
+        """Ray Serve's `autoscaling_config` for a deployment of gangs of `ep_size` ranks, starting with
+        `num_gangs` gangs (kept within min..max)."""
+        start = min(max(num_gangs, self.min_gangs), self.max_gangs)
+        return dict(min_replicas=self.min_gangs * ep_size, max_replicas=self.max_gangs * ep_size,
+                    initial_replicas=start * ep_size, target_ongoing_requests=self.target_ongoing_requests,
+                    upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s,
+                    look_back_period_s=self.look_back_s)
+
+
+@dataclass(frozen=True)
 class RoleConfig:
     """One role's gangs: `num_gangs` units of `ep_size` ranks, and their ranks' engine options."""
 
@@ -28,6 +67,7 @@ class RoleConfig:
     kv_cache_memory: int | None = None
     enable_overlap: bool = True
     eplb_interval_s: float = 0.0  # live expert rebalancing period; 0: off
+    autoscaling: AutoscalingConfig | None = None  # None: `num_gangs` gangs, always
 
     def __post_init__(self):
         for name in ("ep_size", "num_gangs", "max_num_seqs", "max_num_batched_tokens"):
@@ -51,15 +91,26 @@ class ServeConfig:
     mixed: RoleConfig = field(default_factory=RoleConfig)
     kv_cache_memory: int = 512 * 2**20  # per rank, unless a role sets its own
     max_queue: int = 256  # requests in flight at one ingress replica before 429s
+    max_request_bytes: int = 8 * 2**20  # larger request bodies get 413, refused while they arrive
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # any one of them, as a bearer token; none: open
+    metrics_need_key: bool = False  # /metrics asks for an API key too (/health never does)
     kv_transfer_timeout_s: float = 10.0
     collective_timeout_s: float = 30.0
     cpus_per_rank: float | None = None  # default: 0.5 on CPU machines, 1 per GPU rank
     seed: int = 0
+    disk_cache_dir: str | None = None  # the on-disk KV tier, shared by every rank (all nodes must mount it)
+    disk_cache_bytes: int | None = None  # the tier's budget; default: the engine's
 
     def __post_init__(self):
         check_field(isinstance(self.port, int) and 0 < self.port < 65536, "port", self.port, "must be in 1..65535")
         check_field(isinstance(self.max_queue, int) and self.max_queue > 0, "max_queue", self.max_queue,
                     "must be a positive integer")
+        check_field(isinstance(self.max_request_bytes, int) and self.max_request_bytes >= 1024,
+                    "max_request_bytes", self.max_request_bytes, "must be at least 1024 bytes")
+        keys = (self.api_keys,) if isinstance(self.api_keys, str) else tuple(self.api_keys or ())
+        check_field(all(isinstance(k, str) and k.strip() == k and k for k in keys), "api_keys", "<hidden>",
+                    "each key must be a non-empty string without surrounding spaces")
+        object.__setattr__(self, "api_keys", keys)
         check_field(self.kv_transfer_timeout_s > 0, "kv_transfer_timeout_s", self.kv_transfer_timeout_s, "must be > 0")
         self.engine_config(self.roles[0])  # validates model/dtype and the role's engine options
 
@@ -81,12 +132,18 @@ class ServeConfig:
             num_redundant_experts=r.num_redundant_experts, enable_overlap=r.enable_overlap,
             max_num_seqs=r.max_num_seqs, max_num_batched_tokens=r.max_num_batched_tokens,
             kv_cache_memory=r.kv_cache_memory or self.kv_cache_memory, scheduler_mode=role,
-            eplb_interval_s=r.eplb_interval_s,
-            collective_timeout_s=self.collective_timeout_s)
+            eplb_interval_s=r.eplb_interval_s, disk_cache_dir=self.disk_cache_dir,
+            disk_cache_bytes=self.disk_cache_bytes, collective_timeout_s=self.collective_timeout_s)
 
     @property
     def num_ranks(self) -> int:
         return sum(self.role(r).ep_size * self.role(r).num_gangs for r in self.roles)
+
+    @property
+    def max_ranks(self) -> int:
+        """Ranks when every autoscaled role runs its max gangs (what the cluster must be able to hold)."""
+        return sum(self.role(r).ep_size * (a.max_gangs if (a := self.role(r).autoscaling) else self.role(r).num_gangs)
+                   for r in self.roles)
 
     @staticmethod
     def from_dict(raw: dict, **overrides) -> "ServeConfig":
@@ -96,9 +153,10 @@ class ServeConfig:
         for role in ROLES:
             if role in kw:
                 kw[role] = _role(role, kw[role])
-        if "kv_cache_memory" in kw:
-            kw["kv_cache_memory"] = parse_bytes(kw["kv_cache_memory"], "kv_cache_memory")
         kw.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("kv_cache_memory", "max_request_bytes", "disk_cache_bytes"):
+            if kw.get(key) is not None:
+                kw[key] = parse_bytes(kw[key], key)
         return ServeConfig(**kw)
 
     @staticmethod
@@ -139,6 +197,9 @@ def _role(name: str, raw) -> RoleConfig:
     if kw.get("kv_cache_memory") is not None:
         kw["kv_cache_memory"] = parse_bytes(kw["kv_cache_memory"], f"{name}.kv_cache_memory")
     try:
+        if kw.get("autoscaling") is not None:
+            _only_known(kw["autoscaling"], AutoscalingConfig, f"serve config section '{name}.autoscaling'")
+            kw["autoscaling"] = AutoscalingConfig(**kw["autoscaling"])
         return RoleConfig(**kw)
     except ConfigError as e:
         raise ConfigError(f"under '{name}': {e}") from e

@@ -41,6 +41,7 @@ class AsyncEngine:
         """Deltas of `request` as steps produce them; `kv`: latents handed off by a prefill rank."""
         q: asyncio.Queue = asyncio.Queue()
         self._submit(("add", request, asyncio.get_running_loop(), q, kv))
+        del kv  # the engine keeps it until the request is admitted; this frame lives as long as the stream
         finished = False
         try:
             while True:

@@ -19,6 +19,15 @@ def block_hash(prev: bytes, tokens: list[int]) -> bytes:
     return hashlib.blake2b(prev + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
+def prefix_hashes(token_ids: list[int], block_size: int, num_blocks: int) -> list[bytes]:
+    """The chained hashes of the first `num_blocks` full blocks of `token_ids`."""
+    prev, out = b"", []
+    for i in range(num_blocks):
+        prev = block_hash(prev, token_ids[i * block_size:(i + 1) * block_size])
+        out.append(prev)
+    return out
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int = 64, enable_prefix_caching: bool = True):
         assert num_blocks > 0
@@ -48,22 +57,24 @@ class BlockManager:
         assert not seq.block_ids and seq.num_computed_tokens == 0
         if not self.enable_prefix_caching:
             return 0
-        bs, prev, hits = self.block_size, b"", []
-        for i in range((seq.num_tokens - 1) // bs):
-            h = block_hash(prev, seq.token_ids[i * bs:(i + 1) * bs])
+        hits = []
+        for h in prefix_hashes(seq.token_ids, self.block_size, self.num_matchable_blocks(seq)):
             bid = self.cached.get(h)
             if bid is None:
                 break
             hits.append((bid, h))
-            prev = h
         for bid, h in hits:
             self._ref(bid)
             seq.block_ids.append(bid)
             seq.block_hashes.append(h)
-        seq.num_computed_tokens = len(hits) * bs
+        seq.num_computed_tokens = len(hits) * self.block_size
         self.queries += seq.num_tokens
         self.hits += seq.num_computed_tokens
         return seq.num_computed_tokens
+
+    def num_matchable_blocks(self, seq: Sequence) -> int:
+        """Full blocks a prefix match may cover: all but the one holding the last token."""
+        return (seq.num_tokens - 1) // self.block_size
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)

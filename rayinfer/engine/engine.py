@@ -14,7 +14,7 @@ from rayinfer.config import EngineConfig
 from rayinfer.engine.block_manager import BlockManager
 from rayinfer.engine.detokenizer import IncrementalDetokenizer
 from rayinfer.engine.scheduler import Scheduler, SchedulerOutput
-from rayinfer.engine.sequence import Sequence, SeqStatus
+from rayinfer.engine.sequence import PendingKV, Sequence, SeqStatus
 from rayinfer.messages import Delta, EngineRequest
 from rayinfer.tokenizer import Tokenizer, load_tokenizer
 
@@ -39,11 +39,21 @@ class Engine:
                          "batched_tokens": 0, "requests_finished": 0, "prefill_tokens_computed": 0,
                          "decode_tokens_computed": 0, "kv_imported_tokens": 0, "kv_exported_tokens": 0}
         self.exports: dict[str, tuple] = {}  # request id -> (latents, rng state), left by prefill handoffs
+        self.disk = self._disk_tier(config.cache)
+
+    def _disk_tier(self, cache):
+        if cache.disk_cache_dir is None:
+            return None
+        from rayinfer.engine.disk_cache import DiskCache
+        from rayinfer.engine.disk_tier import DiskTier
+
+        store = DiskCache(cache.disk_cache_dir, cache.disk_cache_bytes, self.runner.kv_fingerprint(), cache.block_size)
+        return DiskTier(store, self.block_manager, self.runner)
 
     def add_request(self, req: EngineRequest, kv=None) -> None:
         """Queues a request. `kv` ([layers, len(prompt), D] latents handed off by a prefill rank)
-        lets it start decoding at once; without it, or if it does not fit now, the prompt is
-        computed here (re-prefill), which gives the same tokens."""
+        lets it decode without computing the prompt; without it (or after a preemption) the prompt
+        is computed here (re-prefill), which gives the same tokens."""
         if req.request_id in self.seqs:
             raise ValueError(f"request id {req.request_id!r} is already running")
         if not req.prompt_token_ids:
@@ -62,15 +72,13 @@ class Engine:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.params.stop)
         if req.output_token_ids:
             self._resume(seq, req)
-        self.scheduler.add(seq)
-        self.seqs[req.request_id] = seq
         if kv is not None and kv.shape[1] == seq.num_prompt_tokens and seq.num_output_tokens:
-            if self.block_manager.can_append(seq, kv.shape[1]):
-                self.block_manager.append(seq, kv.shape[1])
-                self.runner.import_kv(seq, kv)
-                seq.num_computed_tokens = kv.shape[1]
-                self.block_manager.commit(seq)
-                self.counters["kv_imported_tokens"] += kv.shape[1]
+            seq.pending_kv = PendingKV(kv.shape[1], kv)  # the scheduler imports it when it admits the request
+        self.scheduler.check(seq)
+        self.seqs[req.request_id] = seq
+        if seq.pending_kv is None and self.disk is not None and self.disk.admit(seq):
+            return  # waits outside the queue while its prefix pages load; `step` admits it when they are back
+        self.scheduler.add(seq)
 
     def _resume(self, seq: Sequence, req: EngineRequest) -> None:
         """Continues a request another rank started: its outputs, streamed text and RNG carry over."""
@@ -81,13 +89,11 @@ class Engine:
             for t in req.output_token_ids:
                 seq.detokenizer.add(t)
             seq.detokenizer.emitted = min(req.emitted_chars, len(seq.detokenizer.text))
-        if req.rng_state is not None:
-            import torch
-
-            seq.generator = torch.Generator()
-            seq.generator.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
+        if req.rng_state is not None:  # an unseeded request's drawn seed: its noise continues unchanged
+            seq.sample_seed = int.from_bytes(req.rng_state, "little")
 
     def abort(self, request_id: str) -> Delta | None:
+        self.exports.pop(request_id, None)  # a handoff no one will collect
         seq = self.seqs.get(request_id)
         if seq is None:
             return None
@@ -97,12 +103,28 @@ class Engine:
                      num_cached_tokens=seq.num_cached_tokens)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.disk and self.disk.loading)
 
     def step(self) -> list[Delta]:
+        if self.disk is not None:
+            for seq in self.disk.ready(block=not self.scheduler.has_work()):
+                self.scheduler.add(seq)
         sched = self.scheduler.schedule()
+        self._import(sched)
         sampled = self.runner.execute(sched)
         return self.postprocess(sched, sampled)
+
+    def _import(self, sched: SchedulerOutput) -> None:
+        """Writes the KV of requests admitted with it into the pages the scheduler just gave them."""
+        for seq, kv in sched.imports:
+            if kv.first_page is not None:  # prefix pages the disk tier read
+                self.runner.write_pages(seq.block_ids[kv.first_page:kv.first_page + len(kv.payload)], kv.payload)
+                continue
+            self.runner.import_kv(seq, kv.payload)
+            self.counters["kv_imported_tokens"] += kv.num_tokens
+            if self.disk is not None:  # the prefill rank wrote the prompt's pages already
+                self.block_manager.commit(seq)
+                self.disk.mark_on_disk(seq)
 
     def postprocess(self, sched: SchedulerOutput, sampled: dict) -> list[Delta]:
         self.counters["steps"] += 1
@@ -115,6 +137,8 @@ class Engine:
             self.counters["decode_tokens_computed"] += s.num_new_tokens - prompt_part
             seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.commit(seq)
+            if self.disk is not None:
+                self.disk.written(seq)
             if s.samples and not seq.finished:
                 token, logprobs = sampled[seq.request_id]
                 deltas.append(self._append(seq, token, logprobs))
@@ -124,8 +148,11 @@ class Engine:
         first = seq.num_output_tokens == 0
         seq.token_ids.append(token)
         p = seq.params
-        stopped_by_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos)
-        stop_string = seq.detokenizer.add(None if stopped_by_token else token) if seq.detokenizer else False
+        # min_tokens (vLLM): no stop token among the first min_tokens outputs, no stop string before the last of them
+        n = seq.num_output_tokens
+        stopped_by_token = n > p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos))
+        stop_string = seq.detokenizer.add(None if stopped_by_token else token, n >= p.min_tokens) \
+            if seq.detokenizer else False
         if stopped_by_token or stop_string:
             seq.finish_reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -148,14 +175,14 @@ class Engine:
     def _hand_off(self, seq: Sequence) -> None:
         """A prefill rank's job ends at the first token: keep the prompt's latents for the decode rank."""
         latents = self.runner.export_kv(seq)
-        rng = None
-        if seq.generator is not None:
-            rng = bytes(seq.generator.get_state().numpy().tobytes())
+        rng = (seq.sample_seed % 2 ** 64).to_bytes(8, "little") if seq.sample_seed is not None else None
         self.exports[seq.request_id] = (latents, rng)
         self.counters["kv_exported_tokens"] += latents.shape[1]
         seq.finish_reason = "handoff"
 
     def _finish(self, seq: Sequence) -> None:
+        if self.disk is not None:
+            self.disk.forget(seq.request_id)
         self.scheduler.remove(seq)
         seq.status = SeqStatus.FINISHED
         self.seqs.pop(seq.request_id, None)
@@ -177,4 +204,10 @@ class Engine:
                     kv_blocks_used=bm.num_allocated_blocks(), kv_used_tokens=bm.num_allocated_blocks() * bm.block_size,
                     kv_capacity_tokens=bm.num_blocks * bm.block_size, max_num_seqs=self.config.scheduler.max_num_seqs,
                     num_preemptions=sched.num_preemptions,
-                    prefix_hit_rate=bm.hits / bm.queries if bm.queries else 0.0, taken_at=time.time())
+                    prefix_hit_rate=bm.hits / bm.queries if bm.queries else 0.0, taken_at=time.time(),
+                    **(self.disk.stats() if self.disk is not None else {}))
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Lets queued disk-tier writes land (the engine object stays usable)."""
+        if self.disk is not None:
+            self.disk.cache.flush(timeout)

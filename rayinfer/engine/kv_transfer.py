@@ -4,15 +4,16 @@ A transfer is PENDING until the bytes start moving, TRANSFERRING until they arri
 something goes wrong (FAILED): the source is gone, the payload does not fit the request, or
 the deadline passes. Neither side ever waits on it: the decode side polls `KVReceiver` from
 its event loop, and a FAILED transfer only means the decode rank computes the prompt itself
-(re-prefill), which yields the same tokens. `KVSender` keeps a prefill rank's exported
-payloads alive for their deadline and then lets them go. The transport (Ray's object store
-here) is injected as a future, so this module knows nothing about Ray.
+(re-prefill), which yields the same tokens. The transport (Ray's object store here) is
+injected as a future, so this module knows nothing about Ray. The sending side keeps nothing:
+Ray's reference counting keeps a payload exactly as long as the ingress or a decode rank holds
+its reference, and the decode rank lets go as soon as its transfer has finished either way.
 """
 from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class TransferState(str, enum.Enum):
@@ -73,37 +74,26 @@ class KVReceiver:
                 payload = self.future.result()
             except Exception as e:  # the source rank died, the object was lost, ...
                 t.fail(now, f"{type(e).__name__}: {e}")
-                return t.state
+                return self._let_go()
             if tuple(getattr(payload, "shape", ())) != self.expected_shape:
                 t.fail(now, f"payload of shape {tuple(getattr(payload, 'shape', ()))}, "
                             f"expected {self.expected_shape}")
             else:
                 self.result = payload
                 t.complete(now)
-        elif t.overdue(now):
+            return self._let_go()
+        if t.overdue(now):
             self.future.cancel()
             t.fail(now, f"no KV after {t.timeout_s}s")
+            return self._let_go()
         return t.state
 
+    def close(self) -> None:
+        """Abandons an unfinished transfer (its caller was cancelled)."""
+        if self.future is not None:
+            self.future.cancel()
+            self._let_go()
 
-@dataclass
-class KVSender:
-    """Prefill side: payloads handed out stay referenced until their deadline, then are dropped."""
-
-    timeout_s: float
-    outstanding: dict[str, tuple[KVTransfer, object]] = field(default_factory=dict)
-    completed: int = 0
-
-    def hand_out(self, request_id: str, payload_ref, now: float | None = None) -> None:
-        t = KVTransfer(request_id, self.timeout_s)
-        t.start(time.monotonic() if now is None else now)
-        self.outstanding[request_id] = (t, payload_ref)
-        self.expire(now)
-
-    def expire(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        for rid, (t, _) in list(self.outstanding.items()):
-            if t.overdue(now):
-                t.complete(now)  # the receiver had its whole deadline; it either has the bytes or re-prefills
-                del self.outstanding[rid]
-                self.completed += 1
+    def _let_go(self) -> TransferState:
+        self.future = None  # the transport may hold the payload for as long as anyone holds its future
+        return self.transfer.state

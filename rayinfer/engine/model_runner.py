@@ -6,8 +6,8 @@ once per step), and samples a next token for each sequence whose chunk reached i
 """
 from __future__ import annotations
 
+import hashlib
 import time
-
 import torch
 
 from rayinfer.config import EngineConfig
@@ -54,12 +54,12 @@ class ModelRunner:
         self.scratch_page = self.num_blocks
         self.kv_caches = [torch.empty(self.num_blocks + 1, PAGE_SIZE, cfg.kv_cache_dim, dtype=self.dtype,
                                       device=self.device) for _ in range(cfg.num_hidden_layers)]
-        self.sampler = Sampler(config.seed)
         # Decode steps padded to buckets where graphs would replay them: CUDA, single rank (see decode_buckets).
         self.decode_buckets = bucket_sizes(config.scheduler.max_num_seqs) \
             if self.device.type == "cuda" and ctx is None else None
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = set(cfg.eos_token_id)
+        self.sampler = Sampler(config.seed, self.device, self.eos_token_ids)
         self.checkpoint_path = self.model.checkpoint_path
 
     def _rows(self, seq, num_tokens: int) -> torch.Tensor:
@@ -78,6 +78,28 @@ class ModelRunner:
         rows = self._rows(seq, latents.shape[1]).to(self.device)
         for cache, layer in zip(self.kv_caches, latents):
             cache.view(-1, cache.shape[-1])[rows] = layer.to(device=self.device, dtype=cache.dtype)
+
+    def read_page(self, block_id: int) -> bytes:
+        """One page of every layer as bytes, [layers, 64, D] row-major (what the disk tier stores)."""
+        page = torch.stack([c[block_id] for c in self.kv_caches])  # [L, 64, D]
+        return page.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+    def write_pages(self, block_ids: list[int], payloads: list[bytes]) -> None:
+        """Puts pages read back from the disk tier into device pages `block_ids`."""
+        c0 = self.kv_caches[0]
+        for bid, payload in zip(block_ids, payloads):
+            page = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(c0.dtype)
+            page = page.view(len(self.kv_caches), *c0.shape[1:]).to(self.device)  # [L, 64, D]
+            for cache, layer in zip(self.kv_caches, page):
+                cache[bid] = layer
+
+    def kv_fingerprint(self) -> str:
+        """What decides a cached page's bytes: model config, weights, dtype and cache layout."""
+        m = self.model
+        probe = b"".join(t.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes()
+                         for t in (m.embed_tokens.weight, m.lm_head.weight, m.norm.weight))
+        return (f"rayinfer-kv-page v1; config={m.cfg!r}; dtype={self.dtype}; layers={len(self.kv_caches)}; "
+                f"layout=[layers,{PAGE_SIZE},{self.kv_caches[0].shape[-1]}]; weights={hashlib.blake2b(probe).hexdigest()}")
 
     def prepare(self, items: list[tuple]) -> tuple[torch.Tensor, ForwardBatch]:
         """items: (sequence, first position, number of tokens) -> (token ids [T], ForwardBatch)."""

@@ -4,11 +4,15 @@
 leading tokens whose latents are in the KV cache. Each step computes the next chunk of
 `token_ids[num_computed_tokens:]`; when a chunk reaches the end, a new token is sampled. This one
 view covers prefill, chunked prefill, decode and recomputation after preemption.
+
+A sequence may arrive with KV computed elsewhere (`pending_kv`): latents for its first tokens
+that the scheduler has written into pages when, and only when, it admits the sequence.
 """
 from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
 
 from rayinfer.messages import SamplingParams
 
@@ -17,6 +21,20 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class PendingKV:
+    """KV computed elsewhere, to write into a sequence's pages when the scheduler admits it.
+
+    A prefill rank's handoff: latents for the first `num_tokens` tokens, `payload` [layers,
+    num_tokens, D] as the runner's `import_kv` takes it (`first_page` None). Or prefix pages a
+    lower KV tier (the disk) has read: `payload` a list of page payloads for the full pages from
+    `first_page` on, which extend whatever prefix the device cache still holds at admission."""
+
+    num_tokens: int
+    payload: object
+    first_page: int | None = None
 
 
 class Sequence:
@@ -35,8 +53,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.first_admitted = False
-        self.generator = None  # per-request RNG when params.seed is set (owned by the sampler)
+        # Seed of the sampling noise: params.seed, or drawn by the sampler at the first sample (or carried
+        # over on a resume); with the token position it fixes every sampled token.
+        self.sample_seed: int | None = params.seed
         self.detokenizer = None
+        self.pending_kv: PendingKV | None = None  # imported when admitted; dropped if preempted or aborted
 
     @property
     def num_tokens(self) -> int:
