@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+
 import torch
 
 from rayinfer.config import EngineConfig
