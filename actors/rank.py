@@ -13,10 +13,14 @@ cache, the experts in its slots) and starts the engine loop thread. Requests arr
     runs: passed to the stream, the latents would stay in the object store until the request
     ended; passed to `accept_kv`, they go as soon as this rank holds them (or gave up on them).
 A rank whose collectives failed reports unhealthy, and Serve restarts the whole gang.
+A rank Serve stops (a scale-down, a redeploy, shutdown) first drains: Serve stops routing to it and
+waits for its own calls to end, then `__del__` keeps its engine stepping until its whole gang is idle
+(a peer's requests still need this rank in every collective), up to `drain_timeout_s`.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from contextlib import aclosing
@@ -30,7 +34,8 @@ from rayinfer.messages import Delta, EngineRequest, KVHandoff, pack, unpack
 
 
 class RankReplica:
-    def __init__(self, config: EngineConfig, role: str = "mixed", threads: int = 1, kv_timeout_s: float = 10.0):
+    def __init__(self, config: EngineConfig, role: str = "mixed", threads: int = 1, kv_timeout_s: float = 10.0,
+                 drain_timeout_s: float = 5.0):
         bind_replica_grpc_to_loopback()
         import torch
 
@@ -44,7 +49,7 @@ class RankReplica:
         self.rank, self.world = (gang.rank, gang.world_size) if gang else (0, 1)
         self.gang_id = gang.gang_id if gang else ctx.replica_id.unique_id
         self.replica_id = ctx.replica_id.unique_id
-        self.role, self.kv_timeout_s = role, kv_timeout_s
+        self.role, self.kv_timeout_s, self.drain_timeout_s = role, kv_timeout_s, drain_timeout_s
         t0 = self.t0 = time.time()  # when this rank began to hold its device: what GPU-hours count from
         if self.world > 1:
             from rayinfer.actors.rendezvous import form_group
@@ -52,11 +57,11 @@ class RankReplica:
 
             from rayinfer.engine.eplb_live import LiveRebalancer
 
-            group, store = form_group(self.gang_id, self.rank, self.world, config.parallel.collective_timeout_s,
-                                      config.device)
-            engine = build_rank_engine(config, self.rank, group)
-            self.lockstep = Lockstep(group, store, self.world, self.rank)
-            self.rebalancer = LiveRebalancer(engine, group, self.rank, engine.runner.model.cfg.n_group,
+            groups, store = form_group(self.gang_id, self.rank, self.world, config.parallel.collective_timeout_s,
+                                       config.device)
+            engine = build_rank_engine(config, self.rank, groups)
+            self.lockstep = Lockstep(groups.control, store, self.world, self.rank)
+            self.rebalancer = LiveRebalancer(engine, groups.control, self.rank, engine.runner.model.cfg.n_group,
                                              config.parallel.eplb_interval_s)
             self.lockstep.extras, self.lockstep.after_vote = self.rebalancer.vote_extras, self.rebalancer.after_vote
             self.loop = AsyncEngine(engine, gang=self.lockstep, on_step=self._publish)
@@ -212,8 +217,39 @@ class RankReplica:
         if not self.loop.alive:
             raise RuntimeError(f"rank {self.rank} of gang {self.gang_id} is down: {self.loop.error!r}")
 
+    def _gang_done(self) -> bool:
+        """Whether the gang can stop: every rank is stopping (none can get new work) and, at the gang's
+        last vote, none had requests left. A store that is gone means its host rank (0) already stopped."""
+        if self.engine.has_unfinished():
+            return False
+        if self.lockstep is None:
+            return True
+        try:
+            return self.lockstep.all_leaving() and not self.lockstep.last_vote.busy
+        except Exception:  # noqa: BLE001 - rank 0's store went with it: the gang is over
+            return True
+
+    def drain(self) -> float:
+        """Blocks until the gang can stop or the drain bound passed; -> seconds waited. Serve calls `__del__`
+        only once no call of this rank's is left and routes it nothing new: peers' requests may remain, and
+        each of their steps needs this rank's share of every collective."""
+        t0 = time.monotonic()
+        if self.lockstep is not None:
+            try:
+                self.lockstep.leave()
+            except Exception:  # noqa: BLE001 - as in _gang_done
+                pass
+        while self.loop.alive and not self._gang_done() and time.monotonic() - t0 < self.drain_timeout_s:
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
     def __del__(self):
         loop = getattr(self, "loop", None)
         if loop is not None:
+            busy = self.engine.has_unfinished() or (self.lockstep is not None and self.lockstep.last_vote.busy)
+            waited = self.drain()
+            logging.getLogger("ray.serve").info(
+                "rank %d of gang %s stopping: drained for %.1fs (gang busy when asked: %s, still busy: %s)",
+                self.rank, self.gang_id, waited, busy, not self._gang_done())
             loop.shutdown()
             self.engine.close(timeout=5.0)  # a graceful stop keeps the disk-tier pages still queued

@@ -22,7 +22,8 @@ def node_address() -> str:
 
 
 def form_group(gang_id: str, rank: int, world: int, timeout_s: float, device: str = "cpu"):
-    """-> (process group, (store host, store port)); the store also serves the gang's doorbell."""
+    """-> (GangGroups: data and control groups, (store host, store port)); the store also serves the
+    gang's doorbell."""
     from rayinfer.engine.rank import join_process_group, tcp_store
 
     key = f"pg/{gang_id}"
@@ -41,7 +42,7 @@ def form_group(gang_id: str, rank: int, world: int, timeout_s: float, device: st
         host, port = value.decode().rsplit(":", 1)
         addr, port = host, int(port)
         store, _ = tcp_store(addr, port, world, False, timeout_s)
-    group = join_process_group(store, rank, world, timeout_s, device)
+    groups = join_process_group(store, rank, world, timeout_s, device)
     if rank == 0:
         internal_kv._internal_kv_del(key, namespace=_NS)
-    return group, (addr, port)
+    return groups, (addr, port)

@@ -43,7 +43,7 @@ def start(config: ServeConfig, address: str | None = None) -> tuple[str, bool]:
     from rayinfer.actors.deployments import build_app
 
     cpus = config.cpus_per_rank or 0.5
-    needed = int(config.num_ranks * cpus + 2) + 1  # ranks + ingress + Serve's own actors
+    needed = int(config.max_ranks * cpus + 2) + 1  # ranks (autoscaled roles at their max) + ingress + Serve's actors
     started = ensure_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, needed))
     ensure_serve(config.host, config.port)
     try:

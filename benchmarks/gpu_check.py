@@ -206,7 +206,15 @@ def timings(dev: str, smoke: bool) -> None:
          f"{secs / n_tok * 1e3:.1f} ms/step", None)
 
 
-SECTIONS = [parity, greedy, sampling, fp8_gemms, flash_mla, plan_v3, timings]
+def mid_decode(dev: str, smoke: bool) -> None:
+    """The issue's mid config: decode step vs its memory floor, kernels and syncs per step, prefill tok/s."""
+    from _mid_decode import decode_rows
+
+    for check, result in decode_rows(dev, smoke):
+        _row(check, result, None)
+
+
+SECTIONS = [parity, greedy, sampling, fp8_gemms, flash_mla, plan_v3, timings, mid_decode]
 
 
 def main() -> int:
@@ -215,6 +223,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=360.0, help="skip sections that would start after this")
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     smoke = not args.device.startswith("cuda")
     if not smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run with --device cpu for the smoke mode", file=sys.stderr)

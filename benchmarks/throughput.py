@@ -3,7 +3,9 @@
 Workload (defaults): the `small` preset, 64 requests of 256-token prompts, 128 output tokens
 each, greedy, ignore_eos. transformers runs the whole batch through `generate` (equal-length
 prompts, so no padding). Prints output tokens/s of each, the ratio, and peak RSS.
-Run: python benchmarks/throughput.py [--requests 64] [--prompt-len 256] [--output-len 128]
+--dtype bfloat16 runs both engines in bf16; --sample makes every request sample (temperature 0.8, top-k 50,
+top-p 0.95, repetition penalty 1.1, a seed each), which exercises the sampler (transformers still runs greedy).
+Run: python benchmarks/throughput.py [--requests 64] [--prompt-len 256] [--output-len 128] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype of both engines (transformers loads the same checkpoint in it)")
+    ap.add_argument("--sample", action="store_true", help="seeded top-k/top-p/penalty sampling for every request")
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
 
@@ -33,22 +38,27 @@ def main() -> None:
     prompts = torch.randint(5, 261, (args.requests, args.prompt_len), generator=g)
     n_out = args.requests * args.output_len
 
-    llm = LLM(args.model, max_num_seqs=args.requests, max_num_batched_tokens=4096)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    llm = LLM(args.model, max_num_seqs=args.requests, max_num_batched_tokens=4096, dtype=args.dtype)
+    if args.sample:
+        params = [SamplingParams(max_tokens=args.output_len, temperature=0.8, top_k=50, top_p=0.95,
+                                 repetition_penalty=1.1, seed=i, ignore_eos=True) for i in range(args.requests)]
+    else:
+        params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     llm.generate([prompts[0, :16].tolist()], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(prompts.tolist(), params, use_tqdm=False)
     t_ours = time.perf_counter() - t0
     assert sum(len(o.token_ids) for o in outs) == n_out
     rss_ours = peak_rss_mib()
-    print(f"model={args.model} requests={args.requests} prompt={args.prompt_len} output={args.output_len} "
-          f"threads={torch.get_num_threads()}")
+    print(f"model={args.model} dtype={args.dtype} sample={args.sample} requests={args.requests} "
+          f"prompt={args.prompt_len} output={args.output_len} threads={torch.get_num_threads()}")
     print(f"rayinfer      {t_ours:8.2f} s  {n_out / t_ours:9.1f} output tok/s  peak RSS {rss_ours:7.0f} MiB")
     if args.skip_transformers:
         return
     from transformers import DeepseekV3ForCausalLM
 
-    ref = DeepseekV3ForCausalLM.from_pretrained(llm.engine.runner.checkpoint_path, dtype=torch.float32).eval()
+    ref = DeepseekV3ForCausalLM.from_pretrained(llm.engine.runner.checkpoint_path,
+                                                dtype=getattr(torch, args.dtype)).eval()
     with torch.inference_mode():
         ref.generate(prompts[:1, :16], max_new_tokens=2, do_sample=False)  # warm-up
         t0 = time.perf_counter()

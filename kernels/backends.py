@@ -44,5 +44,10 @@ def usable(name: str, *tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors) and installed(name) and probe.healthy(name) and module(name) is not None
 
 
+def disabled() -> set[str]:
+    """Backends switched off by RAYINFER_DISABLE_BACKENDS (comma-separated names)."""
+    return set(_DISABLE)
+
+
 def available() -> dict[str, bool]:
     return {n: module(n) is not None for n in ("deep_gemm", "flash_mla", "deep_ep")}

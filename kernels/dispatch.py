@@ -85,9 +85,10 @@ class AllToAllDispatcher:
         self.stats.blocked_s += time.perf_counter() - t0
         return out
 
-    def _exchange_counts(self, send_counts: list[int]) -> list[int]:
-        recv = torch.empty(self.world, dtype=torch.long)
-        self._blocking(lambda: dist.all_to_all_single(recv, torch.tensor(send_counts), group=self.group))
+    def _exchange_counts(self, send_counts: torch.Tensor) -> list[int]:
+        """Rows each rank sends here, from `send_counts` [world] (on the payload's device: NCCL needs it there)."""
+        recv = torch.empty_like(send_counts)
+        self._blocking(lambda: dist.all_to_all_single(recv, send_counts, group=self.group))
         return recv.tolist()
 
     def _a2a(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]):
@@ -99,15 +100,15 @@ class AllToAllDispatcher:
     def dispatch_launch(self, x, slots, weights) -> _Pending:
         t, k = slots.shape
         dest = torch.div(slots, self.spr, rounding_mode="floor")  # [T, K] owning rank of each choice
-        goes = (dest.unsqueeze(-1) == torch.arange(self.world)).any(dim=1)  # [T, world]
-        per_rank = [goes[:, r].nonzero().squeeze(1) for r in range(self.world)]
-        send_idx = torch.cat(per_rank)  # [M]
-        send_counts = [len(i) for i in per_rank]
-        owner = torch.cat([torch.full((n,), r) for r, n in enumerate(send_counts)]).view(-1, 1)  # [M, 1]
+        goes = (dest.unsqueeze(-1) == torch.arange(self.world, device=slots.device)).any(dim=1)  # [T, world]
+        owner, send_idx = goes.t().nonzero(as_tuple=True)  # [M] each, grouped by destination rank
+        counts = goes.sum(dim=0)  # [world]
+        owner = owner.view(-1, 1)  # [M, 1]
         local = torch.where(dest[send_idx] == owner, slots[send_idx] - owner * self.spr, -1)  # [M, K]
         meta = torch.cat([local.float(), weights[send_idx].float()], dim=1)  # [M, 2K]
         payload = _pack(x[send_idx], meta, self.fp8_payload)
-        recv_counts = self._exchange_counts(send_counts)
+        recv_counts = self._exchange_counts(counts)
+        send_counts = counts.tolist()  # split sizes must be host ints: the one sync of this dispatcher
         work, recv = self._a2a(payload, send_counts, recv_counts)
         self.stats.tokens_sent += len(send_idx) - send_counts[self.rank]
         self.stats.tokens_received += sum(recv_counts) - recv_counts[self.rank]

@@ -6,8 +6,13 @@ rope key, in pages of 64 tokens: `kv_cache [num_pages, 64, D]`. Queries come alr
 D values) and value (the first `dv` values). FlashMLA is used on Hopper when installed, its health
 probe passed and its shapes hold (bf16, page 64, D 576 = 512 latent + 64 rope, dv 512); its
 schedule metadata is built once per step (`step_cache`, shared by every layer) not once per layer.
+Else, on CUDA with one query per sequence, the Triton split-KV kernel (`triton_mla`) once its probe
+passed; else the reference below (gathers the context, attends in fp32: CPU and the fallback).
 """
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 
@@ -17,6 +22,18 @@ PAGE_SIZE = 64
 
 
 FLASH_MLA_D, FLASH_MLA_DV = 576, 512
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return "triton_mla" not in backends.disabled() and importlib.util.find_spec("triton") is not None
+
+
+def triton_usable() -> bool:
+    """The Triton split-KV kernel is installed, not disabled, and agreed with the reference in its probe."""
+    from rayinfer.kernels import probe
+
+    return _triton_installed() and probe.healthy("triton_mla")
 
 
 def flash_mla_preconditions(q: torch.Tensor, kv_cache: torch.Tensor, dv: int) -> str | None:
@@ -39,6 +56,10 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     if flash_mla_preconditions(q, kv_cache, dv) is None and backends.usable("flash_mla", q, kv_cache):
         return _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal,
                           {} if step_cache is None else step_cache)
+    if q.shape[1] == 1 and q.is_cuda and kv_cache.is_cuda and triton_usable():
+        from rayinfer.kernels.triton_mla import mla_decode_triton
+
+        return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale)
     b, s_q, h, d = q.shape
     s_max = block_table.shape[1] * PAGE_SIZE
     lens = cache_seqlens.to(kv_cache.device).long()
@@ -73,22 +94,31 @@ def _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causa
     return out
 
 
-def probe_flash_mla() -> None:
-    """Health probe (run in a child by kernels.probe): FlashMLA against the reference on a small paged batch."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    b, h, lens = 3, 16, [1, 70, 200]
+def probe_batch(d: int = FLASH_MLA_D, h: int = 16, device: str = "cuda"):
+    """A small paged decode batch for health probes: (q [3, 1, h, d], cache, block table, lengths), bf16."""
+    g = torch.Generator(device=device).manual_seed(0)
+    lens = [1, 70, 200]
     pages = sum(-(-n // PAGE_SIZE) for n in lens)
-    cache = torch.randn(pages, PAGE_SIZE, FLASH_MLA_D, device="cuda", generator=g).bfloat16()
+    cache = torch.randn(pages, PAGE_SIZE, d, device=device, generator=g).bfloat16()
     width = max(-(-n // PAGE_SIZE) for n in lens)
-    table, start = torch.zeros(b, width, dtype=torch.int32, device="cuda"), 0
+    table, start = torch.zeros(len(lens), width, dtype=torch.int32, device=device), 0
     for i, n in enumerate(lens):
         k = -(-n // PAGE_SIZE)
-        table[i, :k] = torch.arange(start, start + k, device="cuda")
+        table[i, :k] = torch.arange(start, start + k, device=device)
         start += k
-    q = torch.randn(b, 1, h, FLASH_MLA_D, device="cuda", generator=g).bfloat16()
-    seqlens = torch.tensor(lens, device="cuda", dtype=torch.int32)
-    got = _flash_mla(q, cache, table, seqlens, FLASH_MLA_DV, 0.07, True, {})
-    want = mla_decode(q.float(), cache.float(), table, seqlens, FLASH_MLA_DV, 0.07)
+    q = torch.randn(len(lens), 1, h, d, device=device, generator=g).bfloat16()
+    return q, cache, table, torch.tensor(lens, device=device, dtype=torch.int32)
+
+
+def check_against_reference(name: str, got: torch.Tensor, q, cache, table, seqlens, dv: int, scale: float) -> None:
+    want = mla_decode(q.float(), cache.float(), table, seqlens, dv, scale)
     err = ((got.float() - want).norm() / want.norm()).item()
     if not err < 2e-2:
-        raise SystemExit(f"flash_mla: relative error {err:.3g} against the reference")
+        raise SystemExit(f"{name}: relative error {err:.3g} against the reference")
+
+
+def probe_flash_mla() -> None:
+    """Health probe (run in a child by kernels.probe): FlashMLA against the reference on a small paged batch."""
+    q, cache, table, seqlens = probe_batch()
+    got = _flash_mla(q, cache, table, seqlens, FLASH_MLA_DV, 0.07, True, {})
+    check_against_reference("flash_mla", got, q, cache, table, seqlens, FLASH_MLA_DV, 0.07)

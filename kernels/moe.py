@@ -1,11 +1,17 @@
 """Grouped expert FFN: `down(silu(gate(x)) * up(x))` over tokens sorted by expert.
 
-Rows of `x` arrive grouped by local expert slot (`counts[s]` rows for slot s, in slot order).
-Float weights: one fused gate/up matmul and one down matmul per non-empty slot, or two batched
-matmuls over padded slots when rows are few (decode). FP8 weights (with their block scales) run as
-grouped FP8 GEMMs through `kernels.fp8`: DeepGEMM's contiguous layout for many rows (prefill), its
-masked layout over padded slots for few (decode), per-slot block-scaled GEMMs where DeepGEMM is not
-healthy; the weights are never dequantised whole per call on a GPU.
+Two entry points. `sorted_ffn(x, offs, ...)` is what the model calls: rows of `x` sorted by local
+slot, `offs[s]` the end row of slot s as a tensor on x's device, so routing never leaves the
+device. It runs as one `torch._grouped_mm` per projection on CUDA bf16 (Hopper), with no host
+read; elsewhere as one opaque op (`rayinfer::grouped_ffn`) whose kernel reads the offsets on the
+host (free on CPU: there is no device to wait for) and runs `grouped_ffn`. FP8 experts read them
+too (their grouped GEMMs take host counts; a host sync per MoE layer on CUDA, still to remove).
+`grouped_ffn(x, counts, ...)` takes host counts: with float weights, two batched matmuls over
+padded slots when rows are few (decode) or one fused gate/up and one down matmul per non-empty
+slot; FP8 weights (with their block scales) run as grouped FP8 GEMMs through `kernels.fp8`:
+DeepGEMM's contiguous layout for many rows (prefill), its masked layout over padded slots for few
+(decode), per-slot block-scaled GEMMs where DeepGEMM is not healthy; the weights are never
+dequantised whole per call on a GPU.
 """
 from __future__ import annotations
 
@@ -13,6 +19,46 @@ import torch
 import torch.nn.functional as F
 
 from rayinfer.kernels import fp8
+
+
+def ffn_backend(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fp8_weights: bool) -> str:
+    """"grouped_mm" (device offsets, no host read) where torch's grouped GEMM runs natively, else "host"."""
+    if fp8_weights or not x.is_cuda or x.dtype != torch.bfloat16 or w13.dtype != torch.bfloat16:
+        return "host"
+    aligned = x.shape[1] % 8 == 0 and w2.shape[2] % 8 == 0  # every row stride a multiple of 16 bytes
+    return "grouped_mm" if aligned and torch.cuda.get_device_capability(x.device)[0] >= 9 else "host"
+
+
+def sorted_ffn(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+               w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """x [M, H] sorted by slot; offs [S] int32 end row of each slot (rows past offs[-1]: padding) -> [M, H].
+
+    Output rows past offs[-1] are unspecified. `backend` overrides the choice (tests run the CUDA
+    formulation on CPU: `torch._grouped_mm` runs there too)."""
+    fp8_weights = w13_scale is not None and w2_scale is not None
+    backend = backend or ffn_backend(x, w13, w2, fp8_weights)
+    if backend == "grouped_mm":
+        gate, up = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [M, I] each
+        return torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    return torch.ops.rayinfer.grouped_ffn(x, offs, w13, w2, w13_scale, w2_scale)
+
+
+@torch.library.custom_op("rayinfer::grouped_ffn", mutates_args=())
+def _host_offsets_ffn(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                      w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None) -> torch.Tensor:
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    n = sum(counts)
+    if n == x.shape[0]:  # every row served here (a single-rank model): no padding rows to fill
+        return grouped_ffn(x, counts, w13, w2, w13_scale, w2_scale)
+    out = x.new_zeros(x.shape[0], w2.shape[1])
+    out[:n] = grouped_ffn(x[:n], counts, w13, w2, w13_scale, w2_scale)
+    return out
+
+
+@_host_offsets_ffn.register_fake
+def _(x, offs, w13, w2, w13_scale, w2_scale):
+    return x.new_empty(x.shape[0], w2.shape[1])
 
 
 def grouped_ffn(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor,

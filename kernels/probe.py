@@ -27,6 +27,7 @@ _PROBES: dict[str, str] = {
     "deep_gemm_grouped": "rayinfer.kernels.fp8_native:probe_deep_gemm_grouped",
     "scaled_mm": "rayinfer.kernels.fp8_native:probe_scaled_mm",
     "flash_mla": "rayinfer.kernels.mla:probe_flash_mla",
+    "triton_mla": "rayinfer.kernels.triton_mla:probe_triton_mla",
 }
 _verdicts: dict[str, tuple[bool, str]] = {}
 _lock = threading.Lock()

@@ -82,7 +82,7 @@ class EngineRequest:
     # already generated and streamed, so it picks up exactly where the other rank stopped.
     output_token_ids: list[int] = field(default_factory=list)
     emitted_chars: int = 0  # characters of output text the client already has
-    rng_state: bytes | None = None  # the request's sampling generator, for seeded requests
+    rng_state: bytes | None = None  # an unseeded request's sampling seed (8 bytes, little-endian)
     num_cached_tokens: int = 0  # prefix-cache hits reported by the rank that ran the prefill
 
 
@@ -98,7 +98,7 @@ class KVHandoff:
     num_tokens: int
     created_at: float
     source: str = ""
-    rng_state: bytes | None = None  # the request's sampling generator after the first token
+    rng_state: bytes | None = None  # the request's sampling seed (see EngineRequest.rng_state)
 
 
 @dataclass

@@ -225,8 +225,12 @@ def test_serve_config_keys_and_values(serve_cfg):
     role_keys = {"prefill": "max_num_batched_tokens", "decode": "max_num_seqs"}
     for role, limit in role_keys.items():
         r = serve_cfg[role]
-        assert set(r) == {"ep_size", "num_gangs", "num_redundant_experts", limit}, role
+        assert set(r) - {"autoscaling"} == {"ep_size", "num_gangs", "num_redundant_experts", limit}, role
         for k, v in r.items():
+            if k == "autoscaling":
+                assert 1 <= v["min_gangs"] <= r["num_gangs"] <= v["max_gangs"], (role, v)
+                assert v["drain_timeout_s"] > 0 and v["downscale_delay_s"] > v["upscale_delay_s"], (role, v)
+                continue
             assert isinstance(v, int) and not isinstance(v, bool) and v >= 0, (role, k, v)
         assert r["ep_size"] > 0 and r["ep_size"] % 8 == 0, f"{role}: gangs fill whole 8-GPU nodes"
         assert r["num_gangs"] >= 1 and r[limit] > 0
@@ -239,9 +243,14 @@ def test_serve_config_keys_and_values(serve_cfg):
 def test_cluster_is_sized_for_the_serve_config(cluster, serve_cfg):
     gpu = _gpu_worker(cluster)
     per_node = gpu["resources"]["GPU"]
-    nodes = sum(r["ep_size"] * r["num_gangs"] // per_node for r in (serve_cfg["prefill"], serve_cfg["decode"]))
-    assert nodes <= gpu["min_workers"], f"serve config needs {nodes} GPU nodes, only {gpu['min_workers']} start"
-    assert nodes <= gpu["max_workers"] <= cluster["max_workers"]
+    roles = (serve_cfg["prefill"], serve_cfg["decode"])
+
+    def nodes(key: str) -> int:  # every role at its min (or max) gangs
+        return sum(r["ep_size"] * r.get("autoscaling", {}).get(key, r["num_gangs"]) // per_node for r in roles)
+
+    assert nodes("min_gangs") == gpu["min_workers"], "the night's gangs fill exactly the nodes that always run"
+    assert nodes("max_gangs") <= gpu["max_workers"] <= cluster["max_workers"], "the peak's gangs must fit"
+    assert nodes("max_gangs") > nodes("min_gangs"), "the sample scales a role"
 
 
 def test_serve_config_model_is_what_the_nodes_download(cluster, serve_cfg):

@@ -91,6 +91,46 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     assert other != a
 
 
+def _continue(engine, req):
+    """Runs `req` alone on `engine` to the end; returns the tokens it adds and its sequence."""
+    engine.add_request(req)
+    seq = engine.seqs[req.request_id]
+    out = []
+    while engine.has_unfinished():
+        out += [t for d in engine.step() if d.request_id == req.request_id for t in d.token_ids]
+    return out, seq
+
+
+@pytest.mark.parametrize("seed", [1234, None])
+def test_request_resumed_from_its_tokens_samples_the_same_continuation(llm, seed):
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_k=40, repetition_penalty=1.2, seed=seed, ignore_eos=True)
+    prompt = _prompts(1, seed=21)[0]
+    full, seq = _continue(llm.engine, EngineRequest(f"whole{seed}", prompt, p))
+    assert len(full) == 16
+    # An unseeded request carries the seed it drew, as a prefill handoff's rng_state does; a seeded one needs nothing.
+    rng = None if seed is not None else seq.sample_seed.to_bytes(8, "little")
+    other = LLM("tiny", max_num_batched_tokens=512, seed=77)  # another rank, another engine seed
+    for k in (1, 7):
+        got, _ = _continue(other.engine, EngineRequest(f"resumed{k}", prompt, p, output_token_ids=full[:k],
+                                                       rng_state=rng))
+        assert full[:k] + got == full, k
+
+
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings(llm):
+    prompt = "Stop strings test: "
+    greedy = dict(max_tokens=40, temperature=0)
+    base = llm.generate([prompt], SamplingParams(**greedy, ignore_eos=True), use_tqdm=False)[0]
+    ids = base.token_ids
+    early = llm.generate([prompt], SamplingParams(**greedy, stop_token_ids=[ids[1]]), use_tqdm=False)[0]
+    assert early.finish_reason == "stop" and early.token_ids == ids[:2]
+    held = llm.generate([prompt], SamplingParams(**greedy, stop_token_ids=[ids[1]], min_tokens=3), use_tqdm=False)[0]
+    assert held.token_ids[0] == ids[0] and ids[1] not in held.token_ids[:3] and len(held.token_ids) > 3
+    stop = next(base.text[i:i + 2] for i in range(4, 12) if "\ufffd" not in base.text[i:i + 2])
+    out = llm.generate([prompt], SamplingParams(**greedy, ignore_eos=True, stop=[stop], min_tokens=40),
+                       use_tqdm=False)[0]
+    assert out.finish_reason == "length" and out.text == base.text
+
+
 def test_stop_strings_are_honoured_and_not_emitted(llm):
     prompt = "Stop strings test: "
     base = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)[0]

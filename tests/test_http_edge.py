@@ -195,16 +195,20 @@ def test_bare_cli_prints_help_and_every_option_has_help(capsys):
     assert len(seen) > 10 and all(h for args, h in seen if args != ("-h", "--help")), seen
 
 
-def test_rebalance_fails_fast_without_a_cluster(capsys):
+def test_rebalance_fails_fast_without_a_cluster():
+    # A fresh process, as a user's shell runs it: this test session may already be connected to Ray.
+    import subprocess
+    import sys
     import time
 
-    from rayinfer import cli
     from rayinfer.actors.cluster import free_port
 
     t0 = time.time()
-    assert cli.main(["rebalance", "--address", f"127.0.0.1:{free_port()}", "--connect-timeout", "5"]) == 1
+    p = subprocess.run([sys.executable, "-m", "rayinfer.cli", "rebalance", "--address", f"127.0.0.1:{free_port()}",
+                        "--connect-timeout", "5"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
     assert time.time() - t0 < 30
-    assert "cannot reach the Ray cluster" in capsys.readouterr().err
+    assert "cannot reach the Ray cluster" in p.stderr
 
 
 def test_serve_config_limits_and_keys():

@@ -5,6 +5,8 @@ expert in each physical slot, `log2phy` lists each logical expert's slots (padde
 `logcnt` counts them. Rank r owns slots [r*S, (r+1)*S). A token routed to a replicated expert
 goes to one replica chosen by a deterministic rule that spreads the replicas' load: replica
 (token + rank + choice) mod count, so tokens of one rank fan out over all copies.
+Maps are built on the CPU (from host-side EPLB decisions); a rank moves them to its device with
+`to(device)` once, so routing in the step never meets a host tensor.
 """
 from __future__ import annotations
 
@@ -25,8 +27,18 @@ class ExpertPlacement:
         num_l, p = self.phy2log.shape
         assert p % self.ep_size == 0, f"{p} slots do not divide over {self.ep_size} ranks"
         assert num_l == len(self.layers) and self.logcnt.shape == self.log2phy.shape[:2]
-        assert bool((self.logcnt >= 1).all()), "every logical expert needs a replica"
+        if self.logcnt.device.type == "cpu":  # maps are built on the CPU; `to` copies checked ones
+            assert bool((self.logcnt >= 1).all()), "every logical expert needs a replica"
         self._row = {layer: i for i, layer in enumerate(self.layers)}
+
+    @property
+    def device(self) -> torch.device:
+        return self.phy2log.device
+
+    def to(self, device) -> "ExpertPlacement":
+        """The same placement with its maps on `device`."""
+        return ExpertPlacement(self.layers, self.phy2log.to(device), self.log2phy.to(device), self.logcnt.to(device),
+                               self.ep_size)
 
     @property
     def num_slots(self) -> int:
@@ -70,6 +82,7 @@ class ExpertPlacement:
         i = self._row[layer]
         t, k = topk_logical.shape
         cnt = self.logcnt[i][topk_logical]  # [T, K]
-        spread = torch.arange(t).unsqueeze(1) + torch.arange(k).unsqueeze(0) + rank  # [T, K]
+        dev = topk_logical.device
+        spread = torch.arange(t, device=dev).unsqueeze(1) + torch.arange(k, device=dev).unsqueeze(0) + rank  # [T, K]
         replica = spread % cnt
         return self.log2phy[i][topk_logical, replica]

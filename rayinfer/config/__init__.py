@@ -6,4 +6,4 @@ naming the field. Import everything from `rayinfer.config`.
 from rayinfer.config.engine import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,  # noqa: F401
                                     parse_bytes)
 from rayinfer.config.model import ConfigError, ModelConfig, QuantConfig, RopeConfig  # noqa: F401
-from rayinfer.config.serve import RoleConfig, ServeConfig  # noqa: F401,E402
+from rayinfer.config.serve import AutoscalingConfig, RoleConfig, ServeConfig  # noqa: F401,E402

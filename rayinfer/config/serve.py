@@ -17,6 +17,45 @@ ROLES = ("prefill", "decode", "mixed")
 
 
 @dataclass(frozen=True)
+class AutoscalingConfig:
+    """Whole gangs of one role added and removed with load (Ray Serve autoscaling, in gang-size steps).
+
+    The load signal is Serve's: requests in flight per rank (queued at the handle or running), averaged
+    over `look_back_s`; the role wants ceil(total / target_ongoing_requests) ranks, rounded up to whole
+    gangs. A gang scaled down drains: it takes no new request and its ranks stop once the whole gang
+    is idle, or after `drain_timeout_s`."""
+
+    min_gangs: int = 1
+    max_gangs: int = 2
+    target_ongoing_requests: float = 16.0  # per rank (each rank is a DP rank with its own requests)
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    look_back_s: float = 30.0
+    drain_timeout_s: float = 300.0
+
+    def __post_init__(self):
+        check_field(isinstance(self.min_gangs, int) and not isinstance(self.min_gangs, bool) and self.min_gangs >= 1,
+                    "min_gangs", self.min_gangs, "must be an integer >= 1")
+        check_field(isinstance(self.max_gangs, int) and not isinstance(self.max_gangs, bool)
+                    and self.max_gangs >= self.min_gangs, "max_gangs", self.max_gangs,
+                    f"must be an integer >= min_gangs ({self.min_gangs})")
+        for name, low in (("target_ongoing_requests", None), ("look_back_s", None), ("upscale_delay_s", 0),
+                          ("downscale_delay_s", 0), ("drain_timeout_s", 0)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if low is None else v >= low)
+            check_field(ok, name, v, "must be a number > 0" if low is None else "must be a number >= 0")
+
+    def replicas(self, ep_size: int, num_gangs: int) -> dict:
+        """Ray Serve's `autoscaling_config` for a deployment of gangs of `ep_size` ranks, starting with
+        `num_gangs` gangs (kept within min..max)."""
+        start = min(max(num_gangs, self.min_gangs), self.max_gangs)
+        return dict(min_replicas=self.min_gangs * ep_size, max_replicas=self.max_gangs * ep_size,
+                    initial_replicas=start * ep_size, target_ongoing_requests=self.target_ongoing_requests,
+                    upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s,
+                    look_back_period_s=self.look_back_s)
+
+
+@dataclass(frozen=True)
 class RoleConfig:
     """One role's gangs: `num_gangs` units of `ep_size` ranks, and their ranks' engine options."""
 
@@ -28,6 +67,7 @@ class RoleConfig:
     kv_cache_memory: int | None = None
     enable_overlap: bool = True
     eplb_interval_s: float = 0.0  # live expert rebalancing period; 0: off
+    autoscaling: AutoscalingConfig | None = None  # None: `num_gangs` gangs, always
 
     def __post_init__(self):
         for name in ("ep_size", "num_gangs", "max_num_seqs", "max_num_batched_tokens"):
@@ -102,6 +142,12 @@ class ServeConfig:
     def num_ranks(self) -> int:
         return sum(self.role(r).ep_size * self.role(r).num_gangs for r in self.roles)
 
+    @property
+    def max_ranks(self) -> int:
+        """Ranks when every autoscaled role runs its max gangs (what the cluster must be able to hold)."""
+        return sum(self.role(r).ep_size * (a.max_gangs if (a := self.role(r).autoscaling) else self.role(r).num_gangs)
+                   for r in self.roles)
+
     @staticmethod
     def from_dict(raw: dict, **overrides) -> "ServeConfig":
         """From a parsed YAML mapping, then flag overrides (None values are ignored)."""
@@ -154,6 +200,9 @@ def _role(name: str, raw) -> RoleConfig:
     if kw.get("kv_cache_memory") is not None:
         kw["kv_cache_memory"] = parse_bytes(kw["kv_cache_memory"], f"{name}.kv_cache_memory")
     try:
+        if kw.get("autoscaling") is not None:
+            _only_known(kw["autoscaling"], AutoscalingConfig, f"serve config section '{name}.autoscaling'")
+            kw["autoscaling"] = AutoscalingConfig(**kw["autoscaling"])
         return RoleConfig(**kw)
     except ConfigError as e:
         raise ConfigError(f"under '{name}': {e}") from e

@@ -25,29 +25,30 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded output text so far (truncated at a stop string)
         self.emitted = 0  # characters of `text` already returned
 
-    def add(self, token_id: int | None) -> bool:
-        """Appends one token (None: nothing to add); returns True when a stop string completed."""
+    def add(self, token_id: int | None, find_stop: bool = True) -> bool:
+        """Appends one token (None: nothing to add); returns True when a stop string completed.
+        With `find_stop` False (before min_tokens) stop strings in the new text are kept as text."""
         if token_id is None:
             return False
         self.ids.append(token_id)
         prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tok.decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            return self._commit(full[len(prefix):], len(self.ids))
+            return self._commit(full[len(prefix):], len(self.ids), find_stop)
         if len(self.ids) - self.read_offset > MAX_CHAR_TOKENS:
             # The oldest pending bytes can no longer become a character: commit up to the last cut whose
             # text the later tokens extend (so a character still being completed stays pending).
             for cut in range(len(self.ids) - 1, self.read_offset, -1):
                 head = self.tok.decode(self.ids[self.prefix_offset:cut])
                 if len(prefix) < len(head) < len(full) and full.startswith(head):
-                    return self._commit(head[len(prefix):], cut)
+                    return self._commit(head[len(prefix):], cut, find_stop)
         return False
 
-    def _commit(self, new_text: str, read_to: int) -> bool:
+    def _commit(self, new_text: str, read_to: int, find_stop: bool) -> bool:
         before = len(self.text)
         self.text += new_text
         self.prefix_offset, self.read_offset = self.read_offset, read_to
-        return self._find_stop(before)
+        return find_stop and self._find_stop(before)
 
     def _find_stop(self, before: int) -> bool:
         hits = [at for s in self.stop if (at := self.text.find(s, max(0, before - len(s) + 1))) >= 0]

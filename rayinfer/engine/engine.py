@@ -89,11 +89,8 @@ class Engine:
             for t in req.output_token_ids:
                 seq.detokenizer.add(t)
             seq.detokenizer.emitted = min(req.emitted_chars, len(seq.detokenizer.text))
-        if req.rng_state is not None:
-            import torch
-
-            seq.generator = torch.Generator()
-            seq.generator.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
+        if req.rng_state is not None:  # an unseeded request's drawn seed: its noise continues unchanged
+            seq.sample_seed = int.from_bytes(req.rng_state, "little")
 
     def abort(self, request_id: str) -> Delta | None:
         self.exports.pop(request_id, None)  # a handoff no one will collect
@@ -151,8 +148,11 @@ class Engine:
         first = seq.num_output_tokens == 0
         seq.token_ids.append(token)
         p = seq.params
-        stopped_by_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos)
-        stop_string = seq.detokenizer.add(None if stopped_by_token else token) if seq.detokenizer else False
+        # min_tokens (vLLM): no stop token among the first min_tokens outputs, no stop string before the last of them
+        n = seq.num_output_tokens
+        stopped_by_token = n > p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos))
+        stop_string = seq.detokenizer.add(None if stopped_by_token else token, n >= p.min_tokens) \
+            if seq.detokenizer else False
         if stopped_by_token or stop_string:
             seq.finish_reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -175,9 +175,7 @@ class Engine:
     def _hand_off(self, seq: Sequence) -> None:
         """A prefill rank's job ends at the first token: keep the prompt's latents for the decode rank."""
         latents = self.runner.export_kv(seq)
-        rng = None
-        if seq.generator is not None:
-            rng = bytes(seq.generator.get_state().numpy().tobytes())
+        rng = (seq.sample_seed % 2 ** 64).to_bytes(8, "little") if seq.sample_seed is not None else None
         self.exports[seq.request_id] = (latents, rng)
         self.counters["kv_exported_tokens"] += latents.shape[1]
         seq.finish_reason = "handoff"

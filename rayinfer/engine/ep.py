@@ -2,7 +2,9 @@
 
 Owns the rank's view of the placement, its dispatcher (all-to-all between the gang's ranks),
 and the per-layer expert receive-load window (for EPLB). The model sees only `routed_experts`
-and the launch/wait halves used by the overlapped schedule.
+and the launch/wait halves used by the overlapped schedule. Placement maps and load counts live
+on the rank's device (counting needs no host sync); gang-wide decisions (the microbatch count)
+go over the gloo control group with host tensors, never over the device group.
 """
 from __future__ import annotations
 
@@ -18,18 +20,24 @@ from rayinfer.kernels.dispatch import Received
 class ExpertLoadWindow:
     """Tokens received per (MoE layer, logical expert) over the last `window` steps, kept as a running sum."""
 
-    def __init__(self, num_layers: int, num_logical: int, window: int = 1000):
+    def __init__(self, num_layers: int, num_logical: int, window: int = 1000, device="cpu"):
         self.steps: deque[torch.Tensor] = deque()
         self.window = window
-        self.current = torch.zeros(num_layers, num_logical, dtype=torch.long)  # [L, E] this step
+        self.current = torch.zeros(num_layers, num_logical, dtype=torch.long, device=device)  # [L, E] this step
         self.sum = torch.zeros_like(self.current)  # [L, E] over the window
         self.total = torch.zeros_like(self.current)  # [L, E] since start
+        self._received = False  # whether this step received any token (known from shapes, no sync)
 
-    def add(self, row: int, logical: torch.Tensor) -> None:
-        self.current[row] += torch.bincount(logical, minlength=self.current.shape[1])
+    def add(self, row: int, logical: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Counts `logical` expert ids (each `weight` times, default once) into layer row `row`."""
+        logical = logical.reshape(-1)
+        weight = torch.ones_like(logical) if weight is None else weight.reshape(-1).to(self.current.dtype)
+        self.current[row].index_add_(0, logical, weight)
+        self._received |= logical.numel() > 0
 
     def end_step(self) -> None:
-        if bool(self.current.any()):
+        if self._received:
+            self._received = False
             self.steps.append(self.current)
             self.sum += self.current
             self.total += self.current
@@ -45,14 +53,15 @@ class ExpertLoadWindow:
 
 class EPContext:
     def __init__(self, rank: int, placement: ExpertPlacement, dispatcher, overlap: bool = True,
-                 decode_split: bool = False, group=None, overlap_min_tokens: int = 0, window_steps: int = 1000):
+                 decode_split: bool = False, control=None, overlap_min_tokens: int = 0, window_steps: int = 1000):
         self.rank, self.ep_size = rank, placement.ep_size
         self.placement = placement
         self.dispatcher = dispatcher
         self.overlap = overlap
         self.decode_split = decode_split  # DeepSeek's decode pipeline: attention in two stages
-        self.group, self.overlap_min_tokens = group, overlap_min_tokens
-        self.load = ExpertLoadWindow(len(placement.layers), placement.log2phy.shape[1], window_steps)
+        self.control, self.overlap_min_tokens = control, overlap_min_tokens  # the gang's gloo group
+        self.load = ExpertLoadWindow(len(placement.layers), placement.log2phy.shape[1], window_steps,
+                                     placement.device)
         self.tokens_computed = 0  # this rank's own DP tokens run through the model
         self.steps = 0
         self.step_s = 0.0  # wall time of this rank's forward steps (compute + exposed communication)
@@ -65,9 +74,10 @@ class EPContext:
         layer, inner = handle
         recv = self.dispatcher.dispatch_wait(inner)
         row = self.placement._row[layer]
-        local = recv.slots[recv.slots >= 0]
         base = self.rank * self.placement.slots_per_rank
-        self.load.add(row, self.placement.phy2log[row, base + local])
+        # Slots elsewhere (-1) count zero times: a mask, not a selection, so no host sync.
+        mine = recv.slots >= 0
+        self.load.add(row, self.placement.phy2log[row, base + recv.slots.clamp(min=0)], mine)
         return recv
 
     def combine_launch(self, y: torch.Tensor, handle):
@@ -84,10 +94,10 @@ class EPContext:
         must be gang-wide: every rank has to issue the same sequence of collectives."""
         if not self.overlap:
             return 1
-        if self.group is None or self.overlap_min_tokens == 0:
+        if self.control is None or self.overlap_min_tokens == 0:
             return 2
         most = torch.tensor([local_tokens])
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.control)
         return 2 if int(most) >= self.overlap_min_tokens else 1
 
     def routed_experts(self, layer: int, experts, x, topk_idx, topk_w) -> torch.Tensor:

@@ -8,6 +8,9 @@ over the gang, takes rank 0's `rebalance_experts` placement (broadcast, so all a
 fills its new slots — from slots it already has, else from the checkpoint. Attention weights
 and KV caches are untouched, so in-flight requests simply continue on the next step; a
 replica of an expert computes what the original did, so greedy outputs do not change.
+Statistics and the chosen placement cross the gang on the gloo control group as host tensors;
+the placement's maps then go to the rank's device. Every tensor of an expert slot that has the
+slot dimension first (weights, FP8 scales, whatever they are named) moves with its slot.
 """
 from __future__ import annotations
 
@@ -68,16 +71,17 @@ class LiveRebalancer:
         t0 = time.monotonic()
         self.requested, self.last = False, t0
         ctx = self.ctx
-        load = ctx.load.sum.double()
-        dist.all_reduce(load, group=self.group)  # [L, E] the gang's receive counts
+        load = ctx.load.sum.double().cpu()
+        dist.all_reduce(load, group=self.group)  # [L, E] the gang's receive counts (self.group: control, gloo)
         if float(load.sum()) < self.min_tokens:
             return None
-        old = ctx.placement
+        device = ctx.placement.device
+        old = ctx.placement.to("cpu")
         phy2log = torch.empty_like(old.phy2log)
         if self.rank == 0:
             phy2log = choose_placement(load.float(), old, self.num_groups)
         dist.broadcast(phy2log, src=0, group=self.group)  # one placement, whatever each rank's float rounding
-        new = ExpertPlacement.from_phy2log(old.layers, phy2log, old.log2phy.shape[1], old.ep_size)
+        new = ExpertPlacement.from_phy2log(old.layers, phy2log, old.log2phy.shape[1], old.ep_size).to(device)
         changed, local, ckpt = move_experts(self.engine.runner.model, new, self.rank,
                                             self.engine.runner.checkpoint_path)
         ctx.placement = new
@@ -102,6 +106,20 @@ def imbalance(loads) -> float:
     return max(loads) / mean if mean > 0 else 1.0
 
 
+def slot_tensors(experts) -> dict[str, torch.Tensor]:
+    """Every tensor of `experts` indexed by slot first: parameters, buffers and plain tensor attributes
+    (FP8 scales kept beside the weights), so a move carries them all whatever they are named."""
+    n = len(experts.logical_ids)
+    found = {**dict(experts.named_parameters(recurse=False)), **dict(experts.named_buffers(recurse=False)),
+             **{k: v for k, v in vars(experts).items() if isinstance(v, torch.Tensor)}}
+    return {k: v for k, v in found.items() if v is not None and v.dim() >= 1 and v.shape[0] == n}
+
+
+def _fetched_parts(value) -> dict[str, torch.Tensor]:
+    """A checkpoint read of one expert as {slot tensor name: tensor}; the reader gives (w13, w2) or a dict."""
+    return dict(value) if isinstance(value, dict) else dict(zip(("w13", "w2"), value))
+
+
 def move_experts(model, new: ExpertPlacement, rank: int, checkpoint: str) -> tuple[int, int, int]:
     """Refills this rank's expert slots for `new`; -> (slots changed, filled locally, read from checkpoint)."""
     targets = new.local_experts(rank)
@@ -117,13 +135,26 @@ def move_experts(model, new: ExpertPlacement, rank: int, checkpoint: str) -> tup
     fetched = read_experts(checkpoint, wanted, plans[0][0].experts.w13.dtype) if wanted else {}
     for moe, want, have in plans:
         ex = moe.experts
-        w13, w2 = torch.empty_like(ex.w13), torch.empty_like(ex.w2)  # [S, 2I, H], [S, H, I]
+        tensors = slot_tensors(ex)  # name -> [S, ...]
+        moved = {name: torch.empty_like(t) for name, t in tensors.items()}
         for s, e in enumerate(want):
             if e in have:
-                w13[s], w2[s] = ex.w13[have[e]], ex.w2[have[e]]
+                for name, t in tensors.items():
+                    moved[name][s] = t[have[e]]
                 local += have[e] != s
             else:
-                w13[s], w2[s] = fetched[(moe.layer_idx, e)]
+                parts = _fetched_parts(fetched[(moe.layer_idx, e)])
+                missing = sorted(set(tensors) - set(parts))
+                if missing:
+                    raise ValueError(f"layer {moe.layer_idx} expert {e}: the checkpoint read gave {sorted(parts)}, "
+                                     f"not the slot tensors {missing}")
+                for name in tensors:
+                    moved[name][s] = parts[name]
             changed += ex.logical_ids[s] != e
-        ex.w13.data, ex.w2.data, ex.logical_ids = w13, w2, list(want)
+        for name, t in moved.items():
+            if isinstance(tensors[name], torch.nn.Parameter):
+                tensors[name].data = t
+            else:
+                setattr(ex, name, t)
+        ex.logical_ids = list(want)
     return changed, local, len(wanted)

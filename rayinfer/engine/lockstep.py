@@ -30,6 +30,7 @@ class Lockstep:
     the live expert balancer plugs into."""
 
     def __init__(self, group, store_address: tuple[str, int], world: int, rank: int, heartbeat_s: float = 30.0):
+        """`group`: the gang's gloo control group (votes are host tensors, whatever the device)."""
         host, port = store_address
         connect = lambda: dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=heartbeat_s))  # noqa: E731
         self.group, self.rank = group, rank
@@ -54,6 +55,16 @@ class Lockstep:
 
     def ring_from_loop(self) -> None:
         self._waiter.set(self._key(self.epoch), b"1")
+
+    def leave(self) -> None:
+        """Tells the gang this rank is stopping (it will get no new request)."""
+        with self._lock:
+            self._ringer.set(f"rayinfer/leaving/{self.rank}", b"1")
+
+    def all_leaving(self) -> bool:
+        """Whether every rank of the gang said it is stopping: then no rank can get new work."""
+        with self._lock:
+            return self._ringer.check([f"rayinfer/leaving/{r}" for r in range(self.world)])
 
     def sleep(self) -> None:
         """Blocks until someone rings the current key, or the heartbeat passes."""

@@ -12,11 +12,13 @@ import time
 import torch
 
 from rayinfer.config import EngineConfig
+from rayinfer.engine.decode_buckets import bucket_sizes, is_decode_step, pad_decode
 from rayinfer.engine.overlap import balanced_split, microbatch, run_interleaved
 from rayinfer.engine.sampler import Sampler
 from rayinfer.engine.scheduler import SchedulerOutput
 from rayinfer.kernels.mla import PAGE_SIZE
 from rayinfer.model import DeepseekV3, ForwardBatch, load_model
+from rayinfer.model.batch import to_device
 
 
 def kv_bytes_per_token(model: DeepseekV3, dtype: torch.dtype) -> int:
@@ -48,12 +50,17 @@ class ModelRunner:
                                  cfg.max_position_embeddings)
         self.num_blocks = kv_cache_pages(config, self.model, self.max_model_len)
         # Uninitialised on purpose: a page is always written before it is read, and untouched
-        # pages cost no memory until used.
-        self.kv_caches = [torch.empty(self.num_blocks, PAGE_SIZE, cfg.kv_cache_dim, dtype=self.dtype,
+        # pages cost no memory until used. One page more than the block manager hands out: the
+        # scratch page of the dummy sequences that pad a decode step to its bucket.
+        self.scratch_page = self.num_blocks
+        self.kv_caches = [torch.empty(self.num_blocks + 1, PAGE_SIZE, cfg.kv_cache_dim, dtype=self.dtype,
                                       device=self.device) for _ in range(cfg.num_hidden_layers)]
-        self.sampler = Sampler(config.seed)
+        # Decode steps padded to buckets where graphs would replay them: CUDA, single rank (see decode_buckets).
+        self.decode_buckets = bucket_sizes(config.scheduler.max_num_seqs) \
+            if self.device.type == "cuda" and ctx is None else None
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = set(cfg.eos_token_id)
+        self.sampler = Sampler(config.seed, self.device, self.eos_token_ids)
         self.checkpoint_path = self.model.checkpoint_path
 
     def _rows(self, seq, num_tokens: int) -> torch.Tensor:
@@ -104,7 +111,7 @@ class ModelRunner:
                                        self.kv_caches)
         ids, pos, slots = [], [], []
         width = max(len(seq.block_ids) for seq, _, _ in items)
-        tables = torch.zeros(len(items), width, dtype=torch.long)
+        tables = torch.zeros(len(items), width, dtype=torch.long)  # [B, max_pages], built on the host
         for i, (seq, start, n) in enumerate(items):
             ids.extend(seq.token_ids[start:start + n])
             p = torch.arange(start, start + n)
@@ -112,9 +119,9 @@ class ModelRunner:
             tables[i, : len(seq.block_ids)] = blocks
             pos.append(p)
             slots.append(blocks[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE)
-        batch = ForwardBatch(torch.cat(pos).to(dev), [n for _, _, n in items], [s + n for _, s, n in items],
-                             tables.to(dev), torch.cat(slots).to(dev), self.kv_caches)
-        return torch.tensor(ids, device=dev), batch
+        batch = ForwardBatch(to_device(torch.cat(pos), dev), [n for _, _, n in items], [s + n for _, s, n in items],
+                             to_device(tables, dev), to_device(torch.cat(slots), dev), self.kv_caches)
+        return to_device(torch.tensor(ids), dev), batch
 
     def _parts(self, sched: SchedulerOutput) -> list[list[tuple]]:
         """The step's work as microbatches: one, or two of balanced attention load when overlapping."""
@@ -138,12 +145,15 @@ class ModelRunner:
             return {}
         rows, seqs = [], []
         if self.ctx is None:
-            ids, batch = self.prepare([(s.seq, s.start, s.num_new_tokens) for s in sched.scheduled])
-            hidden = self.model.hidden_states(ids, batch)
-            ends = batch.last_rows().tolist()
+            items = [(s.seq, s.start, s.num_new_tokens) for s in sched.scheduled]
+            if self.decode_buckets is not None and is_decode_step(items):
+                items = pad_decode(items, self.decode_buckets, self.scratch_page)
+            ids, batch = self.prepare(items)
+            hiddens = [self.model.hidden_states(ids, batch)]
+            ends = batch.last_rows()
             for i, s in enumerate(sched.scheduled):
                 if s.samples:
-                    rows.append(hidden[ends[i]])
+                    rows.append(ends[i])
                     seqs.append(s.seq)
         else:
             t0 = time.perf_counter()
@@ -155,13 +165,16 @@ class ModelRunner:
             self.ctx.tokens_computed += sched.num_tokens
             self.ctx.steps += 1
             self.ctx.step_s += time.perf_counter() - t0
-            for part, (ids, b), hidden in zip(parts, prepared, hiddens):
-                ends = b.last_rows().tolist() if part else []
-                for (seq, start, n), end in zip(part, ends):
+            offset = 0  # rows of the parts' hidden states, concatenated
+            for part, (ids, b), h in zip(parts, prepared, hiddens):
+                for (seq, start, n), end in zip(part, b.last_rows() if part else []):
                     if start + n == seq.num_tokens:
-                        rows.append(hidden[end])
+                        rows.append(offset + end)
                         seqs.append(seq)
+                offset += h.shape[0]
         if not seqs:
             return {}
-        tokens, logprobs = self.sampler(self.model.logits(torch.stack(rows)), seqs)
+        # One gather of the sampling rows, whatever the batch size.
+        picked = torch.cat(hiddens)[to_device(torch.tensor(rows), self.device)]  # [B, H]
+        tokens, logprobs = self.sampler(self.model.logits(picked), seqs)
         return {seq.request_id: (t, lp) for seq, t, lp in zip(seqs, tokens, logprobs)}

@@ -4,11 +4,17 @@ Plain Python + torch.distributed, no Ray: the rank actor (actors/rank.py) is a t
 `build_rank_engine`, and tests run gangs as plain processes too. A rank loads the non-expert
 weights and only the experts in its slots, and gets an `EPContext` wired to an all-to-all
 dispatcher over its gang's process group.
+
+A gang has two groups: `data`, on the device's backend (NCCL on GPUs, gloo on CPU), carries
+tensors that live on the device (MoE dispatch/combine); `control`, always gloo, carries small
+host-side decisions (lockstep votes, microbatch counts, EPLB statistics and placements), so
+they never cost a device sync or a host-to-device copy. The code is the same on CPU and GPU.
 """
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -50,12 +56,20 @@ def init_process_group(rank: int, world: int, addr: str, port: int, timeout_s: f
     return join_process_group(store, rank, world, timeout_s, device)
 
 
-def join_process_group(store, rank: int, world: int, timeout_s: float, device: str = "cpu"):
-    """gloo on CPU, NCCL on GPU; every collective on it times out after `timeout_s`."""
+@dataclass(frozen=True)
+class GangGroups:
+    data: object  # device backend: tensors on the rank's device
+    control: object  # gloo: host tensors
+
+
+def join_process_group(store, rank: int, world: int, timeout_s: float, device: str = "cpu") -> GangGroups:
+    """Both groups of the gang; every collective on them times out after `timeout_s`."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    dist.barrier()
-    return dist.group.WORLD
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout)  # collective: every rank, same order
+    dist.barrier(group=control)
+    return GangGroups(dist.group.WORLD, control)
 
 
 def moe_layers_with_mtp(cfg: ModelConfig) -> list[int]:
@@ -69,14 +83,14 @@ def initial_placement(config: EngineConfig) -> ExpertPlacement:
                                    config.parallel.num_redundant_experts, config.parallel.ep_size)
 
 
-def build_rank_engine(config: EngineConfig, rank: int, group) -> Engine:
+def build_rank_engine(config: EngineConfig, rank: int, groups: GangGroups) -> Engine:
     placement = initial_placement(config)
     dtype = getattr(torch, config.dtype)
     model = load_model(config.model, dtype, config.device, local_experts=placement.local_experts(rank))
-    dispatcher = make_dispatcher(group, rank, placement.ep_size, placement.slots_per_rank, model.cfg.hidden_size,
-                                 config.device, low_latency=config.scheduler.mode == "decode")
-    ctx = EPContext(rank, placement, dispatcher, overlap=config.parallel.enable_overlap,
-                    decode_split=config.scheduler.mode == "decode", group=group,
+    dispatcher = make_dispatcher(groups.data, rank, placement.ep_size, placement.slots_per_rank,
+                                 model.cfg.hidden_size, config.device, low_latency=config.scheduler.mode == "decode")
+    ctx = EPContext(rank, placement.to(config.device), dispatcher, overlap=config.parallel.enable_overlap,
+                    decode_split=config.scheduler.mode == "decode", control=groups.control,
                     overlap_min_tokens=config.parallel.overlap_min_tokens,
                     window_steps=config.parallel.eplb_window_steps)
     return Engine(config, ModelRunner(config, model, ctx))

@@ -1,79 +1,163 @@
-"""Next-token selection from a step's logits: penalties, temperature, top-k/top-p/min-p, logprobs.
+"""Next-token selection from a step's logits: penalties, min_tokens, temperature, top-k/top-p/min-p, logprobs.
 
-Greedy rows take the argmax. Random rows sample by the exponential race (argmax of p / E with
-E ~ Exp(1)), drawn from the request's own generator when it has a seed, so a seeded request
-samples the same tokens whatever else is in the batch. Logprobs are those of the model's raw
-distribution (before penalties and temperature), as the OpenAI API reports them.
+Everything runs on the logits' device as whole-batch tensor ops (no per-row loop, so the op count
+does not grow with the batch), and the only host sync is the one transfer of the results.
+Greedy rows take the argmax. Random rows sample by inverting their filtered distribution's CDF
+at one uniform number per row, which is counter-based: a hash of (request seed, token position).
+A row's tokens therefore depend on nothing else in the batch, and a request resumed elsewhere
+from its emitted tokens samples the same continuation with no RNG state carried. (One number per
+row, not one per vocab entry: hashing the whole vocabulary cost more than the model on a CPU.) Unseeded
+requests draw a seed when first sampled (`Sequence.sample_seed`), from the engine's seed.
+Logprobs are those of the model's raw distribution (before penalties and temperature), as the
+OpenAI API reports them.
 """
 from __future__ import annotations
+
+import random
 
 import torch
 
 from rayinfer.engine.sequence import Sequence
 
+_M32 = 0xFFFFFFFF
+_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32), by 16-bit halves of c so no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (xor-shift-multiply), elementwise on int64 in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) [B], a pure function of each row's (seed, position); 24 bits, what float32 resolves."""
+    key = mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ pos)
+    return ((key >> 8).float() + 0.5) * 2.0 ** -24
+
 
 class Sampler:
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int, device: torch.device | str = "cpu", eos_token_ids=()):
+        self.seeds = random.Random(seed)  # seeds for unseeded requests
+        self.device = torch.device(device)
+        self.eos = sorted(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [B, V] for the sequences `seqs` (one row each) -> (token per row, logprobs per row)."""
-        logits = logits.float()
-        raw_lp = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
-        logits = self._penalise(logits, seqs)
-        tokens = logits.argmax(dim=-1)  # [B]
-        random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if random_rows:
-            probs = self._filtered_probs(logits[random_rows], [seqs[i] for i in random_rows])  # [R, V]
-            noise = torch.empty_like(probs)
-            for r, i in enumerate(random_rows):
-                seq = seqs[i]
-                if seq.params.seed is not None and seq.generator is None:
-                    seq.generator = torch.Generator().manual_seed(seq.params.seed)
-                noise[r].exponential_(generator=seq.generator or self.generator)
-            tokens[random_rows] = (probs / noise).argmax(dim=-1)
-        out = tokens.tolist()
-        return out, [self._logprobs(raw_lp[i], out[i], s.params.logprobs) if raw_lp is not None and
-                     s.params.logprobs is not None else None for i, s in enumerate(seqs)]
+        rows = self.sample(logits, seqs).cpu().tolist()  # the step's one device -> host transfer
+        tokens = [int(r[0]) for r in rows]
+        out = []
+        for r, s in zip(rows, seqs):
+            k = s.params.logprobs
+            if k is None:
+                out.append(None)
+                continue
+            width = (len(r) - 2) // 2
+            lp = {int(r[0]): r[1]}
+            lp.update(zip(map(int, r[2:2 + k]), r[2 + width:2 + width + k]))
+            out.append(lp)
+        return tokens, out
 
-    @staticmethod
-    def _penalise(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        rows = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Stays on the logits' device: [B, 2 + 2K] float64 rows of (token, its logprob, K top ids, K top
+        logprobs), K the largest `logprobs` asked in the batch; [B, 1] (the tokens) when none asked."""
+        assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
+        params = [s.params for s in seqs]
+        for s in seqs:
+            if s.sample_seed is None:
+                s.sample_seed = s.params.seed if s.params.seed is not None else self.seeds.getrandbits(64)
+        dev = logits.device
+        logits = logits.float()
+        k_max = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        raw_lp = torch.log_softmax(logits, dim=-1) if k_max is not None else None
+        random = not all(p.greedy for p in params)
+        f = None  # per-row float parameters, built only when penalties or sampling need them
+        if random or any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
+            f = torch.tensor([[getattr(p, name) for name in _FLOATS] for p in params], dtype=torch.float32).to(dev)
+        logits = self._penalise(logits, seqs, f)
+        logits = self._min_tokens(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        if random:
+            seeds = [s.sample_seed & (2 ** 64 - 1) for s in seqs]
+            ints = torch.tensor([[sd & _M32, sd >> 32, s.num_tokens & _M32, s.params.top_k]
+                                 for sd, s in zip(seeds, seqs)], dtype=torch.int64).to(dev)
+            probs, order = self._filtered_probs(logits, f, ints[:, 3], params)
+            cdf = probs.cumsum(dim=-1)  # [B, V]
+            u = uniform_noise(ints[:, 0], ints[:, 1], ints[:, 2])
+            pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[1] - 1)
+            sampled = (order.gather(1, pick) if order is not None else pick).squeeze(1)
+            tokens = torch.where(f[:, 0] == 0, tokens, sampled)
+        if raw_lp is None:
+            return tokens[:, None].double()
+        chosen = raw_lp.gather(1, tokens[:, None])
+        vals, ids = raw_lp.topk(k_max, dim=-1)
+        return torch.cat([tokens[:, None].double(), chosen.double(), ids.double(), vals.double()], dim=1)
+
+    def _penalise(self, logits: torch.Tensor, seqs: list[Sequence], f: torch.Tensor) -> torch.Tensor:
+        """vLLM's order: repetition (prompt or output tokens: positive logits divided, negative multiplied),
+        then frequency and presence (output tokens only)."""
+        pen = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty
+               or s.params.repetition_penalty != 1.0]
+        if not pen:
+            return logits
+        b, v = logits.shape
+        out_rows, out_toks = self._flat([(i, seqs[i].output_token_ids) for i in pen], logits.device)
+        counts = torch.zeros(b, v, device=logits.device).index_put_(
+            (out_rows, out_toks), torch.ones((), device=logits.device), accumulate=True)
+        seen = counts > 0
+        rep_rows = [(i, seqs[i].token_ids[:seqs[i].num_prompt_tokens]) for i in pen
+                    if seqs[i].params.repetition_penalty != 1.0]
+        if rep_rows:
+            prompt = torch.zeros(b, v, dtype=torch.bool, device=logits.device)
+            prompt[self._flat(rep_rows, logits.device)] = True
+            rep = f[:, 5:6]
+            logits = torch.where(seen | prompt, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        return logits - f[:, 4:5] * counts - f[:, 3:4] * seen
+
+    def _min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Before min_tokens outputs, no token that would stop the request may be sampled."""
+        rows = [(i, list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else self.eos))
+                for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+        rows = [(i, ids) for i, ids in rows if ids]
         if not rows:
             return logits
-        logits = logits.clone()
-        for i in rows:
-            p, out = seqs[i].params, seqs[i].output_token_ids
-            if not out:
-                continue
-            counts = torch.bincount(torch.tensor(out), minlength=logits.shape[1])[: logits.shape[1]].float()
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-        return logits
+        return logits.index_put(self._flat(rows, logits.device), torch.tensor(float("-inf"), device=logits.device))
 
     @staticmethod
-    def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        temps = torch.tensor([s.params.temperature for s in seqs]).unsqueeze(1)
-        logits = logits / temps
+    def _flat(rows: list[tuple[int, list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, token ids) pairs -> flat (row index, token index) tensors on `device`, in one copy."""
+        flat = torch.tensor([[i, t] for i, ids in rows for t in ids], dtype=torch.int64).reshape(-1, 2).to(device)
+        return flat[:, 0], flat[:, 1]
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, f: torch.Tensor, top_k: torch.Tensor, params):
+        """Probabilities after temperature, top-k, top-p and min-p (not renormalised: the CDF is scaled
+        by its total), in descending order with the vocab ids of that order when a row asked for
+        top-k or top-p, else in vocab order with None."""
+        temp = torch.where(f[:, 0:1] == 0, 1.0, f[:, 0:1])  # greedy rows are computed, then ignored
+        logits = logits / temp
         v = logits.shape[1]
-        top_k = [s.params.top_k if s.params.top_k > 0 else v for s in seqs]
-        if min(top_k) < v:
-            kth = torch.stack([logits[i].topk(min(k, v)).values[-1] for i, k in enumerate(top_k)]).unsqueeze(1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        order = None
+        random = [p for p in params if not p.greedy]
+        if all(0 < p.top_k < v for p in random):  # the k best suffice: O(V) instead of a full sort
+            logits, order = logits.topk(max(p.top_k for p in random), dim=-1)
+        elif any(0 < p.top_k < v or p.top_p < 1 for p in random):
+            logits, order = logits.sort(dim=-1, descending=True)
+        if order is not None:
+            k = torch.where((top_k > 0) & (top_k < logits.shape[1]), top_k, logits.shape[1])
+            kth = logits.gather(1, (k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value stay
         probs = logits.softmax(dim=-1)
-        top_p = torch.tensor([s.params.top_p for s in seqs]).unsqueeze(1)
-        if (top_p < 1).any():
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p  # keep the smallest prefix reaching top_p
-            probs = probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
-        min_p = torch.tensor([s.params.min_p for s in seqs]).unsqueeze(1)
-        if (min_p > 0).any():
-            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-        return probs
-
-    @staticmethod
-    def _logprobs(lp: torch.Tensor, token: int, k: int) -> dict[int, float]:
-        out = {token: float(lp[token])}
-        if k:
-            vals, ids = lp.topk(k)
-            out.update(zip(ids.tolist(), vals.tolist()))
-        return out
+        if order is not None:
+            top_p = f[:, 1:2]
+            drop = ((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1)  # smallest prefix reaching top_p
+            probs = probs.masked_fill(drop, 0.0)
+        min_p = f[:, 2:3]
+        return probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0), order

@@ -53,7 +53,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.first_admitted = False
-        self.generator = None  # per-request RNG when params.seed is set (owned by the sampler)
+        # Seed of the sampling noise: params.seed, or drawn by the sampler at the first sample (or carried
+        # over on a resume); with the token position it fixes every sampled token.
+        self.sample_seed: int | None = params.seed
         self.detokenizer = None
         self.pending_kv: PendingKV | None = None  # imported when admitted; dropped if preempted or aborted
 

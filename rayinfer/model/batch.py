@@ -5,7 +5,9 @@ new tokens, which sit at the end of a context of `context_lens[i]` tokens. With 
 (`kv_caches`, one [pages, 64, D] tensor per layer), new tokens' latents are written to
 `slot_mapping` rows and earlier context is read through `block_tables`. Without a cache every
 sequence is self-contained (query_len == context_len). The engine builds one per step; the
-grouping of sequences into attention paths is derived here once, not once per layer.
+grouping of sequences into attention paths is derived here once, not once per layer. Index tensors
+are built on the host and reach a CUDA device through pinned memory with non-blocking copies: a
+plain copy from pageable memory would wait for every kernel already queued.
 """
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from rayinfer.kernels.mla import PAGE_SIZE
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a stream sync: staged in pinned memory, copied non-blocking on CUDA."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -27,8 +36,10 @@ class ForwardBatch:
     # Derived once per step:
     decode_rows: torch.Tensor | None = field(default=None, init=False)  # [Bd] row of each decode sequence
     decode_seqs: list[int] = field(default_factory=list, init=False)
+    decode_lens: torch.Tensor | None = field(default=None, init=False)  # [Bd] context length of each
+    decode_tables: torch.Tensor | None = field(default=None, init=False)  # [Bd, max_pages] their block tables
     prefill_groups: list["PrefillGroup"] = field(default_factory=list, init=False)
-    # Per-step values every layer shares (decode lengths, FlashMLA's schedule): built by the first layer.
+    # Per-step kernel metadata every layer shares (FlashMLA's schedule): built by the first layer.
     step_cache: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -39,6 +50,7 @@ class ForwardBatch:
             s += q
         assert s == self.positions.shape[0], "positions must cover every query row"
         self.num_tokens = s
+        self.num_positions = max(self.context_lens, default=0)  # positions < this: sizes rope tables without a read
         cached = self.kv_caches is not None
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens)):
@@ -51,13 +63,15 @@ class ForwardBatch:
                 by_shape.setdefault((q, c), []).append(i)
         dev = self.positions.device
         if self.decode_seqs:
-            self.decode_rows = torch.tensor([starts[i] for i in self.decode_seqs], device=dev)
+            self.decode_rows = to_device(torch.tensor([starts[i] for i in self.decode_seqs]), dev)
+            self.decode_lens = to_device(torch.tensor([self.context_lens[i] for i in self.decode_seqs]), dev)
+            self.decode_tables = self.block_tables[to_device(torch.tensor(self.decode_seqs), dev)]
         for (q, c), seqs in by_shape.items():
-            rows = torch.tensor([[starts[i] + j for j in range(q)] for i in seqs], device=dev)  # [G, q]
+            rows = to_device(torch.tensor([[starts[i] + j for j in range(q)] for i in seqs]), dev)  # [G, q]
             ctx_rows = None
             if cached:
                 pos = torch.arange(c, device=dev)
-                pages = self.block_tables[seqs][:, pos // PAGE_SIZE]  # [G, c]
+                pages = self.block_tables[to_device(torch.tensor(seqs), dev)][:, pos // PAGE_SIZE]  # [G, c]
                 ctx_rows = pages * PAGE_SIZE + pos % PAGE_SIZE
             self.prefill_groups.append(PrefillGroup(q, c, rows, ctx_rows))
 
@@ -67,13 +81,13 @@ class ForwardBatch:
         pos = torch.arange(length, device=device).repeat(batch)
         return ForwardBatch(pos, [length] * batch, [length] * batch)
 
-    def last_rows(self) -> torch.Tensor:
-        """Row of each sequence's last new token (where its next-token logits come from)."""
+    def last_rows(self) -> list[int]:
+        """Row of each sequence's last new token (where its next-token logits come from), known on the host."""
         ends, s = [], 0
         for q in self.query_lens:
             s += q
             ends.append(s - 1)
-        return torch.tensor(ends, device=self.positions.device)
+        return ends
 
 
 @dataclass

@@ -53,8 +53,8 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(t, self.h, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.rope_dim], dim=-1)
-        k_pe = rope(k_pe.unsqueeze(1), batch.positions).squeeze(1)
-        return q_nope, rope(q_pe, batch.positions), torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
+        k_pe = rope(k_pe.unsqueeze(1), batch.positions, batch.num_positions).squeeze(1)
+        return q_nope, rope(q_pe, batch.positions, batch.num_positions), torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
 
     def attend(self, proj, batch: ForwardBatch, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """ATTN-1: cache write, core attention over the context, output projection -> [T, H]."""
@@ -94,14 +94,10 @@ class MLA(nn.Module):
         return self._absorb
 
     def _absorbed(self, batch: ForwardBatch, q_nope, q_pe, kv_cache, out) -> None:
-        rows, seqs = batch.decode_rows, batch.decode_seqs
+        rows = batch.decode_rows
         w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope[rows], w_uk)  # [Bd, h, r]
         q = torch.cat([q_lat, q_pe[rows]], dim=-1).unsqueeze(1)  # [Bd, 1, h, D]
-        step = batch.step_cache
-        if "decode_lens" not in step:
-            step["decode_lens"] = torch.tensor([batch.context_lens[i] for i in seqs], device=q.device)
-            step["decode_tables"] = batch.block_tables[seqs]
-        o_lat = mla_decode(q.to(kv_cache.dtype), kv_cache, step["decode_tables"], step["decode_lens"], self.r,
-                           self.scale, step_cache=step)
+        o_lat = mla_decode(q.to(kv_cache.dtype), kv_cache, batch.decode_tables, batch.decode_lens, self.r,
+                           self.scale, step_cache=batch.step_cache)
         out[rows] = torch.einsum("bhr,hvr->bhv", o_lat[:, 0].to(q_lat.dtype), w_uv)  # [Bd, h, v]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rayinfer.config import ModelConfig
-from rayinfer.kernels.moe import grouped_ffn
+from rayinfer.kernels.moe import sorted_ffn
 from rayinfer.model.layers import MLP
 
 
@@ -66,17 +66,22 @@ class RoutedExperts(nn.Module):
         return len(self.logical_ids)
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; slots [N, K] local slot per choice (-1: not here); weights [N, K] -> weighted sum [N, H]."""
+        """x [N, H]; slots [N, K] local slot per choice (-1: not here); weights [N, K] -> weighted sum [N, H].
+
+        Routing stays on the device: every (token, choice) pair is sorted by slot, choices served
+        elsewhere sorting last as slot S, and each slot's end row found by a search over the sorted
+        keys; no host read, and the same operations whatever the number of tokens or slots."""
         n, k = slots.shape
+        s = self.num_slots
         flat = slots.reshape(-1)
-        valid = (flat >= 0).nonzero().squeeze(1)  # [M] (token, choice) pairs served here
-        order = flat[valid].argsort(stable=True)
-        pair = valid[order]
-        counts = torch.bincount(flat[pair], minlength=self.num_slots).tolist()
-        token = pair // k
-        y = grouped_ffn(x[token], counts, self.w13, self.w2, self.w13_scale, self.w2_scale)  # [M, H]
-        # Weighted in fp32 (the weights are fp32), rounded once: as transformers does in bf16.
-        y = (y * weights.reshape(-1)[pair].unsqueeze(1)).to(x.dtype)
+        key, order = torch.where(flat >= 0, flat, s).sort(stable=True)  # [N*K] pairs in slot order
+        offs = torch.searchsorted(key, torch.arange(s, device=x.device), right=True).to(torch.int32)  # [S]
+        token = order // k
+        y = sorted_ffn(x[token], offs, self.w13, self.w2, self.w13_scale, self.w2_scale)  # [N*K, H]
+        # Weighted in fp32 (the weights are fp32), rounded once: as transformers does in bf16. Rows of
+        # choices served elsewhere are unspecified (maybe NaN): selected away, not multiplied by zero.
+        w = weights.reshape(-1)[order].unsqueeze(1)
+        y = torch.where((key < s).unsqueeze(1), y * w, 0.0).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
 

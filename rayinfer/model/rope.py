@@ -65,8 +65,11 @@ class RotaryEmbedding(torch.nn.Module):
             self._cos, self._sin = freqs.cos() * self.factor, freqs.sin() * self.factor  # [P, D/2]
         return self._cos, self._sin
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos_t, sin_t = self._tables(int(positions.max()) + 1 if positions.numel() else 1, x.device)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, num_positions: int | None = None) -> torch.Tensor:
+        """`num_positions`: a bound on positions known on the host; without it the largest is read from the device."""
+        if num_positions is None:
+            num_positions = int(positions.max()) + 1 if positions.numel() else 1
+        cos_t, sin_t = self._tables(max(num_positions, 1), x.device)
         cos = cos_t[positions].to(x.dtype).unsqueeze(-2)  # [T, 1, D/2], broadcast over heads
         sin = sin_t[positions].to(x.dtype).unsqueeze(-2)
         if self.interleave:

@@ -1,0 +1,110 @@
+"""gpu_check's decode section: the issue's "mid" DeepSeek-V3-shaped model, decode step time against its memory floor.
+
+Owns the mid config (1.97B parameters: hidden 2048, 4 layers, first dense, 64 routed experts top-6 in 8 groups,
+2 shared, V3's MLA widths), random weights made on the device, a paged cache filled by one prefill, and the
+counts per decode step: aten ops and host-syncing ops (a `TorchDispatchMode`) and, on CUDA, kernel launches
+(the profiler). Crosses: (device, smoke) in, rows of (check, result) out. Smoke mode runs a tiny shape on CPU.
+"""
+from __future__ import annotations
+
+import collections
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rayinfer.config import ModelConfig
+from rayinfer.kernels.mla import PAGE_SIZE
+from rayinfer.model import DeepseekV3, ForwardBatch
+from rayinfer.model.build import weight_bytes
+from rayinfer.model.presets import PRESETS
+
+MID = dict(vocab_size=32000, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+           num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=64, num_experts_per_tok=6, n_group=8,
+           topk_group=4, n_shared_experts=2, q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,
+           qk_nope_head_dim=128, v_head_dim=128, num_attention_heads=16, num_nextn_predict_layers=0)
+HBM_BYTES_S = 4.3e12  # H200
+aten = torch.ops.aten
+SYNCING = {aten._local_scalar_dense, aten.item, aten.nonzero, aten.masked_select, aten.bincount,
+           aten.repeat_interleave, aten.is_nonzero, aten.equal, aten.lift_fresh}
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model(dev: str, smoke: bool, dtype: torch.dtype) -> DeepseekV3:
+    raw = dict(PRESETS["tiny"], num_nextn_predict_layers=0) if smoke else dict(PRESETS["tiny"], **MID)
+    with torch.device(dev):
+        model = DeepseekV3(ModelConfig.from_dict(raw)).to(dtype)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("e_score_correction_bias"):
+                p.copy_(0.02 * torch.randn(p.shape, device=dev, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, device=dev, generator=g) * p.shape[-1] ** -0.5)
+    return model.eval()
+
+
+def _batch(b: int, start: int, n: int, pages: int, caches, dev: str) -> ForwardBatch:
+    tables = torch.arange(b * pages, device=dev).view(b, pages)  # sequence i owns pages [i*pages, (i+1)*pages)
+    pos = torch.arange(start, start + n, device=dev).repeat(b)
+    slots = (tables[:, :, None] * PAGE_SIZE + torch.arange(PAGE_SIZE, device=dev)).view(b, -1)[:, start:start + n]
+    return ForwardBatch(pos, [n] * b, [start + n] * b, tables, slots.reshape(-1), caches)
+
+
+def decode_rows(dev: str, smoke: bool) -> list[tuple[str, str]]:
+    cuda = dev.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = _model(dev, smoke, dtype)
+    cfg, rows = model.cfg, []
+    prompt, steps = (16, 2) if smoke else (512, 8)
+    w_bytes = weight_bytes(model) - model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    for b in ((2, 4) if smoke else (64, 256)):
+        pages = -(-(prompt + steps + 2) // PAGE_SIZE)
+        caches = [torch.empty(b * pages, PAGE_SIZE, cfg.kv_cache_dim, dtype=dtype, device=dev)
+                  for _ in range(cfg.num_hidden_layers)]
+        ids = torch.randint(5, cfg.vocab_size, (b * prompt,), device=dev)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.logits(model.hidden_states(ids, _batch(b, 0, prompt, pages, caches, dev)))
+            torch.cuda.synchronize() if cuda else None
+            prefill_s = time.perf_counter() - t0
+            tok = torch.randint(5, cfg.vocab_size, (b,), device=dev)
+            batches = [_batch(b, prompt + i, 1, pages, caches, dev) for i in range(steps + 1)]
+            model.logits(model.hidden_states(tok, batches[0]))  # warm-up (absorbed weights, rope tables)
+            torch.cuda.synchronize() if cuda else None
+            t0 = time.perf_counter()
+            for batch in batches[1:]:
+                model.logits(model.hidden_states(tok, batch))
+            torch.cuda.synchronize() if cuda else None
+            step_s = (time.perf_counter() - t0) / steps
+            log = _Ops()
+            with log:
+                model.logits(model.hidden_states(tok, batches[-1]))
+            launches = "n/a on CPU"
+            if cuda:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    model.logits(model.hidden_states(tok, batches[-1]))
+                    torch.cuda.synchronize()
+                launches = str(sum(1 for e in prof.events() if e.device_type.name == "CUDA"))
+        kv_bytes = cfg.num_hidden_layers * b * (prompt + steps) * cfg.kv_cache_dim * caches[0].element_size()
+        floor = (w_bytes + kv_bytes) / HBM_BYTES_S
+        syncs = sum(n for op, n in log.ops.items() if op in SYNCING)
+        rows.append((f"decode step, {b} seqs ({'tiny' if smoke else 'mid'}, {str(dtype)[6:]})",
+                     f"{step_s * 1e3:.2f} ms ({b / step_s:,.0f} tok/s); floor {floor * 1e3:.3f} ms; ratio "
+                     f"{step_s / floor:.1f}x; kernels {launches}; aten ops {sum(log.ops.values())}; syncs {syncs}"))
+        rows.append((f"prefill, {b} x {prompt} ({'tiny' if smoke else 'mid'})",
+                     f"{b * prompt / prefill_s:,.0f} tok/s (first call, includes warm-up)"))
+        del caches
+    return rows

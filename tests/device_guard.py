@@ -1,0 +1,29 @@
+"""A CPU-side check for device mixing: a TorchDispatchMode that records every aten op and fails on
+any op where a host tensor (other than a 0-dim scalar) meets a tensor on another device.
+
+Run the code under test with its device tensors on `meta`: on a machine without a GPU this is the
+stand-in for CUDA, and a host tensor left in the step shows up as a mixed op (CUDA would either
+fail there or copy it, with a sync, on every step)."""
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class DeviceGuard(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        devices = {a.device.type for a in tensors if not (a.device.type == "cpu" and a.dim() == 0)}
+        assert len(devices) <= 1, f"{func} mixes devices {sorted(devices)}"
+        self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+    def syncs(self) -> list[str]:
+        """Ops that read a device value on the host."""
+        return [o for o in self.ops if "item" in o or "_local_scalar_dense" in o or "nonzero" in o]
