@@ -13,7 +13,6 @@ from rayinfer.actors.cluster import free_port
 from rayinfer.actors.server import APP_NAME, start
 from rayinfer.config import ServeConfig
 from rayinfer.config.serve import RoleConfig
-from rayinfer.messages import EngineRequest, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _faults as F  # noqa: E402
@@ -31,26 +30,6 @@ def server(ray_cluster):
     serve.shutdown()
 
 
-def positional_sampling() -> bool:
-    """Whether a seeded request resumed from its output alone (no RNG state) samples what it would have:
-    true once sampling noise is a function of (seed, position)."""
-    from rayinfer.config import EngineConfig
-    from rayinfer.engine.engine import Engine
-
-    engine = Engine(EngineConfig.from_options("tiny"))
-    params = SamplingParams(max_tokens=12, temperature=SEEDED_T, seed=7, ignore_eos=True)
-
-    def run(req):
-        engine.add_request(req)
-        out = list(req.output_token_ids)
-        while engine.has_unfinished():
-            out += [t for d in engine.step() for t in d.token_ids]
-        return out
-
-    whole = run(EngineRequest("whole", list(range(10, 40)), params))
-    return run(EngineRequest("resumed", list(range(10, 40)), params, output_token_ids=whole[:5])) == whole
-
-
 SEEDED_T = F.SEEDED_TEMPERATURE
 
 
@@ -65,9 +44,7 @@ def check_invisible(got: list[dict], ref: list[dict]) -> list[int]:
 
 
 def check_seeded(seeded: list[int]) -> None:
-    if seeded and not positional_sampling():
-        pytest.xfail(f"seeded streams {seeded} differ: this engine's sampling noise is not yet a function of "
-                     f"(seed, position), so a resumed seeded request cannot sample what it would have")
+    # Sampling noise is a function of (seed, position): a seeded stream resumed elsewhere samples what it would have.
     assert not seeded, f"seeded streams {seeded} differ from the no-fault run"
 
 
