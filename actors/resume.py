@@ -18,6 +18,7 @@ Crossing it: packed `EngineRequest`s out to the ranks, `Delta`s in, `APIError`s 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from contextlib import aclosing
@@ -33,6 +34,27 @@ log = logging.getLogger("rayinfer.ingress")
 # `health.HEALTH` is looked up at each use, never bound here: Serve ships these classes by value, which would
 # give every router and the ingress a copy of their own of a name bound at import.
 RESUME_REASONS = ("migrate", "abort")  # a rank gave the request back (drain, shutdown): continue elsewhere
+
+
+
+_collect_scheduled = False
+
+
+def _collect_soon(delay_s: float = 1.0) -> None:
+    """A cancelled call can leave its result (a KV handoff) in a garbage cycle here (a task and its
+    traceback), pinning the KV's object-store entry until this process's next full collection, which
+    an idle ingress may not run for a long time. So collect once, shortly after cancellations."""
+    global _collect_scheduled
+    if _collect_scheduled:
+        return
+    _collect_scheduled = True
+
+    def collect() -> None:
+        global _collect_scheduled
+        _collect_scheduled = False
+        gc.collect()
+
+    asyncio.get_running_loop().call_later(delay_s, collect)
 
 
 class RankFailed(Exception):
@@ -112,6 +134,7 @@ class ChoiceRunner:
             if call is not None:  # the client left (or the choice moves on): the rank aborts it and frees its KV
                 call.cancel()
                 call = None  # a cancelled call's arguments may hold the KV reference; this frame may outlive it
+                _collect_soon()
             raise
         except Exception:
             if call is not None:
