@@ -1,7 +1,7 @@
 """Which rank probably holds which prompt prefix: the prefill LB's memory of where it sent pages.
 
-Owns a bounded map from a page key (a short chained hash of a prompt's full 64-token pages, as
-`page_keys` computes it) to the ranks a request carrying that page was routed to, most recent
+Owns a bounded map from a page key (the block manager's chained hash of a prompt's full 64-token
+pages, shortened by `page_keys`) to the ranks a request carrying that page was routed to, most recent
 last. What crosses it: page keys in (from the request's cost), per-rank prefix lengths in tokens
 out. Pure Python, no Ray. A rank computes, and so caches, every page of a prompt it is sent, and
 writes them to the disk tier: a prefix seen on any rank is on disk for all (until evicted). The
@@ -9,20 +9,18 @@ index forgets least recently used pages past `max_pages`, as the ranks' caches d
 """
 from __future__ import annotations
 
-import zlib
-from array import array
 from collections import OrderedDict
+
+from rayinfer.engine.block_manager import prefix_hashes
 
 PAGE = 64
 
 
 def page_keys(token_ids: list[int], max_pages: int = 256) -> list[int]:
-    """Chained crc32 of each full page a prefix cache can reuse (all but the one holding the last token)."""
-    keys, prev = [], 0
-    for i in range(min((len(token_ids) - 1) // PAGE, max_pages)):
-        prev = zlib.crc32(array("q", token_ids[i * PAGE:(i + 1) * PAGE]).tobytes(), prev)
-        keys.append(prev)
-    return keys
+    """The block manager's chained page hashes of each full page a prefix cache can reuse (all but the
+    one holding the last token), cut to 64-bit ints to travel light in a routing cost."""
+    n = min((len(token_ids) - 1) // PAGE, max_pages)
+    return [int.from_bytes(h[:8], "little") for h in prefix_hashes(token_ids, PAGE, n)]
 
 
 class PrefixIndex:
