@@ -10,7 +10,7 @@ import hashlib
 import secrets
 from dataclasses import replace
 
-from rayinfer.messages import Delta, EngineRequest, SamplingParams
+from rayinfer.messages import Delta, EngineRequest, SamplingParams, fold_delta
 from rayinfer.openai_protocol import ChoiceResult
 
 
@@ -44,13 +44,8 @@ def empty_choice(spec, index: int) -> ChoiceResult:
 
 
 def fold(out: ChoiceResult, d: Delta) -> None:
-    out.token_ids += d.token_ids
-    out.text += d.text
-    if d.logprobs is not None and out.logprobs is not None:
-        out.logprobs += d.logprobs
-    out.num_prompt_tokens, out.num_cached_tokens = d.num_prompt_tokens, d.num_cached_tokens
-    if d.finish_reason:
-        out.finish_reason = d.finish_reason
+    fold_delta(out, d)
+    out.num_prompt_tokens = d.num_prompt_tokens
 
 
 def own_request_identity() -> None:

@@ -30,7 +30,7 @@ from ray import serve
 
 from rayinfer.actors.cluster import bind_replica_grpc_to_loopback
 from rayinfer.config import EngineConfig
-from rayinfer.messages import Delta, EngineRequest, KVHandoff, pack, unpack
+from rayinfer.messages import Delta, EngineRequest, KVHandoff, fold_delta, pack, unpack
 
 
 class RankReplica:
@@ -122,13 +122,10 @@ class RankReplica:
     async def prefill(self, request: bytes, cost=None) -> tuple[bytes, KVHandoff | None]:
         """Runs the prompt, samples the first token; -> (its delta, the KV handoff if decoding continues)."""
         req = unpack(request, EngineRequest)
-        merged = Delta(req.request_id, [])
+        merged = Delta(req.request_id, [], logprobs=[] if req.params.logprobs is not None else None)
         async for d in self.loop.stream(req):
-            merged.token_ids += d.token_ids
-            merged.text += d.text
-            merged.logprobs = (merged.logprobs or []) + d.logprobs if d.logprobs is not None else merged.logprobs
-            merged.finish_reason, merged.num_prompt_tokens = d.finish_reason, d.num_prompt_tokens
-            merged.num_cached_tokens = d.num_cached_tokens
+            fold_delta(merged, d)
+            merged.num_prompt_tokens = d.num_prompt_tokens
         handoff = None
         if merged.finish_reason == "handoff":
             latents, rng = self.engine.exports.pop(req.request_id)

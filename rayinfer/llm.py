@@ -13,7 +13,7 @@ import time
 from typing import Sequence as Seq
 
 from rayinfer.config import EngineConfig
-from rayinfer.messages import Delta, EngineRequest, RequestOutput, SamplingParams
+from rayinfer.messages import Delta, EngineRequest, RequestOutput, SamplingParams, fold_delta
 
 _ids = itertools.count()
 
@@ -124,13 +124,8 @@ def apply_delta(out: RequestOutput, d: Delta, start: float) -> bool:
     now = time.time()
     if d.token_ids and out.time_to_first_token is None:
         out.time_to_first_token = now - start
-    out.token_ids.extend(d.token_ids)
-    out.text += d.text
-    if d.logprobs is not None and out.logprobs is not None:
-        out.logprobs.extend(d.logprobs)
-    out.num_cached_tokens = d.num_cached_tokens
+    fold_delta(out, d)
     if d.finish_reason:
-        out.finish_reason = d.finish_reason
         out.latency = now - start
         return True
     return False

@@ -114,6 +114,19 @@ class Delta:
     num_cached_tokens: int = 0
 
 
+def fold_delta(out, d: Delta) -> None:
+    """Folds delta `d` into a result being accumulated (a merged `Delta`, the ingress's choice, an offline
+    `RequestOutput`): tokens and text appended, logprobs too where `out` collects them (not None), the
+    cached-token count and finish reason taken."""
+    out.token_ids += d.token_ids
+    out.text += d.text
+    if d.logprobs is not None and out.logprobs is not None:
+        out.logprobs += d.logprobs
+    out.num_cached_tokens = d.num_cached_tokens
+    if d.finish_reason:
+        out.finish_reason = d.finish_reason
+
+
 @dataclass
 class RequestOutput:
     request_id: str
