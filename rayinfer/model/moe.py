@@ -65,24 +65,27 @@ class RoutedExperts(nn.Module):
     def num_slots(self) -> int:
         return len(self.logical_ids)
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                all_local: bool = False) -> torch.Tensor:
         """x [N, H]; slots [N, K] local slot per choice (-1: not here); weights [N, K] -> weighted sum [N, H].
 
         Routing stays on the device: every (token, choice) pair is sorted by slot, choices served
         elsewhere sorting last as slot S, and each slot's end row found by a search over the sorted
-        keys; no host read, and the same operations whatever the number of tokens or slots."""
+        keys; no host read, and the same operations whatever the number of tokens or slots. The
+        weights scale each pair's activation (fp32 math); the K outputs of a token are summed with
+        fp32 accumulation and rounded once, as transformers does. `all_local`: the caller knows no
+        choice is served elsewhere (a single-rank model), so no row needs masking."""
         n, k = slots.shape
         s = self.num_slots
         flat = slots.reshape(-1)
         key, order = torch.where(flat >= 0, flat, s).sort(stable=True)  # [N*K] pairs in slot order
         offs = torch.searchsorted(key, torch.arange(s, device=x.device), right=True).to(torch.int32)  # [S]
-        token = order // k
-        y = sorted_ffn(x[token], offs, self.w13, self.w2, self.w13_scale, self.w2_scale)  # [N*K, H]
-        # Weighted in fp32 (the weights are fp32), rounded once: as transformers does in bf16. Rows of
-        # choices served elsewhere are unspecified (maybe NaN): selected away, not multiplied by zero.
-        w = weights.reshape(-1)[order].unsqueeze(1)
-        y = torch.where((key < s).unsqueeze(1), y * w, 0.0).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        y = sorted_ffn(x[order // k], offs, self.w13, self.w2, self.w13_scale, self.w2_scale,
+                       row_weights=weights.reshape(-1)[order].float())  # [N*K, H]
+        if not all_local:  # rows of choices served elsewhere are unspecified (maybe NaN): zeroed, not weighted
+            y = y.masked_fill((key >= s).unsqueeze(1), 0.0)
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=x.device))
+        return y.index_select(0, unsort).view(n, k, y.shape[1]).sum(dim=1)
 
 
 class MoE(nn.Module):
@@ -104,7 +107,7 @@ class MoE(nn.Module):
         if ctx is None:
             assert self.experts.logical_ids == list(range(self.gate.weight.shape[0])), \
                 "this model holds a subset of experts: pass the parallel context that reaches the others"
-            routed = self.experts(x, idx, weights)
+            routed = self.experts(x, idx, weights, all_local=True)
         else:
             routed = ctx.routed_experts(self.layer_idx, self.experts, x, idx, weights)
         return routed + self.shared(x)
