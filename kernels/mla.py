@@ -46,6 +46,15 @@ def flash_mla_preconditions(q: torch.Tensor, kv_cache: torch.Tensor, dv: int) ->
     return None
 
 
+def decode_backend(q: torch.Tensor, kv_cache: torch.Tensor, dv: int) -> str:
+    """The path `mla_decode` takes for these operands: "flash_mla", "triton" or "reference"."""
+    if flash_mla_preconditions(q, kv_cache, dv) is None and backends.usable("flash_mla", q, kv_cache):
+        return "flash_mla"
+    if q.shape[1] == 1 and q.is_cuda and kv_cache.is_cuda and triton_usable():
+        return "triton"
+    return "reference"
+
+
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                dv: int, softmax_scale: float, causal: bool = True, step_cache: dict | None = None) -> torch.Tensor:
     """q [B, s_q, h, D]; kv_cache [P, 64, D]; block_table [B, M]; cache_seqlens [B] -> out [B, s_q, h, dv].
@@ -53,10 +62,11 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     Query i of s_q sits at position cache_seqlens - s_q + i and (when causal) sees keys up to it.
     `step_cache`: a dict living for one step, where per-step kernel metadata is kept across layers.
     """
-    if flash_mla_preconditions(q, kv_cache, dv) is None and backends.usable("flash_mla", q, kv_cache):
+    backend = decode_backend(q, kv_cache, dv)
+    if backend == "flash_mla":
         return _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal,
                           {} if step_cache is None else step_cache)
-    if q.shape[1] == 1 and q.is_cuda and kv_cache.is_cuda and triton_usable():
+    if backend == "triton":
         from rayinfer.kernels.triton_mla import mla_decode_triton
 
         return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale)

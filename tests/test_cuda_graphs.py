@@ -10,7 +10,7 @@ import torch
 
 from rayinfer import LLM, SamplingParams
 from rayinfer.config.model import ConfigError
-from rayinfer.engine.cuda_graphs import DecodeGraphs, TapeCapture, graphs_blocker
+from rayinfer.engine.cuda_graphs import CudaGraphCapture, DecodeGraphs, TapeCapture, graphs_blocker
 from rayinfer.engine.model_runner import ModelRunner
 from rayinfer.kernels import backends, mla
 from rayinfer.kernels.mla import PAGE_SIZE
@@ -190,3 +190,28 @@ def test_flash_mla_metadata_is_rebuilt_in_place_outside_the_graph(monkeypatch):
     step = {("flash_mla", 16): mla._flash_mla_metadata(lens, table, 16)}
     with pytest.raises(NotImplementedError, match="str"):
         mla.refresh_step_cache(step)
+
+
+def test_cuda_capture_refuses_kernels_that_read_the_host(monkeypatch):
+    import rayinfer.kernels.moe as kmoe
+
+    runner = LLM("tiny", max_num_seqs=4).engine.runner
+    assert "row counts on the host" in CudaGraphCapture.blocker(runner.model, runner.kv_caches[0])  # CPU experts
+    monkeypatch.setattr(kmoe, "ffn_backend", lambda *a: "grouped_mm")
+    assert "no FlashMLA or Triton" in CudaGraphCapture.blocker(runner.model, runner.kv_caches[0])  # CPU attention
+    monkeypatch.setattr(mla, "triton_usable", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    assert CudaGraphCapture.blocker(runner.model, runner.kv_caches[0]) is None
+
+
+def test_metadata_that_cannot_live_outside_the_graph_turns_graphs_off():
+    llm = _llm(True)
+    runner = llm.engine.runner
+
+    def unrebuildable(items):
+        raise NotImplementedError("flash_mla metadata of type FlashMLASchedMeta cannot be rebuilt in place")
+
+    runner.graphs.run = unrebuildable
+    got = [o.token_ids for o in llm.generate(PROMPTS[:3], PARAMS[:3], use_tqdm=False)]
+    assert runner.graphs is None and runner.decode_buckets is None
+    assert got == [o.token_ids for o in _llm(False).generate(PROMPTS[:3], PARAMS[:3], use_tqdm=False)]

@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from rayinfer.kernels.mla import PAGE_SIZE, refresh_step_cache
+from rayinfer.kernels.mla import PAGE_SIZE, decode_backend, refresh_step_cache
 from rayinfer.model import DeepseekV3, ForwardBatch
 
 Replay = Callable[[], None]
@@ -50,13 +50,17 @@ class CudaGraphCapture:
         self.pool = None
 
     @staticmethod
-    def blocker(model: DeepseekV3, dtype: torch.dtype, device: torch.device) -> str | None:
+    def blocker(model: DeepseekV3, kv_cache: torch.Tensor) -> str | None:
         from rayinfer.kernels.moe import ffn_backend
 
         for m in model.moe_layers:
-            x = torch.empty(0, m.experts.w13.shape[2], dtype=dtype, device=device)
+            x = kv_cache.new_empty(0, m.experts.w13.shape[2])
             if ffn_backend(x, m.experts.w13, m.experts.w2, False) != "grouped_mm":
                 return "the expert FFN reads row counts on the host here (torch._grouped_mm needs bf16 on sm90+)"
+        q = kv_cache.new_empty(1, 1, model.cfg.num_attention_heads, kv_cache.shape[-1])
+        if decode_backend(q, kv_cache, model.cfg.kv_lora_rank) == "reference":
+            # It gathers every row of the block table, which a graph holds at the width of max_model_len.
+            return "no FlashMLA or Triton MLA decode kernel here (the reference would read max_model_len per row)"
         return None
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
@@ -93,7 +97,7 @@ class TapeCapture:
     """CPU stand-in for a CUDA graph: replays the recorded aten ops on the recorded tensors."""
 
     @staticmethod
-    def blocker(model, dtype, device) -> None:
+    def blocker(model, kv_cache) -> None:
         return None
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
@@ -131,10 +135,11 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[Replay, torch.Tensor, ForwardBatch]] = {}
         model.rotary.reserve(max_model_len, device)  # no step, eager or replayed, grows the tables afterwards
         self.replays = 0
+        self._copied = torch.cuda.Event() if pin else None  # the last step's host-to-device copies
 
     def _batch(self, b: int) -> ForwardBatch:
         """The bucket's ForwardBatch over the static buffers: nothing in it depends on a step's content."""
-        ids, pos, slots, lens = self.static[:, :b]
+        _ids, pos, slots, lens = self.static[:, :b]
         batch = ForwardBatch(pos, [1] * b, [1] * b, self.tables[:b], slots, self.kv_caches)
         # Every row is a decode row (rows 0..b-1); what __post_init__ derived from the host lengths
         # above is replaced by the static buffers, and rope tables are sized for any position.
@@ -146,6 +151,8 @@ class DecodeGraphs:
         """Writes a padded decode step's (sequence, position, 1) items into the static buffers."""
         b = len(items)
         ids, pos, slots, lens = [], [], [], []
+        if self._copied is not None:  # the engine's sampler waited for them already; a benchmark loop may not have
+            self._copied.synchronize()
         self.host_tables[:b].zero_()
         for i, (seq, start, _) in enumerate(items):
             pages = seq.block_ids
@@ -156,10 +163,12 @@ class DecodeGraphs:
             lens.append(start + 1)
             self.host_tables[i, : len(pages)] = torch.tensor(pages)
         self.host[:, :b] = torch.tensor([ids, pos, slots, lens])
-        # Non-blocking from pinned memory: the host buffers are rewritten only after the previous
-        # step's sampled tokens reached the host, so its copies are done by then.
-        self.static[:, :b].copy_(self.host[:, :b], non_blocking=True)
+        # Non-blocking from pinned memory: the next step rewrites it only once `_copied` says these are done.
+        for row in range(4):  # contiguous slices: a strided host-to-device copy would stage through pageable memory
+            self.static[row, :b].copy_(self.host[row, :b], non_blocking=True)
         self.tables[:b].copy_(self.host_tables[:b], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
     def run(self, items: list[tuple]) -> torch.Tensor:
         """A decode step padded to a bucket -> final hidden states [b, H] (static: read before the next step)."""

@@ -70,7 +70,7 @@ class ModelRunner:
 
     def use_graphs(self, capture) -> str | None:
         """Replays decode-only steps through `capture` (CUDA graphs, or a CPU stand-in); returns why not, if not."""
-        reason = graphs_blocker(self.model, self.ctx) or capture.blocker(self.model, self.dtype, self.device)
+        reason = graphs_blocker(self.model, self.ctx) or capture.blocker(self.model, self.kv_caches[0])
         if reason is not None:
             log.info("decode runs eagerly: %s", reason)
             return reason
