@@ -144,11 +144,19 @@ def _scratch(runner):
 
 def test_tape_replay_freezes_host_values_like_a_graph():
     buf, state = torch.ones(3), {"k": 2.0}
-    replay, out = TapeCapture().capture(lambda: buf * state["k"] + torch.tensor([state["k"]]))
+    replay, out = TapeCapture().capture(lambda: buf * state["k"] + 1)
     buf.fill_(5.0)
     state["k"] = 100.0
     replay()
-    assert out.tolist() == [12.0, 12.0, 12.0]  # new buffer content, the host value of capture time
+    assert out.tolist() == [11.0, 11.0, 11.0]  # new buffer content, the host value of capture time
+
+
+@pytest.mark.parametrize("forward", [lambda b: b * b.sum().item(), lambda b: b + torch.tensor([1.0, 2.0, 3.0]),
+                                     lambda b: b[b > 1]])
+def test_tape_refuses_what_a_cuda_capture_cannot_hold(forward):
+    buf = torch.ones(3)
+    with pytest.raises(RuntimeError, match="a CUDA graph cannot hold it"):
+        TapeCapture().capture(lambda: forward(buf))
 
 
 def test_what_stays_eager_fp8_experts_gangs_and_the_default_cpu_engine():

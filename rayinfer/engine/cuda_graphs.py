@@ -12,7 +12,8 @@ The capture mechanism is injected. `CudaGraphCapture` warms the forward up on a 
 captures it with `torch.cuda.graph` into one memory pool shared by every bucket. `TapeCapture`
 (CPU) records the aten ops the forward dispatches and replays exactly those ops on the same tensors:
 like a CUDA graph, a replay runs no Python model code, so any per-step state the forward kept on the
-host instead of in the static buffers is frozen at capture, which the tests observe.
+host instead of in the static buffers is frozen at capture, which the tests observe; and like a
+capture, it refuses host reads and tensors made from Python data.
 
 Per-step kernel metadata (FlashMLA's schedule) is built outside the graph before each replay, into
 tensors the graph reads (`kernels.mla.refresh_step_cache`). Who captures: `graphs_blocker` says why
@@ -77,6 +78,14 @@ class CudaGraphCapture:
         return graph.replay, out
 
 
+aten = torch.ops.aten
+# What fails a CUDA capture: reads of a device value on the host, outputs shaped by values, host tensors made
+# from Python data (a copy from pageable memory). The tape refuses them too.
+_NOT_CAPTURABLE = {aten._local_scalar_dense, aten.item, aten.nonzero, aten.masked_select, aten.unique_consecutive,
+                   aten._unique2, aten.bincount, aten.repeat_interleave, aten.is_nonzero, aten.equal,
+                   aten.lift_fresh, aten.lift_fresh_copy}
+
+
 class _Tape(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -84,6 +93,10 @@ class _Tape(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        masks = func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))  # a hidden nonzero
+        if func.overloadpacket in _NOT_CAPTURABLE or masks:
+            raise RuntimeError(f"{func} inside a captured forward: a CUDA graph cannot hold it")
         out = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, out))
         return out
@@ -101,6 +114,7 @@ class TapeCapture:
         return None
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
+        fn()  # the warm-up the CUDA capture runs: what is built once (absorbed weights) stays off the tape
         tape = _Tape()
         with tape:
             out = fn()
