@@ -223,3 +223,13 @@ def test_metadata_that_cannot_live_outside_the_graph_turns_graphs_off():
     got = [o.token_ids for o in llm.generate(PROMPTS[:3], PARAMS[:3], use_tqdm=False)]
     assert runner.graphs is None and runner.decode_buckets is None
     assert got == [o.token_ids for o in _llm(False).generate(PROMPTS[:3], PARAMS[:3], use_tqdm=False)]
+
+
+def test_serve_enforce_eager_reaches_every_roles_engine(monkeypatch):
+    import rayinfer.actors.server as server
+    from rayinfer import cli
+
+    seen = []
+    monkeypatch.setattr(server, "serve_forever", lambda cfg, address, ready: seen.append(cfg))
+    assert cli.main(["serve", "--enforce-eager"]) == 0 and cli.main(["serve"]) == 0
+    assert [all(c.engine_config(r).enforce_eager for r in c.roles) for c in seen] == [True, False]
