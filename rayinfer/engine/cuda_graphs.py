@@ -150,6 +150,7 @@ class DecodeGraphs:
         model.rotary.reserve(max_model_len, device)  # no step, eager or replayed, grows the tables afterwards
         self.replays = 0
         self._copied = torch.cuda.Event() if pin else None  # the last step's host-to-device copies
+        self._used = 0  # host table columns that may hold pages
 
     def _batch(self, b: int) -> ForwardBatch:
         """The bucket's ForwardBatch over the static buffers: nothing in it depends on a step's content."""
@@ -164,18 +165,24 @@ class DecodeGraphs:
     def _fill(self, items: list[tuple]) -> None:
         """Writes a padded decode step's (sequence, position, 1) items into the static buffers."""
         b = len(items)
-        ids, pos, slots, lens = [], [], [], []
-        if self._copied is not None:  # the engine's sampler waited for them already; a benchmark loop may not have
-            self._copied.synchronize()
-        self.host_tables[:b].zero_()
-        for i, (seq, start, _) in enumerate(items):
+        ids, pos, slots, lens, counts, flat = [], [], [], [], [], []
+        for seq, start, _ in items:
             pages = seq.block_ids
-            assert len(pages) <= self.width, f"{len(pages)} pages exceed max_model_len's {self.width}"
             ids.append(seq.token_ids[start])
             pos.append(start)
             slots.append(pages[start // PAGE_SIZE] * PAGE_SIZE + start % PAGE_SIZE)
             lens.append(start + 1)
-            self.host_tables[i, : len(pages)] = torch.tensor(pages)
+            counts.append(len(pages))
+            flat.extend(pages)
+        assert max(counts) <= self.width, f"{max(counts)} pages exceed max_model_len's {self.width}"
+        if self._copied is not None:  # the engine's sampler waited for them already; a benchmark loop may not have
+            self._copied.synchronize()
+        # Only the columns written since the last step need clearing; one scatter writes every row's pages.
+        self.host_tables[:b, : self._used].zero_()
+        self._used = max(self._used, max(counts))
+        row = torch.repeat_interleave(torch.arange(b), torch.tensor(counts))  # [P] table row of each page
+        starts = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
+        self.host_tables[row, torch.arange(len(flat)) - starts[row]] = torch.tensor(flat)
         self.host[:, :b] = torch.tensor([ids, pos, slots, lens])
         # Non-blocking from pinned memory: the next step rewrites it only once `_copied` says these are done.
         for row in range(4):  # contiguous slices: a strided host-to-device copy would stage through pageable memory
