@@ -71,7 +71,8 @@ class CudaGraphCapture:
             fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # Thread-local: another thread of the process (a KV export, the disk tier) may use CUDA meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
         if self.pool is None:
             self.pool = graph.pool()
