@@ -46,6 +46,15 @@ def flash_mla_preconditions(q: torch.Tensor, kv_cache: torch.Tensor, dv: int) ->
     return None
 
 
+def decode_backend(q: torch.Tensor, kv_cache: torch.Tensor, dv: int) -> str:
+    """The path `mla_decode` takes for these operands: "flash_mla", "triton" or "reference"."""
+    if flash_mla_preconditions(q, kv_cache, dv) is None and backends.usable("flash_mla", q, kv_cache):
+        return "flash_mla"
+    if q.shape[1] == 1 and q.is_cuda and kv_cache.is_cuda and triton_usable():
+        return "triton"
+    return "reference"
+
+
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                dv: int, softmax_scale: float, causal: bool = True, step_cache: dict | None = None) -> torch.Tensor:
     """q [B, s_q, h, D]; kv_cache [P, 64, D]; block_table [B, M]; cache_seqlens [B] -> out [B, s_q, h, dv].
@@ -53,10 +62,11 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     Query i of s_q sits at position cache_seqlens - s_q + i and (when causal) sees keys up to it.
     `step_cache`: a dict living for one step, where per-step kernel metadata is kept across layers.
     """
-    if flash_mla_preconditions(q, kv_cache, dv) is None and backends.usable("flash_mla", q, kv_cache):
+    backend = decode_backend(q, kv_cache, dv)
+    if backend == "flash_mla":
         return _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal,
                           {} if step_cache is None else step_cache)
-    if q.shape[1] == 1 and q.is_cuda and kv_cache.is_cuda and triton_usable():
+    if backend == "triton":
         from rayinfer.kernels.triton_mla import mla_decode_triton
 
         return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale)
@@ -80,15 +90,33 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     return torch.bmm(probs, kv)[..., :dv].reshape(b, s_q, h, dv).to(q.dtype)
 
 
+def _flash_mla_metadata(cache_seqlens, block_table, q_rows: int) -> tuple:
+    """(lengths, table) as given, their int32 copies, and FlashMLA's schedule over them."""
+    seqlens = cache_seqlens.to(torch.int32)
+    # Upstream main returns (schedule, None) and wants num_splits=None; older releases return two tensors.
+    meta, splits = backends.module("flash_mla").get_mla_metadata(seqlens, q_rows, 1)
+    return cache_seqlens, block_table, seqlens, block_table.to(torch.int32), meta, splits
+
+
+def refresh_step_cache(step: dict) -> None:
+    """Rebuilds, in place, the per-step metadata `step` holds from the lengths and tables it was first built from.
+
+    For a captured decode graph: the metadata is built outside the graph (it schedules over the step's
+    lengths) into the tensors the graph reads. Upstream FlashMLA's schedule object cannot be rebuilt in
+    place: a `NotImplementedError` says so, and the caller stays eager."""
+    for key, (lens, table, *built) in step.items():
+        if not isinstance(built[2], torch.Tensor):
+            raise NotImplementedError(f"{key[0]} metadata of type {type(built[2]).__name__} cannot be rebuilt in place")
+        for dst, src in zip(built, _flash_mla_metadata(lens, table, key[1])[2:]):
+            dst.copy_(src)
+
+
 def _flash_mla(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal, step: dict):
     fm = backends.module("flash_mla")
     key = ("flash_mla", q.shape[1] * q.shape[2])
     if key not in step:
-        seqlens = cache_seqlens.to(torch.int32)
-        # Upstream main returns (schedule, None) and wants num_splits=None; older releases return two tensors.
-        meta, splits = fm.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1)
-        step[key] = (seqlens, block_table.to(torch.int32), meta, splits)
-    seqlens, table, meta, splits = step[key]
+        step[key] = _flash_mla_metadata(cache_seqlens, block_table, key[1])
+    _, _, seqlens, table, meta, splits = step[key]
     out, _lse = fm.flash_mla_with_kvcache(q, kv_cache.unsqueeze(2), table, seqlens, dv, meta, splits,
                                           softmax_scale=softmax_scale, causal=causal)
     return out

@@ -5,7 +5,9 @@ no gather of a sequence's rows into a new tensor and no fp32 copy of the cache (
 registers). Each program attends one (sequence, key split, block of heads) with an online softmax
 and writes its partial output and log-sum-exp; the splits are merged after. The number of splits
 comes from host-known sizes (batch, heads, block-table width), never from the lengths on the device,
-so nothing waits on the device. Crosses: the `mla_decode` signature for one query per sequence.
+so nothing waits on the device; each program divides its sequence's own pages (from the length on the
+device) over the splits, so a table wider than the sequences (a CUDA graph's fixed width) idles no
+split. Crosses: the `mla_decode` signature for one query per sequence.
 Runs under `TRITON_INTERPRET=1` on CPU tensors, which is how it is tested without a GPU.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ PAGE = 64
 
 @triton.jit
 def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, scale, n_heads, table_width,
-                  pages_per_split, D: tl.constexpr, DV: tl.constexpr, BLOCK_H: tl.constexpr,
+                  D: tl.constexpr, DV: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_N: tl.constexpr):
     b, split, hb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_splits = tl.num_programs(1)
@@ -31,8 +33,10 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, scale
     q_lat = tl.load(q_row + dv[None, :], mask=hmask[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
     q_pe = tl.load(q_row + DV + dr[None, :], mask=hmask[:, None] & (dr[None, :] < D - DV), other=0.0).to(tl.float32)
     length = tl.load(lens_ptr + b)
+    n_pages = tl.cdiv(length, BLOCK_N)
+    pages_per_split = tl.cdiv(n_pages, n_splits)  # the sequence's own pages, not the table's width, are split
     first = split * pages_per_split
-    last = tl.minimum(first + pages_per_split, tl.cdiv(length, BLOCK_N))
+    last = tl.minimum(first + pages_per_split, n_pages)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
@@ -72,12 +76,11 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
     head_blocks = -(-h // block_h)
     width = block_table.shape[1]
     splits = num_splits(b, head_blocks, width)
-    per_split = -(-width // splits)
     out = torch.empty(b, splits, h, dv, dtype=torch.float32, device=q.device)  # partials: small, [B, S, h, dv]
     lse = torch.empty(b, splits, h, dtype=torch.float32, device=q.device)
     _split_kernel[(b, splits, head_blocks)](
         q.contiguous(), kv_cache, block_table.to(torch.int32).contiguous(), cache_seqlens.to(torch.int32),
-        out, lse, softmax_scale, h, width, per_split, D=d, DV=dv, BLOCK_H=block_h,
+        out, lse, softmax_scale, h, width, D=d, DV=dv, BLOCK_H=block_h,
         BLOCK_DV=triton.next_power_of_2(dv), BLOCK_DR=max(16, triton.next_power_of_2(d - dv)), BLOCK_N=PAGE)
     weight = torch.softmax(lse, dim=1).nan_to_num_(0.0)  # [B, S, h]: each split's share of the softmax mass
     return (out * weight[..., None]).sum(dim=1, keepdim=True).to(q.dtype)  # [B, 1, h, dv]

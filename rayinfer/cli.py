@@ -32,7 +32,7 @@ def _serve(args) -> int:
     overrides = dict(model=args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                      served_model_name=args.served_model_name, api_keys=tuple(k.strip() for k in keys) or None,
                      metrics_need_key=args.metrics_need_key or None, disk_cache_dir=args.disk_cache_dir,
-                     disk_cache_bytes=args.disk_cache_bytes)
+                     disk_cache_bytes=args.disk_cache_bytes, enforce_eager=args.enforce_eager or None)
     if args.colocated:
         overrides["disaggregated"] = False
     cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--decode-ep", type=int, default=None, help="ranks per decode (or mixed) gang [2]")
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 [float32]")
     s.add_argument("--device", default=None, help="cpu | cuda [cpu]")
+    s.add_argument("--enforce-eager", action="store_true",
+                   help="run every decode step eagerly, never replayed from CUDA graphs")
     s.add_argument("--served-model-name", default=None, help="model id clients send [the model's name]")
     s.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (repeat for several keys) "

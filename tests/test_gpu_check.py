@@ -19,7 +19,7 @@ def test_gpu_check_smoke_mode_prints_its_table_without_ray(tmp_path):
                   "engine greedy vs transformers (fp32)", "seeded sampling + penalties", "fp8 linear reference",
                   "fp8 grouped contiguous", "fp8 grouped masked", "flash_mla vs reference",
                   "rayinfer plan V3", "prefill forward (tiny)", "decode (tiny)", "decode step, 2 seqs (tiny",
-                  "decode step, 4 seqs (tiny", "prefill, 4 x 16 (tiny)"):
+                  "decode step, 4 seqs (tiny", "decode step, 4 seqs, graphs (tiny", "prefill, 4 x 16 (tiny)"):
         assert check in table, f"{check!r} missing from:\n{table}"
     assert "error:" not in table, table
     fails = [line for line in table.splitlines() if line.rstrip().endswith("FAIL")]

@@ -44,3 +44,14 @@ def test_triton_decode_matches_reference_over_pages_and_splits(h, d, dv):
 
 def test_split_count_comes_from_host_sizes():
     assert num_splits(1, 1, 64) == 64 and num_splits(256, 8, 64) == 1 and num_splits(4, 2, 100) == 33
+
+
+def test_a_table_wider_than_the_sequences_splits_their_own_pages():
+    """A CUDA graph's block table is as wide as max_model_len: the splits still cover each sequence's pages."""
+    lens = [1, 130, 300]
+    q, cache, table, seqlens = _paged(lens, 4, 48, seed=3)
+    wide = torch.cat([table, torch.zeros(len(lens), 60, dtype=table.dtype)], dim=1)  # [B, 65] pages
+    assert num_splits(len(lens), 1, wide.shape[1]) > table.shape[1]  # more splits than any sequence has pages
+    got = mla_decode_triton(q, cache, wide, seqlens, 32, 0.1)
+    want = mla_decode(q.float(), cache.float(), table, seqlens, 32, 0.1)
+    assert torch.isfinite(got).all() and torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2)

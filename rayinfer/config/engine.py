@@ -109,6 +109,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    enforce_eager: bool = False  # never replay decode steps from CUDA graphs (vLLM's --enforce-eager)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -117,6 +118,7 @@ class EngineConfig:
         check_field(isinstance(self.model, str) and self.model, "model", self.model, "must name a preset or a directory")
         check_field(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {', '.join(_DTYPES)}")
         check_field(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
+        check_field(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager, "must be true or false")
 
     @staticmethod
     def from_options(model: str, **options) -> "EngineConfig":
@@ -137,10 +139,10 @@ class EngineConfig:
                     kw[target] = value
                     break
             else:
-                if key in ("dtype", "device", "seed"):
+                if key in ("dtype", "device", "seed", "enforce_eager"):
                     top[key] = value
                 else:
-                    valid = sorted(["dtype", "device", "seed", "scheduler_mode"] + [
+                    valid = sorted(["dtype", "device", "seed", "enforce_eager", "scheduler_mode"] + [
                         f.name for cls, _ in groups.values() for f in fields(cls) if f.name != "mode"])
                     raise ConfigError(f"unknown engine option {key!r}; valid options: {', '.join(valid)}")
         return EngineConfig(model=model, **top, **{name: cls(**kw) for name, (cls, kw) in groups.items()})

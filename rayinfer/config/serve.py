@@ -99,6 +99,7 @@ class ServeConfig:
     collective_timeout_s: float = 30.0
     cpus_per_rank: float | None = None  # default: 0.5 on CPU machines, 1 per GPU rank
     seed: int = 0
+    enforce_eager: bool = False  # decode ranks never replay CUDA graphs
     disk_cache_dir: str | None = None  # the on-disk KV tier, shared by every rank (all nodes must mount it)
     disk_cache_bytes: int | None = None  # the tier's budget; default: the engine's
 
@@ -131,8 +132,8 @@ class ServeConfig:
     def engine_config(self, role: str) -> EngineConfig:
         r = self.role(role)
         return EngineConfig.from_options(
-            self.model, dtype=self.dtype, device=self.device, seed=self.seed, ep_size=r.ep_size,
-            num_redundant_experts=r.num_redundant_experts, enable_overlap=r.enable_overlap,
+            self.model, dtype=self.dtype, device=self.device, seed=self.seed, enforce_eager=self.enforce_eager,
+            ep_size=r.ep_size, num_redundant_experts=r.num_redundant_experts, enable_overlap=r.enable_overlap,
             max_num_seqs=r.max_num_seqs, max_num_batched_tokens=r.max_num_batched_tokens,
             kv_cache_memory=r.kv_cache_memory or self.kv_cache_memory, scheduler_mode=role,
             eplb_interval_s=r.eplb_interval_s, disk_cache_dir=self.disk_cache_dir,

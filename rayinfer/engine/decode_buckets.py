@@ -1,14 +1,14 @@
-"""Decode steps padded to a fixed set of batch sizes: the shapes a CUDA graph per bucket would replay.
+"""Decode steps padded to a fixed set of batch sizes: the shapes a CUDA graph per bucket replays.
 
 Owns the bucket sizes and the padding of a decode-only step with dummy sequences. A dummy is one
 token at position 0 whose only page is the runner's scratch page (one page past those the block
 manager hands out), so it writes and reads nothing any real sequence owns; its row is never
 sampled. Crosses: the runner's step items in, the same items plus dummies out.
 
-Decided for graphs (capture itself is not built yet): only a single-rank engine pads and would
-capture. A gang's MoE layers exchange data-dependent counts with the other ranks (all-to-all
-splits read on the host), which a graph cannot replay, and a gang steps in lockstep with ranks
-of other batch sizes; there decode stays eager. Chunked prefill always stays eager.
+Only a single-rank engine pads and captures (`cuda_graphs` holds a graph per bucket). A gang's
+MoE layers exchange data-dependent counts with the other ranks (all-to-all splits read on the
+host), which a graph cannot replay, and a gang steps in lockstep with ranks of other batch sizes;
+there decode stays eager. Chunked prefill always stays eager.
 """
 from __future__ import annotations
 

@@ -2,16 +2,19 @@
 
 Turns a `SchedulerOutput` into a `ForwardBatch` (flattened token ids, positions, block tables,
 cache slots), runs the forward over every token of the step at once (so each MoE layer runs
-once per step), and samples a next token for each sequence whose chunk reached its end.
+once per step), and samples a next token for each sequence whose chunk reached its end. Decode-only
+steps replay from per-bucket graphs where `cuda_graphs` allows (one rank, CUDA, not `enforce_eager`).
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 
 import torch
 
 from rayinfer.config import EngineConfig
+from rayinfer.engine.cuda_graphs import CudaGraphCapture, DecodeGraphs, graphs_blocker
 from rayinfer.engine.decode_buckets import bucket_sizes, is_decode_step, pad_decode
 from rayinfer.engine.overlap import balanced_split, microbatch, run_interleaved
 from rayinfer.engine.sampler import Sampler
@@ -19,6 +22,8 @@ from rayinfer.engine.scheduler import SchedulerOutput
 from rayinfer.kernels.mla import PAGE_SIZE
 from rayinfer.model import DeepseekV3, ForwardBatch, load_model
 from rayinfer.model.batch import to_device
+
+log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(model: DeepseekV3, dtype: torch.dtype) -> int:
@@ -55,13 +60,36 @@ class ModelRunner:
         self.scratch_page = self.num_blocks
         self.kv_caches = [torch.empty(self.num_blocks + 1, PAGE_SIZE, cfg.kv_cache_dim, dtype=self.dtype,
                                       device=self.device) for _ in range(cfg.num_hidden_layers)]
-        # Decode steps padded to buckets where graphs would replay them: CUDA, single rank (see decode_buckets).
-        self.decode_buckets = bucket_sizes(config.scheduler.max_num_seqs) \
-            if self.device.type == "cuda" and ctx is None else None
+        # Decode-only steps of a single-rank CUDA engine replay from graphs over padded buckets (see cuda_graphs).
+        self.decode_buckets = self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.use_graphs(CudaGraphCapture())
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = set(cfg.eos_token_id)
         self.sampler = Sampler(config.seed, self.device, self.eos_token_ids)
         self.checkpoint_path = self.model.checkpoint_path
+
+    def use_graphs(self, capture) -> str | None:
+        """Replays decode-only steps through `capture` (CUDA graphs, or a CPU stand-in); returns why not, if not."""
+        reason = graphs_blocker(self.model, self.ctx) or capture.blocker(self.model, self.kv_caches[0])
+        if reason is not None:
+            log.info("decode runs eagerly: %s", reason)
+            return reason
+        self.decode_buckets = bucket_sizes(self.config.scheduler.max_num_seqs)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.decode_buckets, self.max_model_len, self.device,
+                                   capture)
+        return None
+
+    def _decode_graphed(self, items: list[tuple]) -> torch.Tensor | None:
+        """A decode-only step replayed from its bucket's graph -> hidden states, row i of item i; None: run eagerly."""
+        if self.graphs is None or not is_decode_step(items):
+            return None
+        try:
+            return self.graphs.run(pad_decode(items, self.decode_buckets, self.scratch_page))
+        except NotImplementedError as e:  # a kernel's per-step metadata cannot live outside the graph
+            log.warning("decode graphs off: %s", e)
+            self.graphs = self.decode_buckets = None
+            return None
 
     def _rows(self, seq, num_tokens: int) -> torch.Tensor:
         """Flat cache rows holding `seq`'s first `num_tokens` latents."""
@@ -146,11 +174,15 @@ class ModelRunner:
         rows, seqs = [], []
         if self.ctx is None:
             items = [(s.seq, s.start, s.num_new_tokens) for s in sched.scheduled]
-            if self.decode_buckets is not None and is_decode_step(items):
-                items = pad_decode(items, self.decode_buckets, self.scratch_page)
-            ids, batch = self.prepare(items)
-            hiddens = [self.model.hidden_states(ids, batch)]
-            ends = batch.last_rows()
+            graphed = self._decode_graphed(items)
+            if graphed is not None:
+                hiddens, ends = [graphed], range(len(items))
+            else:
+                if self.decode_buckets is not None and is_decode_step(items):
+                    items = pad_decode(items, self.decode_buckets, self.scratch_page)
+                ids, batch = self.prepare(items)
+                hiddens = [self.model.hidden_states(ids, batch)]
+                ends = batch.last_rows()
             for i, s in enumerate(sched.scheduled):
                 if s.samples:
                     rows.append(ends[i])

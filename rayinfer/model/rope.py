@@ -65,6 +65,10 @@ class RotaryEmbedding(torch.nn.Module):
             self._cos, self._sin = freqs.cos() * self.factor, freqs.sin() * self.factor  # [P, D/2]
         return self._cos, self._sin
 
+    def reserve(self, n: int, device) -> None:
+        """Builds the tables for positions < n now: a captured graph reads them and must never see them regrow."""
+        self._tables(n, device)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, num_positions: int | None = None) -> torch.Tensor:
         """`num_positions`: a bound on positions known on the host; without it the largest is read from the device."""
         if num_positions is None:
