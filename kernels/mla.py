@@ -56,11 +56,13 @@ def decode_backend(q: torch.Tensor, kv_cache: torch.Tensor, dv: int) -> str:
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-               dv: int, softmax_scale: float, causal: bool = True, step_cache: dict | None = None) -> torch.Tensor:
+               dv: int, softmax_scale: float, causal: bool = True, step_cache: dict | None = None,
+               derived: dict | None = None) -> torch.Tensor:
     """q [B, s_q, h, D]; kv_cache [P, 64, D]; block_table [B, M]; cache_seqlens [B] -> out [B, s_q, h, dv].
 
     Query i of s_q sits at position cache_seqlens - s_q + i and (when causal) sees keys up to it.
     `step_cache`: a dict living for one step, where per-step kernel metadata is kept across layers.
+    `derived`: a dict living for one step, where the reference keeps the gather rows and masks every layer shares.
     """
     backend = decode_backend(q, kv_cache, dv)
     if backend == "flash_mla":
@@ -71,23 +73,31 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
 
         return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale)
     b, s_q, h, d = q.shape
+    derived = {} if derived is None else derived
+    key = ("mla_reference", s_q, causal)
+    if key not in derived:  # what only the step's lengths and tables decide: built by the first layer
+        derived[key] = _reference_gather(block_table, cache_seqlens, s_q, causal, kv_cache.device)
+    rows, hidden = derived[key]
+    kv = kv_cache.view(-1, d).index_select(0, rows).view(b, -1, d).float()  # [B, S, D]
+    scores = torch.bmm(q.float().reshape(b, s_q * h, d), kv.transpose(1, 2)) * softmax_scale  # [B, s_q*h, S]
+    probs = scores.view(b, s_q, h, -1).masked_fill_(hidden, float("-inf")).softmax(dim=-1).view(b, s_q * h, -1)
+    # All D columns then the first dv: cheaper than copying the value slice of every row.
+    return torch.bmm(probs, kv)[..., :dv].reshape(b, s_q, h, dv).to(q.dtype)
+
+
+def _reference_gather(block_table, cache_seqlens, s_q: int, causal: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat cache rows [B * S] of every sequence's context, keys hidden from each query [B, s_q, 1, S])."""
+    b = block_table.shape[0]
     s_max = block_table.shape[1] * PAGE_SIZE
-    lens = cache_seqlens.to(kv_cache.device).long()
-    key_pos = torch.arange(s_max, device=kv_cache.device)  # [S]
+    lens = cache_seqlens.to(device).long()
+    key_pos = torch.arange(s_max, device=device)  # [S]
     rows = block_table[:, key_pos // PAGE_SIZE] * PAGE_SIZE + key_pos % PAGE_SIZE  # [B, S] cache rows
     # Positions past a sequence's length read its own first row instead of whatever the page holds
     # (maybe NaN), so their zero attention weight times a finite value stays zero.
     rows = torch.where(key_pos[None, :] < lens[:, None], rows, rows[:, :1])
-    kv = kv_cache.view(-1, d).index_select(0, rows.view(-1)).view(b, s_max, d)
-    limit = lens[:, None] - s_q + 1 + torch.arange(s_q, device=kv.device)[None] if causal else \
+    limit = lens[:, None] - s_q + 1 + torch.arange(s_q, device=device)[None] if causal else \
         lens[:, None].expand(b, s_q)  # [B, s_q] keys visible to each query
-    visible = key_pos[None, None, :] < limit[:, :, None]  # [B, s_q, S]
-    kv = kv.float()
-    scores = torch.bmm(q.float().reshape(b, s_q * h, d), kv.transpose(1, 2)) * softmax_scale  # [B, s_q*h, S]
-    scores = scores.view(b, s_q, h, -1).masked_fill_(~visible[:, :, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).view(b, s_q * h, -1)
-    # All D columns then the first dv: cheaper than copying the value slice of every row.
-    return torch.bmm(probs, kv)[..., :dv].reshape(b, s_q, h, dv).to(q.dtype)
+    return rows.reshape(-1), (key_pos[None, None, :] >= limit[:, :, None]).unsqueeze(2)
 
 
 def _flash_mla_metadata(cache_seqlens, block_table, q_rows: int) -> tuple:

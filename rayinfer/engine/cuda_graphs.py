@@ -200,7 +200,11 @@ class DecodeGraphs:
         if b not in self.graphs:
             batch = self._batch(b)
             ids = self.static[0, :b]
-            replay, out = self.capturer.capture(lambda: self.model.hidden_states(ids, batch))
+            def forward() -> torch.Tensor:
+                batch.derived.clear()  # the warm-up's; the capture records their computation from the buffers
+                return self.model.hidden_states(ids, batch)
+
+            replay, out = self.capturer.capture(forward)
             self.graphs[b] = (replay, out, batch)
         replay, out, batch = self.graphs[b]
         refresh_step_cache(batch.step_cache)

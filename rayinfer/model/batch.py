@@ -39,8 +39,13 @@ class ForwardBatch:
     decode_lens: torch.Tensor | None = field(default=None, init=False)  # [Bd] context length of each
     decode_tables: torch.Tensor | None = field(default=None, init=False)  # [Bd, max_pages] their block tables
     prefill_groups: list["PrefillGroup"] = field(default_factory=list, init=False)
-    # Per-step kernel metadata every layer shares (FlashMLA's schedule): built by the first layer.
+    # Per-step kernel metadata every layer shares (FlashMLA's schedule): built by the first layer, rebuilt
+    # outside a captured graph before each replay.
     step_cache: dict = field(default_factory=dict, init=False)
+    # Tensors the forward derives from the step's inputs once and every layer reuses (rope cos/sin, the
+    # reference decode's gather rows): built by the first layer; a capture must record them, so they are
+    # cleared before each forward a graph captures.
+    derived: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         assert len(self.query_lens) == len(self.context_lens)

@@ -53,8 +53,9 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(t, self.h, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.rope_dim], dim=-1)
-        k_pe = rope(k_pe.unsqueeze(1), batch.positions, batch.num_positions).squeeze(1)
-        return q_nope, rope(q_pe, batch.positions, batch.num_positions), torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
+        k_pe = rope(k_pe.unsqueeze(1), batch.positions, batch.num_positions, batch.derived).squeeze(1)
+        q_pe = rope(q_pe, batch.positions, batch.num_positions, batch.derived)
+        return q_nope, q_pe, torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
 
     def attend(self, proj, batch: ForwardBatch, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """ATTN-1: cache write, core attention over the context, output projection -> [T, H]."""
@@ -62,11 +63,14 @@ class MLA(nn.Module):
         t = latent.shape[0]
         if kv_cache is not None and t:
             kv_cache.view(-1, latent.shape[-1])[batch.slot_mapping] = latent.to(kv_cache.dtype)
+        if batch.decode_seqs and len(batch.decode_seqs) == t:  # a decode-only step: rows 0..t-1, in order
+            return self.o_proj(self._absorbed(batch, q_nope, q_pe, kv_cache).reshape(t, self.h * self.v))
         out = latent.new_empty(t, self.h, self.v)
         for group in batch.prefill_groups:
             self._naive(group, q_nope, q_pe, latent, kv_cache, out)
         if batch.decode_seqs:
-            self._absorbed(batch, q_nope, q_pe, kv_cache, out)
+            rows = batch.decode_rows
+            out[rows] = self._absorbed(batch, q_nope[rows], q_pe[rows], kv_cache)
         return self.o_proj(out.view(t, self.h * self.v))
 
     def _naive(self, g: PrefillGroup, q_nope, q_pe, latent, kv_cache, out) -> None:
@@ -93,11 +97,11 @@ class MLA(nn.Module):
             self._absorb = (w[:, : self.nope].contiguous(), w[:, self.nope:].contiguous())
         return self._absorb
 
-    def _absorbed(self, batch: ForwardBatch, q_nope, q_pe, kv_cache, out) -> None:
-        rows = batch.decode_rows
+    def _absorbed(self, batch: ForwardBatch, q_nope, q_pe, kv_cache) -> torch.Tensor:
+        """The decode sequences' query rows q_nope [Bd, h, nope], q_pe [Bd, h, dr] -> attention output [Bd, h, v]."""
         w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
-        q_lat = torch.einsum("bhd,hdr->bhr", q_nope[rows], w_uk)  # [Bd, h, r]
-        q = torch.cat([q_lat, q_pe[rows]], dim=-1).unsqueeze(1)  # [Bd, 1, h, D]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [Bd, h, r]
+        q = torch.cat([q_lat, q_pe], dim=-1).unsqueeze(1)  # [Bd, 1, h, D]
         o_lat = mla_decode(q.to(kv_cache.dtype), kv_cache, batch.decode_tables, batch.decode_lens, self.r,
-                           self.scale, step_cache=batch.step_cache)
-        out[rows] = torch.einsum("bhr,hvr->bhv", o_lat[:, 0].to(q_lat.dtype), w_uv)  # [Bd, h, v]
+                           self.scale, step_cache=batch.step_cache, derived=batch.derived)
+        return torch.bmm(o_lat[:, 0].to(q_lat.dtype).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)

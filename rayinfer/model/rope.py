@@ -69,13 +69,21 @@ class RotaryEmbedding(torch.nn.Module):
         """Builds the tables for positions < n now: a captured graph reads them and must never see them regrow."""
         self._tables(n, device)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, num_positions: int | None = None) -> torch.Tensor:
-        """`num_positions`: a bound on positions known on the host; without it the largest is read from the device."""
-        if num_positions is None:
-            num_positions = int(positions.max()) + 1 if positions.numel() else 1
-        cos_t, sin_t = self._tables(max(num_positions, 1), x.device)
-        cos = cos_t[positions].to(x.dtype).unsqueeze(-2)  # [T, 1, D/2], broadcast over heads
-        sin = sin_t[positions].to(x.dtype).unsqueeze(-2)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, num_positions: int | None = None,
+                derived: dict | None = None) -> torch.Tensor:
+        """`num_positions`: a bound on positions known on the host; without it the largest is read from the device.
+        `derived`: the batch's per-step dict (`ForwardBatch.derived`), where the positions' cos/sin are kept for every layer."""
+        key = ("rope", x.dtype)
+        if derived is None or key not in derived:
+            if num_positions is None:
+                num_positions = int(positions.max()) + 1 if positions.numel() else 1
+            cos_t, sin_t = self._tables(max(num_positions, 1), x.device)
+            # [T, 1, D/2], broadcast over heads
+            cs = (cos_t[positions].to(x.dtype).unsqueeze(-2), sin_t[positions].to(x.dtype).unsqueeze(-2))
+            if derived is None:
+                derived = {}
+            derived[key] = cs
+        cos, sin = derived[key]
         if self.interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
