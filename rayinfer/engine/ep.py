@@ -91,8 +91,9 @@ class EPContext:
 
         Splitting a small step only doubles each expert's weight reads, so below
         `overlap_min_tokens` tokens (on every rank) the step runs as one microbatch. The choice
-        must be gang-wide: every rank has to issue the same sequence of collectives."""
-        if not self.overlap:
+        must be gang-wide: every rank has to issue the same sequence of collectives. A gang of one
+        rank has no all-to-all to hide: one microbatch, and no vote."""
+        if not self.overlap or self.ep_size == 1:
             return 1
         if self.control is None or self.overlap_min_tokens == 0:
             return 2
