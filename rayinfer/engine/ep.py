@@ -1,8 +1,8 @@
 """The expert-parallel context a rank passes to the model: where experts live and how tokens reach them.
 
 Owns the rank's view of the placement, its dispatcher (all-to-all between the gang's ranks),
-and the per-layer expert receive-load window (for EPLB). The model sees only `routed_experts`
-and the launch/wait halves used by the overlapped schedule. Placement maps and load counts live
+and the per-layer expert receive-load window (for EPLB). The model sees only the launch/wait
+halves of dispatch and combine (`Block.stages`). Placement maps and load counts live
 on the rank's device (counting needs no host sync); gang-wide decisions (the microbatch count)
 go over the gloo control group with host tensors, never over the device group.
 """
@@ -100,11 +100,6 @@ class EPContext:
         most = torch.tensor([local_tokens])
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.control)
         return 2 if int(most) >= self.overlap_min_tokens else 1
-
-    def routed_experts(self, layer: int, experts, x, topk_idx, topk_w) -> torch.Tensor:
-        handle = self.dispatch_launch(layer, x, topk_idx, topk_w)
-        recv = self.dispatch_wait(handle)
-        return self.combine_wait(self.combine_launch(experts(recv.x, recv.slots, recv.weights), handle))
 
     @property
     def received_tokens(self) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from rayinfer.model.moe import MoE
 
 
 def balanced_split(costs: list[float]) -> tuple[list[int], list[int]]:
@@ -27,31 +26,10 @@ def balanced_split(costs: list[float]) -> tuple[list[int], list[int]]:
 
 
 def microbatch(model, ids: torch.Tensor, batch, ctx, decode_split: bool):
-    """Generator running one microbatch through every layer; returns the final hidden states [T, H]."""
+    """Generator running one microbatch through every layer (`Block.stages`); returns the final hidden states [T, H]."""
     x = model.embed_tokens(ids)
     for block in model.layers:
-        attn = block.self_attn
-        cache = batch.kv_caches[block.layer_idx] if batch.kv_caches is not None else None
-        h = block.input_layernorm(x)
-        if decode_split:
-            proj = attn.project(h, batch)
-            yield  # ATTN-0 done
-            x = x + attn.attend(proj, batch, cache)
-        else:
-            x = x + attn(h, batch, cache)
-        h = block.post_attention_layernorm(x)
-        if not isinstance(block.mlp, MoE):
-            x = x + block.mlp(h)
-            continue
-        moe = block.mlp
-        weights, idx = moe.gate(h)
-        handle = ctx.dispatch_launch(moe.layer_idx, h, idx, weights)
-        yield  # dispatch in flight
-        shared = moe.shared(h)
-        recv = ctx.dispatch_wait(handle)
-        handle = ctx.combine_launch(moe.experts(recv.x, recv.slots, recv.weights), handle)
-        yield  # combine in flight
-        x = x + (ctx.combine_wait(handle) + shared)
+        x = yield from block.stages(x, batch, ctx, decode_split)
     return x
 
 

@@ -29,15 +29,42 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, layer_idx, logical_ids) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def attention(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Residual stream after attention; the first half of the block."""
+    def stages(self, x: torch.Tensor, batch: ForwardBatch, ctx=None, decode_split: bool = False):
+        """The block's forward as a generator returning the new residual stream [T, H].
+
+        It yields where a microbatch can give way to another (`engine.overlap`): after launching the
+        MoE dispatch and after launching its combine, and with `decode_split` between attention's
+        projections (ATTN-0) and the rest (ATTN-1). Run straight through (`forward`), it is the plain
+        forward; without a parallel context the experts are called locally and it never yields."""
+        attn = self.self_attn
         cache = batch.kv_caches[self.layer_idx] if batch.kv_caches is not None else None
-        return x + self.self_attn(self.input_layernorm(x), batch, cache)
+        h = self.input_layernorm(x)
+        if decode_split:
+            proj = attn.project(h, batch)
+            yield  # ATTN-0 done
+            x = x + attn.attend(proj, batch, cache)
+        else:
+            x = x + attn(h, batch, cache)
+        h = self.post_attention_layernorm(x)
+        moe = self.mlp
+        if not isinstance(moe, MoE) or ctx is None:
+            return x + moe(h)
+        weights, idx = moe.gate(h)
+        handle = ctx.dispatch_launch(moe.layer_idx, h, idx, weights)
+        yield  # dispatch in flight
+        shared = moe.shared(h)
+        recv = ctx.dispatch_wait(handle)
+        handle = ctx.combine_launch(moe.experts(recv.x, recv.slots, recv.weights), handle)
+        yield  # combine in flight
+        return x + (ctx.combine_wait(handle) + shared)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, ctx=None) -> torch.Tensor:
-        x = self.attention(x, batch)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, ctx) if isinstance(self.mlp, MoE) else self.mlp(h))
+        stages = self.stages(x, batch, ctx)
+        while True:
+            try:
+                next(stages)
+            except StopIteration as done:
+                return done.value
 
 
 class SharedHead(nn.Module):

@@ -5,7 +5,7 @@ group score = sum of each group's top-2 biased scores; the top `topk_group` grou
 weights are the unbiased scores of the chosen experts, normalised and scaled by
 `routed_scaling_factor`. A model instance may hold only some experts: `RoutedExperts` owns a
 list of slots, each holding one logical expert's weights. Which slot a token goes to, and how it
-gets there (local call or all-to-all), is decided by the parallel context passed to `forward`.
+gets there (local call or all-to-all), is decided by the parallel context the block runs with.
 """
 from __future__ import annotations
 
@@ -101,13 +101,10 @@ class MoE(nn.Module):
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         return self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
 
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        """x [T, H] -> [T, H]. Without a parallel context every expert must be local, slot == logical id."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H] with every expert local (slot == logical id). Expert parallelism runs the
+        same parts through a parallel context instead (`Block.stages`)."""
+        assert self.experts.logical_ids == list(range(self.gate.weight.shape[0])), \
+            "this model holds a subset of experts: pass the parallel context that reaches the others"
         weights, idx = self.gate(x)
-        if ctx is None:
-            assert self.experts.logical_ids == list(range(self.gate.weight.shape[0])), \
-                "this model holds a subset of experts: pass the parallel context that reaches the others"
-            routed = self.experts(x, idx, weights, all_local=True)
-        else:
-            routed = ctx.routed_experts(self.layer_idx, self.experts, x, idx, weights)
-        return routed + self.shared(x)
+        return self.experts(x, idx, weights, all_local=True) + self.shared(x)
