@@ -101,16 +101,16 @@ def varlen_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
     return out
 
 
-def probe_triton_prefill() -> None:
+def probe_triton_prefill(device: str = "cuda", heads: int = 4) -> None:
     """Health probe (run in a child by kernels.probe): the kernel against the reference on a small varlen batch."""
     from rayinfer.kernels.prefill import reference
 
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     q_lens, k_lens = [1, 70, 130], [1, 70, 200]
-    meta = Varlen.build(q_lens, k_lens, torch.device("cuda"), with_blocks=True)
-    q = torch.randn(sum(q_lens), 4, 192, device="cuda", generator=g).bfloat16()
-    k = torch.randn(sum(k_lens), 4, 192, device="cuda", generator=g).bfloat16()
-    v = torch.randn(sum(k_lens), 4, 128, device="cuda", generator=g).bfloat16()
+    meta = Varlen.build(q_lens, k_lens, torch.device(device), with_blocks=True)
+    q = torch.randn(sum(q_lens), heads, 192, device=device, generator=g).bfloat16()
+    k = torch.randn(sum(k_lens), heads, 192, device=device, generator=g).bfloat16()
+    v = torch.randn(sum(k_lens), heads, 128, device=device, generator=g).bfloat16()
     got, want = varlen_prefill_triton(q, k, v, meta, 0.07).float(), reference(q, k, v, meta, 0.07).float()
     err = ((got - want).norm() / want.norm()).item()
     if not err < 2e-2:

@@ -13,7 +13,8 @@ pytest.importorskip("triton")
 
 import rayinfer.model.mla as mla_module  # noqa: E402
 from helpers import PagedCache  # noqa: E402
-from rayinfer.kernels.prefill import BLOCK_M, Varlen, reference, varlen_prefill  # noqa: E402
+from rayinfer.kernels.prefill import BLOCK_M, Varlen, default_backend, reference, varlen_prefill  # noqa: E402
+from rayinfer.kernels.triton_prefill import probe_triton_prefill  # noqa: E402
 from rayinfer.model import ForwardBatch, load_model  # noqa: E402
 
 # (query lens, context lens): a lone key, a chunk over a cached prefix, more than one query block, a full prompt
@@ -42,6 +43,11 @@ def test_varlen_prefill_matches_per_sequence_reference(dtype, dqk, dv, backend):
     assert got.shape == (sum(q_lens), 2, dv) and got.dtype == dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (got.float() - want).abs().max()
+
+
+def test_health_probe_passes_on_a_working_kernel_and_cpu_keeps_the_grouped_path():
+    probe_triton_prefill("cpu", heads=1)  # what a GPU rank runs in a child before trusting the kernel; raises if off
+    assert default_backend(torch.device("cpu")) is None
 
 
 def test_reference_is_causal_with_queries_at_the_end_of_the_context():
