@@ -4,8 +4,8 @@ On CPU the engine runs prefill attention either grouped by equal (query, context
 call per group: per sequence when lengths differ) or as one SDPA call per layer over all prefill
 sequences padded to the longest (`kernels.prefill`'s "torch" backend). This times
 `LLM(model).generate` on prompts of mixed lengths, both paths in the same run, alternating, and
-prints the ratio; the CPU default per dtype is whichever this shows faster (`prefill.default_backend`).
-(On CUDA the Triton varlen kernel is the default: `benchmarks/gpu_check.py` times it.)
+prints the ratio; the CPU default is whichever this shows faster. (On CUDA the Triton varlen kernel
+is the default: `benchmarks/gpu_check.py` times it.)
 Run: python benchmarks/prefill_attention.py [--model small] [--prompts 16] [--min-len 50] [--max-len 400]
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     try:
         for _ in range(args.repeats + 1):  # the first round warms both up
             for path in best:
-                prefill.default_backend = lambda dev, dtype=None, path=path: path
+                prefill.default_backend = lambda dev, path=path: path
                 t0 = time.perf_counter()
                 outs[path] = [o.token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
                 best[path] = min(best[path], time.perf_counter() - t0)

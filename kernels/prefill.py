@@ -54,14 +54,8 @@ def _triton_installed() -> bool:
     return "triton_prefill" not in backends.disabled() and importlib.util.find_spec("triton") is not None
 
 
-def default_backend(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
-    """The varlen backend a step should use, or None for the model's grouped per-shape path.
-
-    CUDA: "triton" once its probe passed. CPU in bf16/fp16: "torch" (there each SDPA call carries a large fixed
-    cost, so one padded call beats one per sequence; benchmarks/prefill_attention.py); CPU in fp32: None (the
-    per-shape calls take SDPA's causal fast path, which the padded call's mask forgoes)."""
-    if device.type == "cpu":
-        return "torch" if dtype in (torch.bfloat16, torch.float16) else None
+def default_backend(device: torch.device) -> str | None:
+    """"triton" on CUDA once its probe passed; None elsewhere (the model keeps its grouped per-shape path)."""
     if device.type != "cuda" or not _triton_installed():
         return None
     from rayinfer.kernels import probe

@@ -6,10 +6,9 @@ new tokens, which sit at the end of a context of `context_lens[i]` tokens. With 
 `slot_mapping` rows and earlier context is read through `block_tables`. Without a cache every
 sequence is self-contained (query_len == context_len). The engine builds one per step; the
 grouping of sequences into attention paths is derived here once, not once per layer: prefill
-sequences either grouped by equal (query_len, context_len) for batched SDPA ("grouped": CPU in fp32,
-and steps without a cache), or flattened for one varlen attention call per layer (`kernels.prefill`:
-"triton" on CUDA once its probe passed; "torch", one padded SDPA, on CPU in bf16), with their query
-rows and context rows. Index tensors
+sequences either grouped by equal (query_len, context_len) for batched SDPA ("grouped", the CPU
+path), or flattened for one varlen attention call per layer (`kernels.prefill`: "triton" on CUDA
+once its probe passed; "torch" one padded SDPA), with their query rows and context rows. Index tensors
 are built on the host and reach a CUDA device through pinned memory with non-blocking copies: a
 plain copy from pageable memory would wait for every kernel already queued.
 """
@@ -77,8 +76,7 @@ class ForwardBatch:
             self.decode_lens = to_device(torch.tensor([self.context_lens[i] for i in self.decode_seqs]), dev)
             self.decode_tables = self.block_tables[to_device(torch.tensor(self.decode_seqs), dev)]
         if self.prefill_attention is None:
-            dtype = self.kv_caches[0].dtype if self.kv_caches else None  # the model's, where the step has a cache
-            self.prefill_attention = prefill.default_backend(dev, dtype) or "grouped"
+            self.prefill_attention = prefill.default_backend(dev) or "grouped"
         assert self.prefill_attention in ("grouped", *prefill.BACKENDS), self.prefill_attention
         if self.prefill_attention != "grouped":
             self._flatten_prefills(sorted(i for seqs in by_shape.values() for i in seqs), starts)
