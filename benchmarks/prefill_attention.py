@@ -6,6 +6,8 @@ sequences padded to the longest (`kernels.prefill`'s "torch" backend). This time
 `LLM(model).generate` on prompts of mixed lengths, both paths in the same run, alternating, and
 prints the ratio; the CPU default is whichever this shows faster. (On CUDA the Triton varlen kernel
 is the default: `benchmarks/gpu_check.py` times it.)
+On a shared machine use --threads 1: with more threads than idle cores, each SDPA call's OpenMP
+barrier waits on descheduled threads and the count of calls, not the work, decides the timings.
 Run: python benchmarks/prefill_attention.py [--model small] [--prompts 16] [--min-len 50] [--max-len 400]
 """
 from __future__ import annotations
@@ -25,7 +27,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=1, help="1: the run is all prefill")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from rayinfer import LLM, SamplingParams
     from rayinfer.kernels import prefill
