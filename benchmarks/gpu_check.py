@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V3_CONFIG = os.path.join(ROOT, "tests", "fixtures", "deepseek_v3")
 SERVE_EXAMPLE = os.path.join(ROOT, "examples", "serve_config.yaml")
 ROWS: list[tuple[str, str, str]] = []  # (check, result, verdict)
+HBM_BYTES_S = 4.3e12  # H200
 
 
 def _row(check: str, result: str, ok: bool | None) -> None:
@@ -172,6 +173,35 @@ def flash_mla(dev: str, smoke: bool) -> None:
              f"{cache.numel() * 2 / secs / 1e9:.0f} GB/s of cache read", None)
 
 
+def prefill_attention(dev: str, smoke: bool) -> None:
+    """Varlen causal prefill attention on a mid-config shape vs its floor and vs the padded-V SDPA it replaces."""
+    from rayinfer.kernels import prefill, probe
+
+    b, n, h, dqk, dv = (3, 40, 2, 48, 32) if smoke else (16, 512, 16, 192, 128)
+    backend = "torch" if smoke else prefill.default_backend(torch.device(dev))
+    if backend is None:
+        why = probe.verdicts().get("triton_prefill", (False, "needs CUDA and an importable, enabled Triton"))[1]
+        _row("prefill attention triton varlen", f"not run: {why}", None)
+        return
+    g = torch.Generator(device=dev).manual_seed(5)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    q, k = (torch.randn(b * n, h, dqk, device=dev, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(b * n, h, dv, device=dev, generator=g).to(dtype)
+    meta = prefill.Varlen.build([n] * b, [n] * b, torch.device(dev), with_blocks=backend == "triton")
+    got = prefill.varlen_prefill(q, k, v, meta, dqk ** -0.5, backend=backend).float()
+    want = prefill.reference(q.float(), k.float(), v.float(), meta, dqk ** -0.5)
+    err = ((got - want).norm() / want.norm()).item()
+    secs = _seconds(lambda: prefill.varlen_prefill(q, k, v, meta, dqk ** -0.5, backend=backend), dev)
+    qb, kb = (t.view(b, n, h, dqk).transpose(1, 2) for t in (q, k))
+    vb = torch.nn.functional.pad(v, (0, dqk - dv)).view(b, n, h, dqk).transpose(1, 2)
+    sdpa = _seconds(lambda: torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True), dev)
+    flops = b * h * n * (n + 1) / 2 * 2 * (dqk + dv)
+    floor = max(flops / 989e12, b * n * h * (2 * dqk + 2 * dv) * q.element_size() / HBM_BYTES_S)  # H200 bf16 peak
+    _row(f"prefill attention {backend} varlen", f"{b} x {n}, h{h}, qk{dqk}/v{dv}, {str(dtype)[6:]}: "
+         f"{secs * 1e6:.0f} us ({flops / secs / 1e12:.3g} TFLOP/s); floor {floor * 1e6:.0f} us, ratio "
+         f"{secs / floor:.1f}x; SDPA padded-V {sdpa * 1e6:.0f} us; rel err {err:.1e}", err < 2e-2)
+
+
 def plan_v3(dev: str, smoke: bool) -> None:
     from rayinfer.config import ServeConfig
     from rayinfer.plan import plan
@@ -214,7 +244,7 @@ def mid_decode(dev: str, smoke: bool) -> None:
         _row(check, result, None)
 
 
-SECTIONS = [parity, greedy, sampling, fp8_gemms, flash_mla, plan_v3, timings, mid_decode]
+SECTIONS = [parity, greedy, sampling, fp8_gemms, flash_mla, prefill_attention, plan_v3, timings, mid_decode]
 
 
 def main() -> int:

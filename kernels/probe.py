@@ -28,6 +28,7 @@ _PROBES: dict[str, str] = {
     "scaled_mm": "rayinfer.kernels.fp8_native:probe_scaled_mm",
     "flash_mla": "rayinfer.kernels.mla:probe_flash_mla",
     "triton_mla": "rayinfer.kernels.triton_mla:probe_triton_mla",
+    "triton_prefill": "rayinfer.kernels.triton_prefill:probe_triton_prefill",
 }
 _verdicts: dict[str, tuple[bool, str]] = {}
 _lock = threading.Lock()

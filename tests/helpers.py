@@ -86,10 +86,11 @@ class PagedCache:
             start += p
         self.block_tables = torch.tensor(table)
 
-    def batch(self, seqs: list[int], starts: list[int], lens: list[int]) -> ForwardBatch:
+    def batch(self, seqs: list[int], starts: list[int], lens: list[int], prefill_attention=None) -> ForwardBatch:
         """Sequences `seqs` each add `lens[i]` tokens at positions starting `starts[i]`."""
         pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
         table = self.block_tables[seqs]
         slots = torch.cat([table[i, torch.arange(s, s + n) // PAGE_SIZE] * PAGE_SIZE + torch.arange(s, s + n) % PAGE_SIZE
                            for i, (s, n) in enumerate(zip(starts, lens))])
-        return ForwardBatch(pos, list(lens), [s + n for s, n in zip(starts, lens)], table, slots, self.kv)
+        return ForwardBatch(pos, list(lens), [s + n for s, n in zip(starts, lens)], table, slots, self.kv,
+                            prefill_attention)

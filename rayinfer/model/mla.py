@@ -4,7 +4,10 @@ Only the normalised KV latent (kv_lora_rank) and the rope key (qk_rope_head_dim)
 token. The naive path (prefill) up-projects the whole context's latents to per-head keys and
 values and runs ordinary causal attention. The absorbed path (decode) folds the key up-projection
 into the query and the value up-projection into the output, so it attends directly over cached
-latents (`kernels.mla.mla_decode`). Both give the same result; tests hold them to it.
+latents (`kernels.mla.mla_decode`). Both give the same result; tests hold them to it. The naive
+path runs per group of equal-shaped sequences, or (`_varlen`) once per layer over every prefill
+sequence of the step: one gather of their context latents, one up-projection, one
+`kernels.prefill.varlen_prefill` call, values at their own width.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from torch import nn
 
 from rayinfer.config import ModelConfig
 from rayinfer.kernels.mla import mla_decode
+from rayinfer.kernels.prefill import varlen_prefill
 from rayinfer.model.batch import ForwardBatch, PrefillGroup
 from rayinfer.model.layers import Linear, RMSNorm
 from rayinfer.model.rope import RotaryEmbedding
@@ -68,6 +72,8 @@ class MLA(nn.Module):
         out = latent.new_empty(t, self.h, self.v)
         for group in batch.prefill_groups:
             self._naive(group, q_nope, q_pe, latent, kv_cache, out)
+        if batch.prefill_varlen is not None:
+            self._varlen(batch, q_nope, q_pe, latent, kv_cache, out)
         if batch.decode_seqs:
             rows = batch.decode_rows
             out[rows] = self._absorbed(batch, q_nope[rows], q_pe[rows], kv_cache)
@@ -75,10 +81,7 @@ class MLA(nn.Module):
 
     def _naive(self, g: PrefillGroup, q_nope, q_pe, latent, kv_cache, out) -> None:
         ctx = latent[g.rows] if g.ctx_rows is None else kv_cache.view(-1, latent.shape[-1])[g.ctx_rows]  # [G, c, D]
-        ctx = ctx.to(latent.dtype)
-        kv = self.kv_b_proj(ctx[..., : self.r]).view(*ctx.shape[:2], self.h, self.nope + self.v)
-        k_nope, v = kv.split([self.nope, self.v], dim=-1)  # [G, c, h, *]
-        k = torch.cat([k_nope, ctx[..., None, self.r:].expand(-1, -1, self.h, -1)], dim=-1)
+        k, v = self._up_project(ctx.to(latent.dtype))  # [G, c, h, *]
         q = torch.cat([q_nope[g.rows], q_pe[g.rows]], dim=-1)  # [G, q, h, qk]
         qn, c = g.query_len, g.context_len
         mask = None
@@ -89,6 +92,20 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, is_causal=mask is None, scale=self.scale)
         out[g.rows] = o.transpose(1, 2)[..., : self.v]
+
+    def _up_project(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context rows [..., r+dr] -> (k [..., h, nope+dr], v [..., h, v]): per-head keys and values."""
+        kv = self.kv_b_proj(ctx[..., : self.r]).view(*ctx.shape[:-1], self.h, self.nope + self.v)
+        k_nope, v = kv.split([self.nope, self.v], dim=-1)
+        k_pe = ctx[..., None, self.r:].expand(*ctx.shape[:-1], self.h, self.rope_dim)
+        return torch.cat([k_nope, k_pe], dim=-1), v
+
+    def _varlen(self, batch: ForwardBatch, q_nope, q_pe, latent, kv_cache, out) -> None:
+        src = latent if kv_cache is None else kv_cache.view(-1, latent.shape[-1])
+        k, v = self._up_project(src[batch.prefill_ctx_rows].to(latent.dtype))  # [Tk, h, qk], [Tk, h, v]
+        rows = batch.prefill_rows
+        q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1)  # [Tq, h, qk]
+        out[rows] = varlen_prefill(q, k, v, batch.prefill_varlen, self.scale, backend=batch.prefill_attention)
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [h, nope, r], W_UV [h, v, r]): kv_b_proj split per head, dequantised once."""
