@@ -40,7 +40,14 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--vllm-python", default=None,
                     help="a Python with vLLM installed; vLLM runs the same prompts there (default: vLLM skipped)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for rayinfer and transformers (default: torch's); vLLM binds its own, "
+                         "one core of two by default (VLLM_CPU_OMP_THREADS_BIND)")
     args = ap.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads {args.threads} must be at least 1")
+        torch.set_num_threads(args.threads)
     if args.vllm_python:
         check_python(args.vllm_python)
 
