@@ -4,10 +4,11 @@ Starts each topology in --topologies in turn in this process: `colocated` (mixed
 `rayinfer serve --colocated --decode-ep 1`) and `disaggregated` (the default prefill 1x2 + decode 1x2 ranks).
 Without --vllm-python, N concurrent clients each stream one completion over HTTP (SSE); it reports TTFT and
 time per output token (TPOT) p50/p99, output throughput, and the ratio to the offline engine's throughput on
-the same prompts in this same script. With --vllm-python PY, `vllm serve` runs on the same checkpoint and
-dtype as a third server, and every server is driven by the same client, `vllm bench serve` (random dataset,
---prompt-len -> --output-len tokens, --requests prompts, --concurrency in flight, --ignore-eos), run by PY;
-one table shows output tok/s, TTFT mean/p50/p99, mean TPOT, failures, and the ratios to vLLM.
+the same prompts in this same script. With --vllm-python PY, `vllm serve` runs on the same checkpoint as a
+third server (in --vllm-dtype, bfloat16 by default: vLLM's CPU MLA backend takes no float32 weights), and
+every server is driven by the same client, `vllm bench serve` (random dataset, --prompt-len -> --output-len
+tokens, --requests prompts, --concurrency in flight, --ignore-eos), run by PY; one table shows output tok/s,
+TTFT mean/p50/p99, mean TPOT, failures, and the ratios to vLLM.
 Run: python benchmarks/serve.py [--model small] [--requests 32] [--prompt-len 128] [--output-len 64]
      python benchmarks/serve.py --model v3mla --dtype bfloat16 --requests 64 --concurrency 16
             --vllm-python /path/to/vllm-venv/bin/python
@@ -97,7 +98,7 @@ def _own_client(args, config, url: str, prompts: list[str], offline_tps: float) 
 def _vllm_row(args, checkpoint: str, name: str, logs: str) -> dict:
     from rayinfer.actors.cluster import free_port
 
-    server = _peer.Server(args.vllm_python, checkpoint, free_port(), args.dtype, name,
+    server = _peer.Server(args.vllm_python, checkpoint, free_port(), args.vllm_dtype, name,
                           os.path.join(logs, "vllm-serve.log"))
     try:
         server.wait_ready()
@@ -124,6 +125,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="small")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="every server's dtype")
+    ap.add_argument("--vllm-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="vllm serve's dtype (its CPU MLA backend takes no float32 weights) [bfloat16]")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight (with --vllm-python)")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt length in bytes (= tokens for presets)")
@@ -169,9 +172,10 @@ def main(argv=None) -> None:
         print("vllm serve skipped (no --vllm-python given)")
         return
     reference = _vllm_row(args, checkpoint, config.model_name, logs)
-    rows.append(("vllm serve (one engine process)", reference))
-    print(f"model={args.model} dtype={args.dtype}; vllm bench serve: random {args.prompt_len} -> {args.output_len} "
-          f"tokens, {args.requests} prompts, concurrency {args.concurrency}, ignore_eos; logs in {logs}")
+    rows.append((f"vllm serve ({args.vllm_dtype}, one engine process)", reference))
+    print(f"model={args.model} dtype={args.dtype} (vLLM {args.vllm_dtype}); vllm bench serve: random "
+          f"{args.prompt_len} -> {args.output_len} tokens, {args.requests} prompts, concurrency {args.concurrency}, "
+          f"ignore_eos; logs in {logs}")
     print_table(rows, reference)
 
 

@@ -6,8 +6,9 @@ prompts, so no padding). Prints output tokens/s of each, the ratio, and peak RSS
 --dtype bfloat16 runs both engines in bf16; --sample makes every request sample (temperature 0.8, top-k 50,
 top-p 0.95, repetition penalty 1.1, a seed each), which exercises the sampler (transformers still runs greedy).
 --vllm-python PY then runs vLLM's offline `LLM.generate` (in a subprocess of PY, through benchmarks/_vllm.py)
-on the same prompt token ids, greedy, ignore_eos, in the same dtype, timed after a warm-up; use a checkpoint
-with V3's MLA widths (`--model v3mla`), which vLLM's CPU MLA backend needs.
+on the same prompt token ids, greedy, ignore_eos, timed after a warm-up, in --vllm-dtype (default bfloat16:
+vLLM 0.32's CPU MLA backend packs 16-bit weights only and fails on float32); use a checkpoint with V3's MLA
+widths (`--model v3mla`).
 Run: python benchmarks/throughput.py [--requests 64] [--prompt-len 256] [--output-len 128] [--dtype bfloat16]
      [--model v3mla --vllm-python /path/to/vllm-venv/bin/python]
 """
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--vllm-python", default=None,
                     help="a Python with vLLM installed; vLLM runs the same prompts there (default: vLLM skipped)")
+    ap.add_argument("--vllm-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="vLLM's dtype (its CPU MLA backend takes no float32 weights) [bfloat16]")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads for rayinfer and transformers (default: torch's); vLLM binds its own, "
                          "one core of two by default (VLLM_CPU_OMP_THREADS_BIND)")
@@ -103,7 +106,8 @@ def compare_vllm(args, checkpoint: str, prompts: torch.Tensor, outs, t_ours: flo
         return
     n_out = args.requests * args.output_len
     log = os.path.join(tempfile.gettempdir(), "rayinfer-throughput-vllm.log")
-    res = peer_offline(args.vllm_python, checkpoint, prompts.tolist(), args.output_len, args.dtype, log=log)
+    res = peer_offline(args.vllm_python, checkpoint, prompts.tolist(), args.output_len, args.vllm_dtype,
+                       log=log)
     got = res["token_ids"]
     assert sum(map(len, got)) == n_out, f"vLLM returned {sum(map(len, got))} tokens, expected {n_out}"
     same = sum(o.token_ids == got[i] for i, o in enumerate(outs))
