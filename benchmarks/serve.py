@@ -95,13 +95,14 @@ def _own_client(args, config, url: str, prompts: list[str], offline_tps: float) 
           f"{offline_tps:.1f} tok/s, ratio {tokens / wall / offline_tps:.2f}x")
 
 
-def _vllm_row(args, checkpoint: str, name: str, logs: str) -> dict:
+def _vllm_row(args, checkpoint: str, name: str, warmup: list[str], logs: str) -> dict:
     from rayinfer.actors.cluster import free_port
 
     server = _peer.Server(args.vllm_python, checkpoint, free_port(), args.vllm_dtype, name,
                           os.path.join(logs, "vllm-serve.log"))
     try:
         server.wait_ready()
+        asyncio.run(_clients(server.url, name, warmup, 4))  # the same warm-up as rayinfer's servers
         return _peer.bench_serve(args.vllm_python, server.url, name, checkpoint, args,
                                  os.path.join(logs, "bench-vllm.log"))
     finally:
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
     if not args.vllm_python:
         print("vllm serve skipped (no --vllm-python given)")
         return
-    reference = _vllm_row(args, checkpoint, config.model_name, logs)
+    reference = _vllm_row(args, checkpoint, config.model_name, prompts[:2], logs)
     rows.append((f"vllm serve ({args.vllm_dtype}, one engine process)", reference))
     print(f"model={args.model} dtype={args.dtype} (vLLM {args.vllm_dtype}); vllm bench serve: random "
           f"{args.prompt_len} -> {args.output_len} tokens, {args.requests} prompts, concurrency {args.concurrency}, "
