@@ -255,7 +255,7 @@ def rank_model(path: str, dtype: torch.dtype, device: str | torch.device = "cpu"
 def load_model(path_or_preset: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                local_experts: dict[int, list[int]] | None = None, keep_fp8: bool | None = None,
                mtp: bool = False, progress: bool = False) -> DeepseekV3:
-    """A ready model from a checkpoint directory or a built-in preset name ("tiny", "small").
+    """A ready model from a checkpoint directory or a built-in preset name ("tiny", "small", "v3mla").
 
     `keep_fp8`: keep the checkpoint's FP8 weights in FP8 (default: on CUDA, where FP8 GEMMs run).
     `mtp`: also load the MTP module when the checkpoint ships it."""

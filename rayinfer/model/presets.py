@@ -1,9 +1,10 @@
 """Built-in model presets, materialised on first use as real Hugging Face checkpoint directories.
 
-`tiny` (tests: loads in well under a second) and `small` (benchmarks: ~115M parameters) are
-DeepSeek-V3-architecture configs with seeded random weights, a byte-level tokenizer built with
-`tokenizers`, and a tokenizer_config.json carrying a DeepSeek-style chat template. They go
-through the same loader as any downloaded checkpoint. The directory lives under
+`tiny` (tests: loads in well under a second), `small` (benchmarks: ~115M parameters) and `v3mla`
+(benchmarks against vLLM on DeepSeek-V3's own MLA widths, kv_lora 512 + rope 64, q/k/v heads
+128 + 64 / 128; ~163M parameters) are DeepSeek-V3-architecture configs with seeded random weights,
+a byte-level tokenizer built with `tokenizers`, and a tokenizer_config.json carrying a DeepSeek-style
+chat template. They go through the same loader as any downloaded checkpoint. The directory lives under
 $RAYINFER_CACHE_DIR (default ~/.cache/rayinfer) and is written atomically, so concurrent ranks
 materialising the same preset never see a half-written one.
 """
@@ -45,7 +46,11 @@ PRESETS: dict[str, dict] = {
                                        original_max_position_embeddings=2048, beta_fast=32, beta_slow=1,
                                        mscale=1.0, mscale_all_dim=1.0)),
 }
-_STORAGE = {"tiny": (torch.float32, 1), "small": (torch.bfloat16, 2)}  # dtype on disk, number of shards
+# `small`'s vocabulary, experts, routing groups and rope, with V3's attention widths and a wider residual.
+PRESETS["v3mla"] = dict(PRESETS["small"], hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                        q_lora_rank=384, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+# dtype on disk, number of shards
+_STORAGE = {"tiny": (torch.float32, 1), "small": (torch.bfloat16, 2), "v3mla": (torch.bfloat16, 2)}
 
 CHAT_TEMPLATE = DEEPSEEK_CHAT_TEMPLATE
 
