@@ -7,7 +7,7 @@ D values) and value (the first `dv` values). FlashMLA is used on Hopper when ins
 probe passed and its shapes hold (bf16, page 64, D 576 = 512 latent + 64 rope, dv 512); its
 schedule metadata is built once per step (`step_cache`, shared by every layer) not once per layer.
 Else, on CUDA with one query per sequence, the Triton split-KV kernel (`triton_mla`) once its probe
-passed; else the reference below (gathers the context, attends in fp32: CPU and the fallback).
+passed; else the reference below (gathers the context; products in the cache dtype on CPU, fp32 on a GPU).
 """
 from __future__ import annotations
 
@@ -78,11 +78,16 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     if key not in derived:  # what only the step's lengths and tables decide: built by the first layer
         derived[key] = _reference_gather(block_table, cache_seqlens, s_q, causal, kv_cache.device)
     rows, hidden = derived[key]
-    kv = kv_cache.view(-1, d).index_select(0, rows).view(b, -1, d).float()  # [B, S, D]
-    scores = torch.bmm(q.float().reshape(b, s_q * h, d), kv.transpose(1, 2)) * softmax_scale  # [B, s_q*h, S]
+    kv = kv_cache.view(-1, d).index_select(0, rows).view(b, -1, d)  # [B, S, D]
+    # On a CPU the products run in the cache's dtype: its bf16 matmuls accumulate in fp32 and round only
+    # their outputs (as every bf16 linear layer does), while copying the context to fp32 cost 2-8x the
+    # attention itself. Elsewhere (the GPU fallback) they run in fp32. The softmax is always fp32.
+    if kv.is_cuda:
+        kv = kv.float()
+    scores = torch.bmm(q.to(kv.dtype).reshape(b, s_q * h, d), kv.transpose(1, 2)).float() * softmax_scale
     probs = scores.view(b, s_q, h, -1).masked_fill_(hidden, float("-inf")).softmax(dim=-1).view(b, s_q * h, -1)
     # All D columns then the first dv: cheaper than copying the value slice of every row.
-    return torch.bmm(probs, kv)[..., :dv].reshape(b, s_q, h, dv).to(q.dtype)
+    return torch.bmm(probs.to(kv.dtype), kv)[..., :dv].reshape(b, s_q, h, dv).to(q.dtype)
 
 
 def _reference_gather(block_table, cache_seqlens, s_q: int, causal: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
