@@ -1,4 +1,5 @@
 """Reference kernels against straightforward formulas."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -66,17 +67,22 @@ def test_mla_decode_over_scattered_pages():
                 assert torch.allclose(out[b], _attend(q[b], keys, dv, 0.3), atol=1e-5)
 
 
-def test_grouped_ffn_matches_per_token():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_ffn_matches_per_token(dtype):
+    """fp32 on CPU runs the per-slot loop, bf16 the padded batched path (an empty slot among them); both
+    scale each row's activation by its routing weight before the down projection."""
     g = torch.Generator().manual_seed(1)
     s, h, i = 3, 16, 8
     w13, w2 = torch.randn(s, 2 * i, h, generator=g), torch.randn(s, h, i, generator=g)
     counts = [2, 0, 3]
     x = torch.randn(5, h, generator=g)
-    out = grouped_ffn(x, counts, w13, w2)
+    weights = torch.rand(5, generator=g)
+    out = grouped_ffn(x.to(dtype), counts, w13.to(dtype), w2.to(dtype), row_weights=weights).float()
     slot_of_row = [0, 0, 2, 2, 2]
+    tol = 1e-5 if dtype == torch.float32 else 0.1
     for r, e in enumerate(slot_of_row):
         gate, up = (w13[e] @ x[r]).chunk(2)
-        assert torch.allclose(out[r], w2[e] @ (F.silu(gate) * up), atol=1e-5)
+        assert torch.allclose(out[r], weights[r] * (w2[e] @ (F.silu(gate) * up)), atol=tol, rtol=0.05)
 
 
 def test_flash_mla_adapter_checks_shapes_and_builds_metadata_once_per_step(monkeypatch):
