@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rayinfer.config import ModelConfig
+from rayinfer.engine.cuda_graphs import NOT_CAPTURABLE
 from rayinfer.kernels.mla import PAGE_SIZE
 from rayinfer.model import DeepseekV3, ForwardBatch
 from rayinfer.model.build import weight_bytes
@@ -25,9 +26,6 @@ MID = dict(vocab_size=32000, hidden_size=2048, intermediate_size=10944, moe_inte
            topk_group=4, n_shared_experts=2, q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,
            qk_nope_head_dim=128, v_head_dim=128, num_attention_heads=16, num_nextn_predict_layers=0)
 HBM_BYTES_S = 4.3e12  # H200
-aten = torch.ops.aten
-SYNCING = {aten._local_scalar_dense, aten.item, aten.nonzero, aten.masked_select, aten.bincount,
-           aten.repeat_interleave, aten.is_nonzero, aten.equal, aten.lift_fresh}
 
 
 class _Ops(TorchDispatchMode):
@@ -137,7 +135,7 @@ def decode_rows(dev: str, smoke: bool) -> list[tuple[str, str]]:
             log = _Ops()
             with log:
                 want = eager(steps)
-            syncs = sum(n for op, n in log.ops.items() if op in SYNCING)
+            syncs = sum(n for op, n in log.ops.items() if op in NOT_CAPTURABLE)
             rows.append((f"decode step, {b} seqs ({name})",
                          f"{step_s * 1e3:.2f} ms ({b / step_s:,.0f} tok/s); floor {floor * 1e3:.3f} ms; ratio "
                          f"{step_s / floor:.1f}x; kernels {_launches(lambda: eager(steps), cuda)}; "

@@ -15,16 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rayinfer.model.moe as moe_mod
 from helpers import PagedCache
 from rayinfer.config import ModelConfig
+from rayinfer.engine.cuda_graphs import HOST_INPUT, HOST_SYNCING
 from rayinfer.model import DeepseekV3
 from rayinfer.model.presets import PRESETS, init_random_weights
 
 aten = torch.ops.aten
-# Ops that make the host wait for the device (a scalar read, or an output shape that depends on values).
-SYNCING = {aten._local_scalar_dense, aten.item, aten.nonzero, aten.masked_select, aten.unique_consecutive,
-           aten._unique2, aten.unique_dim, aten.bincount, aten.repeat_interleave, aten.is_nonzero, aten.equal,
-           aten.allclose, aten.histc}
-# Ops that turn host data (a Python list) into a tensor: an H2D copy on CUDA that belongs outside the step.
-HOST_INPUT = {aten.lift_fresh, aten.lift_fresh_copy}
+SYNCING = HOST_SYNCING  # ops that make the host wait for the device (shared with the graph tape)
 SORTED_FFN = moe_mod.sorted_ffn
 
 

@@ -80,11 +80,14 @@ class CudaGraphCapture:
 
 
 aten = torch.ops.aten
-# What fails a CUDA capture: reads of a device value on the host, outputs shaped by values, host tensors made
-# from Python data (a copy from pageable memory). The tape refuses them too.
-_NOT_CAPTURABLE = {aten._local_scalar_dense, aten.item, aten.nonzero, aten.masked_select, aten.unique_consecutive,
-                   aten._unique2, aten.bincount, aten.repeat_interleave, aten.is_nonzero, aten.equal,
-                   aten.lift_fresh, aten.lift_fresh_copy}
+# Ops that make the host wait for the device (a scalar read, or an output shape that depends on values).
+HOST_SYNCING = frozenset({aten._local_scalar_dense, aten.item, aten.nonzero, aten.masked_select,
+                          aten.unique_consecutive, aten._unique2, aten.unique_dim, aten.bincount,
+                          aten.repeat_interleave, aten.is_nonzero, aten.equal, aten.allclose, aten.histc})
+# Ops that turn host data (a Python list) into a tensor: an H2D copy from pageable memory.
+HOST_INPUT = frozenset({aten.lift_fresh, aten.lift_fresh_copy})
+# What fails a CUDA capture (and what the tape refuses): both of the above.
+NOT_CAPTURABLE = HOST_SYNCING | HOST_INPUT
 
 
 class _Tape(TorchDispatchMode):
@@ -96,7 +99,7 @@ class _Tape(TorchDispatchMode):
         kwargs = kwargs or {}
         masks = func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))  # a hidden nonzero
-        if func.overloadpacket in _NOT_CAPTURABLE or masks:
+        if func.overloadpacket in NOT_CAPTURABLE or masks:
             raise RuntimeError(f"{func} inside a captured forward: a CUDA graph cannot hold it")
         out = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, out))
