@@ -73,16 +73,14 @@ class RotaryEmbedding(torch.nn.Module):
                 derived: dict | None = None) -> torch.Tensor:
         """`num_positions`: a bound on positions known on the host; without it the largest is read from the device.
         `derived`: the batch's per-step dict (`ForwardBatch.derived`), where the positions' cos/sin are kept for every layer."""
+        derived = {} if derived is None else derived
         key = ("rope", x.dtype)
-        if derived is None or key not in derived:
+        if key not in derived:
             if num_positions is None:
                 num_positions = int(positions.max()) + 1 if positions.numel() else 1
             cos_t, sin_t = self._tables(max(num_positions, 1), x.device)
             # [T, 1, D/2], broadcast over heads
-            cs = (cos_t[positions].to(x.dtype).unsqueeze(-2), sin_t[positions].to(x.dtype).unsqueeze(-2))
-            if derived is None:
-                derived = {}
-            derived[key] = cs
+            derived[key] = (cos_t[positions].to(x.dtype).unsqueeze(-2), sin_t[positions].to(x.dtype).unsqueeze(-2))
         cos, sin = derived[key]
         if self.interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
