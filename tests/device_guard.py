@@ -10,20 +10,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from rayinfer.engine.cuda_graphs import HOST_SYNCING
+
 
 class DeviceGuard(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.ops: list[str] = []
+        self.ops: list = []  # every aten op run, in order
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         devices = {a.device.type for a in tensors if not (a.device.type == "cpu" and a.dim() == 0)}
         assert len(devices) <= 1, f"{func} mixes devices {sorted(devices)}"
-        self.ops.append(str(func))
+        self.ops.append(func)
         return func(*args, **kwargs)
 
     def syncs(self) -> list[str]:
-        """Ops that read a device value on the host."""
-        return [o for o in self.ops if "item" in o or "_local_scalar_dense" in o or "nonzero" in o]
+        """Ops that make the host wait for a device value (the list CUDA graph capture refuses too)."""
+        return [str(o) for o in self.ops if o.overloadpacket in HOST_SYNCING]
