@@ -2,8 +2,8 @@
 
 Owns the request's life at the edge: check the API key, read the body within its bound
 (rayinfer.http_input), parse, validate and tokenize it off the event loop
-(rayinfer.openai_protocol), refuse beyond the queue bound (429 with Retry-After), fan a request
-out into its choices, send each to
+(rayinfer.openai_protocol), admit it by its choices and tokens (rayinfer.openai_limits.Admission:
+429 with Retry-After beyond the queue bound), fan a request out into its choices, send each to
 a prefill rank and then, with the KV handoff, to a decode rank (or to one mixed rank when
 colocated), merge the choices' deltas into SSE chunks or one response, and count usage and
 latency. A choice whose rank fails goes on elsewhere (actors/resume.py). It never carries KV bytes (it forwards a reference), never blocks its event loop, and a
@@ -11,6 +11,7 @@ client that goes away has its requests aborted on the ranks.
 """
 
 import asyncio
+import math
 import time
 import uuid
 from dataclasses import replace
@@ -26,6 +27,7 @@ from rayinfer.actors.metrics import IngressMetrics
 from rayinfer.config import ModelConfig, ServeConfig
 from rayinfer.actors.resume import ChoiceRunner
 from rayinfer.messages import Delta, EngineRequest
+from rayinfer.openai_limits import Admission, RequestLimits
 from rayinfer.openai_protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
                                       models_response, parse_chat_request, parse_completion_request, sse,
@@ -50,13 +52,16 @@ class Ingress:
         model = ModelConfig.from_file(path)
         tok = load_tokenizer(path)
         longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=0) if tok else 0
+        limits = RequestLimits(config.max_prompts_per_request, config.max_choices_per_request,
+                               config.max_stop_strings, config.max_stop_token_ids)
         self.info = ModelInfo(config.model_name, model.max_position_embeddings, model.vocab_size,
-                              tok, int(time.time()), max_token_chars=longest)
+                              tok, int(time.time()), max_token_chars=longest, limits=limits)
         self.prefill, self.decode, self.mixed = prefill, decode, mixed
-        self.runner = ChoiceRunner(prefill, decode, mixed, config.resume_deadline_s)
-        self.max_queue, self.max_request_bytes = config.max_queue, config.max_request_bytes
+        self.runner = ChoiceRunner(prefill, decode, mixed, config.resume_deadline_s, config.max_resumes,
+                                   config.quarantine_after)
+        self.max_request_bytes = config.max_request_bytes
         self.api_keys, self.metrics_need_key = config.api_keys, config.metrics_need_key
-        self.inflight = 0
+        self.admission = Admission(config.max_queue, config.max_queue_tokens)
         self.metrics = IngressMetrics(self.info.name, {"prefill": prefill, "decode": decode, "mixed": mixed})
         self._warm = None
 
@@ -95,7 +100,8 @@ class Ingress:
     # -- endpoints -------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self):
-        return {"status": "ok", "inflight": self.inflight, "resumed": self.runner.resumed}
+        return {"status": "ok", **self.admission.snapshot(), "resumed": self.runner.resumed,
+                "quarantined": self.runner.quarantined}
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -115,8 +121,9 @@ class Ingress:
         """The sampled series `rayinfer report` reads, over the last `since` seconds (default: all)."""
         if self.metrics_need_key:
             self._authorize(request)
-        if since is not None and since <= 0:
-            return error_response(APIError(400, f"since must be > 0 seconds, got {since}"))
+        if since is not None and not (math.isfinite(since) and since > 0):  # NaN compares false to everything
+            return error_response(APIError(400, f"since must be a finite number of seconds > 0, got {since}",
+                                           param="since"))
         return await asyncio.to_thread(self.metrics.history, since)
 
     @app.post("/tokenize")
@@ -140,29 +147,34 @@ class Ingress:
     # -- request handling ------------------------------------------------------------------------
     async def _handle(self, request: Request, kind: str) -> Response:
         endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        self.admission.parsing += 1
         try:
             raw = await self._body(request)
             await self._warm_up()  # the ranks' KV capacity bounds the request's default max_tokens
             # Parsing, tokenizing and the chat template take time in proportion to the body: off the event loop.
             parse = parse_chat_request if kind == "chat" else parse_completion_request
             spec = await asyncio.to_thread(lambda: parse(parse_body(raw), self.info))
-            if self.inflight >= self.max_queue:
-                raise APIError(429, f"server is at its queue bound ({self.max_queue} requests in flight); retry shortly")
-        except APIError as e:
-            self.metrics.request(endpoint, e.status)
-            return error_response(e)
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        self.inflight += 1
-        self.metrics.queue.set(self.inflight, self.metrics.tags)
-        if spec.stream:
-            return StreamingResponse(self._stream(spec, rid, endpoint), media_type="text/event-stream")
-        try:
-            results = await asyncio.gather(*(self._collect(spec, rid, i) for i in range(len(spec.prompts) * spec.n)))
+            tokens = spec.n * sum(len(ids) + spec.params.max_tokens for _, ids in spec.prompts)
+            ticket = self.admission.admit(len(spec.prompts) * spec.n, tokens)
         except APIError as e:
             self.metrics.request(endpoint, e.status)
             return error_response(e)
         finally:
-            self._leave()
+            self.admission.parsing -= 1
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.metrics.queue.set(self.admission.requests, self.metrics.tags)
+        if spec.stream:
+            return StreamingResponse(self._stream(spec, rid, endpoint, ticket), media_type="text/event-stream")
+        tasks = [asyncio.ensure_future(self._collect(spec, rid, i)) for i in range(len(spec.prompts) * spec.n)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except APIError as e:
+            self.metrics.request(endpoint, e.status)
+            return error_response(e)
+        finally:
+            for t in tasks:  # one choice failed (or the client left): the others' rank calls end too
+                t.cancel()
+            self._leave(ticket)
         self.metrics.request(endpoint, 200)
         usage, tok = usage_for(results, spec.n), self.info.tokenizer
         if kind == "chat":
@@ -171,9 +183,9 @@ class Ingress:
             body = completion_response(rid, int(time.time()), self.info.name, results, usage, tok)
         return JSONResponse(body)
 
-    def _leave(self) -> None:
-        self.inflight -= 1
-        self.metrics.queue.set(self.inflight, self.metrics.tags)
+    def _leave(self, ticket: tuple[int, int]) -> None:
+        self.admission.release(ticket)
+        self.metrics.queue.set(self.admission.requests, self.metrics.tags)
 
     def _request(self, spec, rid: str, index: int) -> EngineRequest:
         text, ids = spec.prompts[index // spec.n]
@@ -217,7 +229,7 @@ class Ingress:
         inc(self.metrics.generation_tokens, len(out.token_ids), self.metrics.tags)
         return out
 
-    async def _stream(self, spec, rid: str, endpoint: str):
+    async def _stream(self, spec, rid: str, endpoint: str, ticket: tuple[int, int]):
         """SSE body: chunks of all choices as they come, then usage (when asked) and [DONE]."""
         created, chat = int(time.time()), spec.kind == "chat"
         queue: asyncio.Queue = asyncio.Queue()
@@ -260,7 +272,7 @@ class Ingress:
                 t.cancel()
             inc(self.metrics.generation_tokens, sum(len(r.token_ids) for r in results), self.metrics.tags)
             self.metrics.request(endpoint, status)
-            self._leave()
+            self._leave(ticket)
 
 
     def _chunk(self, spec, rid: str, created: int, index: int, d: Delta, sent_chars: int) -> dict:

@@ -1,13 +1,61 @@
-"""How long a request may be: the model's context, the serving ranks' KV cache, and a guard on text
-length before any tokenizing.
+"""How much a request may ask for: the model's context, the serving ranks' KV cache, a guard on text
+length before any tokenizing, and the sizes of its lists (`RequestLimits`).
 
-Owns the 400s (`context_length_exceeded`) for prompts and completions that cannot fit, and the
-default `max_tokens` when a chat request sends none: what both the context and the ranks' cache
-leave for it. Crossing it: token counts and a `ModelInfo` in; a `max_tokens` or an `APIError` out.
+Owns the 400s (`context_length_exceeded`) for prompts and completions that cannot fit, the default
+`max_tokens` when a chat request sends none (what both the context and the ranks' cache leave for it),
+the bounds on how many prompts, choices (n x prompts), stop strings and stop token ids one request
+carries, and the vocabulary check every client-sent token id passes (prompt ids, `stop_token_ids`,
+`logit_bias` keys), so that nothing a rank would index with is out of range. Crossing it: token counts,
+lists and a `ModelInfo` in; a `max_tokens` or an `APIError` out.
 """
 from __future__ import annotations
 
-from rayinfer.openai_errors import APIError
+from dataclasses import dataclass
+
+from rayinfer.openai_errors import APIError, _bad
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request list bounds (ServeConfig's fields of the same names set them). Each is checked before the
+    work it bounds (prompts are counted before any is tokenized), so an oversized body is refused in
+    proportion to its bytes, not to what it asks for."""
+
+    max_prompts_per_request: int = 256
+    max_choices_per_request: int = 256  # n x prompts: what one request adds to the queue
+    max_stop_strings: int = 4  # OpenAI's bound
+    max_stop_token_ids: int = 64
+
+
+def _check_count(count: int, bound: int, param: str, what: str, field: str) -> None:
+    if count > bound:
+        raise APIError(400, f"Invalid value for '{param}': {count} {what}; this server takes at most {bound} in "
+                            f"one request ({field} in the serve config)", param=param)
+
+
+def check_prompt_count(count: int, n: int, limits: RequestLimits) -> None:
+    """Prompts per request and n x prompts (the choices one request queues), before any prompt is tokenized."""
+    _check_count(count, limits.max_prompts_per_request, "prompt", "prompts", "max_prompts_per_request")
+    if count * n > limits.max_choices_per_request:
+        raise APIError(400, f"Invalid value for 'n': {n} choices for each of {count} prompts make {count * n} "
+                            f"choices; this server takes at most {limits.max_choices_per_request} in one request "
+                            f"(max_choices_per_request in the serve config)",
+                       param="n")
+
+
+def check_token_ids(ids, param: str, vocab_size: int) -> None:
+    """Every id an integer in [0, vocab_size): a rank indexes its embeddings and logits with them."""
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+            raise _bad(param, t, f"token ids must be integers in [0, {vocab_size})")
+
+
+def check_stops(stops: list, stop_ids: list, info: ModelInfo) -> None:
+    """Stop strings and stop token ids: bounded lists; the ids inside the vocabulary."""
+    lim = info.limits
+    _check_count(len(stops), lim.max_stop_strings, "stop", "stop strings", "max_stop_strings")
+    _check_count(len(stop_ids), lim.max_stop_token_ids, "stop_token_ids", "stop token ids", "max_stop_token_ids")
+    check_token_ids(stop_ids, "stop_token_ids", info.vocab_size)
 
 
 def _max_tokens(requested: int | None, prompt_len: int, info: ModelInfo, where: str) -> int:
@@ -46,3 +94,38 @@ def _guard_length(chars: int, param: str, info: ModelInfo) -> None:
         raise APIError(400, f"This model's maximum context length is {info.max_model_len} tokens. However, your "
                             f"{param} has {chars} characters, more than that many tokens can hold.",
                        param=param, code="context_length_exceeded")
+
+
+class Admission:
+    """What one ingress replica holds: requests in flight, their choices (n x prompts) and those choices'
+    tokens (prompt + max_tokens each). A request that would take either count past its bound waits
+    nowhere: 429 now (it fits once others finish), or 400 when it could never fit an empty queue."""
+
+    def __init__(self, max_choices: int, max_tokens: int):
+        self.max_choices, self.max_tokens = max_choices, max_tokens
+        self.requests = self.choices = self.tokens = 0
+        self.parsing = 0  # bodies being read and tokenized: not admitted yet, but the server is busy with them
+
+    def admit(self, choices: int, tokens: int) -> tuple[int, int]:
+        """Counts a request in, or raises; -> the ticket `release` takes back."""
+        for held, want, bound, name in ((self.choices, choices, self.max_choices, "choices"),
+                                        (self.tokens, tokens, self.max_tokens, "tokens")):
+            field = "max_queue" if name == "choices" else "max_queue_tokens"
+            if want > bound:
+                raise APIError(400, f"This request asks for {want} {name} (n x prompts, each prompt + max_tokens), "
+                                    f"more than this server ever holds at once ({bound}; {field} in the serve "
+                                    f"config). Please send fewer prompts, a smaller n or max_tokens.")
+            if held + want > bound:
+                raise APIError(429, f"server is at its queue bound ({held} of {bound} {name} in flight; this request "
+                                    f"needs {want}); retry shortly")
+        self.requests, self.choices, self.tokens = self.requests + 1, self.choices + choices, self.tokens + tokens
+        return choices, tokens
+
+    def release(self, ticket: tuple[int, int]) -> None:
+        self.requests -= 1
+        self.choices -= ticket[0]
+        self.tokens -= ticket[1]
+
+    def snapshot(self) -> dict:
+        return {"inflight": self.requests, "queued_choices": self.choices, "queued_tokens": self.tokens,
+                "parsing": self.parsing}

@@ -20,7 +20,8 @@ import jinja2
 
 from rayinfer.messages import SamplingParams
 from rayinfer.openai_errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
-from rayinfer.openai_limits import _guard_length, _max_tokens
+from rayinfer.openai_limits import (RequestLimits, _guard_length, _max_tokens, check_prompt_count, check_stops,
+                                    check_token_ids)
 from rayinfer.openai_responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_logprobs,  # noqa: F401
                                        chat_response, completion_chunk, completion_logprobs,
                                        completion_response, models_response, sse, usage_chunk,
@@ -36,6 +37,7 @@ class ModelInfo:
     created: int = 0
     kv_capacity_tokens: int = 0  # what the serving ranks' KV cache holds for one request; 0: not known
     max_token_chars: int = 0  # the longest token's length in characters; 0: no length guard before tokenizing
+    limits: RequestLimits = RequestLimits()  # list sizes one request may send
 
 
 @dataclass
@@ -132,16 +134,17 @@ def _check_envelope(body, kind: str, info: ModelInfo) -> dict:
     return body
 
 
-def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo) -> SamplingParams:
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-            raise _bad("stop", stop, "must be a non-empty string or a list of at most 4 non-empty strings")
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise _bad("stop", stop, "must be a non-empty string or a list of non-empty strings")
         stop = tuple(stops)
     stop_ids = body.get("stop_token_ids")
-    if stop_ids is not None and (not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids)):
+    if stop_ids is not None and not isinstance(stop_ids, list):
         raise _bad("stop_token_ids", stop_ids, "must be a list of token ids")
+    check_stops(list(stop or ()), stop_ids or [], info)
     top_k = body.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < -1):
         raise _bad("top_k", top_k, "must be an integer >= 1, or 0 / -1 to disable")
@@ -180,13 +183,11 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
 def _token_ids(ids: list, param: str, info: ModelInfo) -> list[int]:
     if not ids:
         raise _bad(param, ids, "the prompt is empty")
-    for t in ids:
-        if not _is_int(t) or not 0 <= t < info.vocab_size:
-            raise _bad(param, t, f"token ids must be integers in [0, {info.vocab_size})")
+    check_token_ids(ids, param, info.vocab_size)
     return list(ids)
 
 
-def _completion_prompts(prompt, info: ModelInfo) -> list[tuple[str | None, list[int]]]:
+def _completion_prompts(prompt, info: ModelInfo, n: int) -> list[tuple[str | None, list[int]]]:
     if prompt is None:
         raise APIError(400, "Missing required parameter: 'prompt'", param="prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
@@ -194,6 +195,7 @@ def _completion_prompts(prompt, info: ModelInfo) -> list[tuple[str | None, list[
     shape = "must be a string, a list of strings, a list of token ids, or a list of token-id lists"
     if not isinstance(prompt, list) or not prompt:
         raise _bad("prompt", prompt, "the prompt is empty" if prompt == [] else shape)
+    check_prompt_count(len(prompt), n, info.limits)  # before tokenizing any of them
     out = []
     for i, p in enumerate(prompt):
         param = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
@@ -213,14 +215,15 @@ def _completion_prompts(prompt, info: ModelInfo) -> list[tuple[str | None, list[
 
 def parse_completion_request(body, info: ModelInfo) -> RequestSpec:
     body = _check_envelope(body, "completion", info)
-    prompts = _completion_prompts(body.get("prompt"), info)
+    n = _get_int(body, "n", 1, 16, default=1)
+    prompts = _completion_prompts(body.get("prompt"), info, n)
     requested = _get_int(body, "max_tokens", 1, None, default=16)  # OpenAI's default for completions
     for _, ids in prompts:
         _max_tokens(requested, len(ids), info, "prompt")
     logprobs = _get_int(body, "logprobs", 0, 5)
     stream, include_usage = _stream_flags(body)
-    return RequestSpec("completion", info.name, prompts, _sampling(body, requested, logprobs),
-                       n=_get_int(body, "n", 1, 16, default=1), stream=stream, include_usage=include_usage,
+    return RequestSpec("completion", info.name, prompts, _sampling(body, requested, logprobs, info),
+                       n=n, stream=stream, include_usage=include_usage,
                        logprobs=logprobs)
 
 
@@ -253,6 +256,8 @@ def _messages(messages) -> list[dict]:
 
 def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     body = _check_envelope(body, "chat", info)
+    n = _get_int(body, "n", 1, 16, default=1)
+    check_prompt_count(1, n, info.limits)
     messages = _messages(body.get("messages"))
     if info.tokenizer is None:
         raise APIError(400, f"Model `{info.name}` has no tokenizer or chat template: use /v1/completions "
@@ -272,6 +277,7 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     if top is not None and not logprobs:
         raise _bad("top_logprobs", top, "requires 'logprobs' to be true")
     stream, include_usage = _stream_flags(body)
-    return RequestSpec("chat", info.name, [(text, ids)], _sampling(body, max_tokens, (top or 0) if logprobs else None),
-                       n=_get_int(body, "n", 1, 16, default=1), stream=stream, include_usage=include_usage,
+    return RequestSpec("chat", info.name, [(text, ids)],
+                       _sampling(body, max_tokens, (top or 0) if logprobs else None, info), n=n, stream=stream,
+                       include_usage=include_usage,
                        logprobs=logprobs, top_logprobs=top or 0)
