@@ -16,7 +16,7 @@ from rayinfer.actors.cluster import ensure_ray, ensure_serve
 from rayinfer.actors.deployments import rank_gang
 from rayinfer.actors.router import rank_hint
 from rayinfer.config import EngineConfig
-from rayinfer.messages import Delta, EngineRequest, pack, unpack
+from rayinfer.messages import Delta, EngineRequest, RequestFailed, pack, unpack
 
 
 class GangError(RuntimeError):
@@ -44,8 +44,9 @@ class GangClient:
         self._thread.start()
         self._next = itertools.count()
 
-    def run(self, requests: list[EngineRequest], on_delta, timeout_s: float | None = None) -> None:
-        """Streams every request on its assigned rank; `on_delta(delta)` is called on the caller's thread."""
+    def run(self, requests: list[EngineRequest], on_delta, timeout_s: float | None = None, on_failed=None) -> None:
+        """Streams every request on its assigned rank; `on_delta(delta)` is called on the caller's thread, and
+        `on_failed(request_id, error)` for a request a rank failed alone (the others go on)."""
         import queue
 
         out: queue.SimpleQueue = queue.SimpleQueue()
@@ -59,6 +60,10 @@ class GangClient:
         pending = len(requests)
         while pending:
             item = out.get(timeout=timeout_s)
+            if isinstance(item, tuple):  # (request id, RequestFailed): that request alone
+                on_failed(*item)
+                pending -= 1
+                continue
             if isinstance(item, BaseException):
                 fut.cancel()
                 raise GangError(f"the expert-parallel gang failed: {item}") from item
@@ -75,6 +80,8 @@ class GangClient:
         try:
             async for raw in h.remote(pack(req)):
                 out.put(unpack(raw, Delta))
+        except RequestFailed as e:
+            out.put((req.request_id, e))
         except Exception as e:  # noqa: BLE001 - any failure of a rank is reported to the caller
             out.put(e)
 

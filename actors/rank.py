@@ -108,6 +108,12 @@ class RankReplica:
             return {"skipped": "no expert load measured yet", **where}
         return dict(self.rebalancer.history[-1].__dict__, **where)
 
+    def set_fault(self, prompt_prefix: list[int] | None) -> None:
+        """Test hook: this rank's sequences whose prompt starts with `prompt_prefix` fail in sampling, as a bad
+        token id would make them (`ModelRunner.fault`); None clears it."""
+        prefix = list(prompt_prefix or ())
+        self.engine.runner.fault = (lambda seq: seq.token_ids[:len(prefix)] == prefix) if prefix else None
+
     def record_replica_metadata(self) -> dict:
         return {"gang_id": self.gang_id, "gang_rank": self.rank, "world_size": self.world, "role": self.role}
 

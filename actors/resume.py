@@ -8,9 +8,13 @@ healthy gang from that progress: a decode rank re-prefills prompt + emitted toke
 so the client's stream goes on without a gap, a repeat or an error. With no healthy gang of the
 role, the choice waits for one to be routed up to `deadline_s`, then ends in a 503 (Retry-After).
 
-Three outcomes of a call are told apart: a rank failure (the call errors, the actor dies, the
+Four outcomes of a call are told apart: a rank failure (the call errors, the actor dies, the
 stream ends without a finish reason or with `RESUME_REASONS`) resumes; a request error (the rank
-refused it: ValueError) is the client's, a 400; cancellation (the client left) aborts the call.
+refused it: ValueError) is the client's, a 400; a request the rank failed alone (`RequestFailed`: its
+step raised for this sequence only, the rank serves on) is a 500, never retried, since the rank blamed the
+request itself; cancellation (the client left) aborts the call. Resumes are bounded: at most
+`max_resumes` per choice, and a choice whose ranks failed `quarantine_after` times while serving it is
+quarantined (a 500 to its client): a request that kills every gang it reaches must not reach them all.
 A rank that must shed its requests (a drain) ends their streams with `finish_reason="migrate"`:
 `ChoiceRunner.run` continues each elsewhere, as after a failure (the drain keeps new calls away).
 Crossing it: packed `EngineRequest`s out to the ranks, `Delta`s in, `APIError`s up.
@@ -27,7 +31,7 @@ from rayinfer.actors.choice import advance
 from rayinfer.balance import health
 from rayinfer.balance.prefix_index import page_keys
 from rayinfer.http_input import one_line
-from rayinfer.messages import Delta, EngineRequest, pack, unpack
+from rayinfer.messages import Delta, EngineRequest, RequestFailed, pack, unpack
 from rayinfer.openai_protocol import APIError
 
 log = logging.getLogger("rayinfer.ingress")
@@ -58,17 +62,24 @@ def _collect_soon(delay_s: float = 1.0) -> None:
 
 
 class RankFailed(Exception):
-    """A rank could not finish the call (or gave it back)."""
+    """A rank could not finish the call (or gave it back: `given_back`, a drain or shutdown, not a failure)."""
+
+    def __init__(self, message: str, given_back: bool = False):
+        super().__init__(message)
+        self.given_back = given_back
 
 
 class ChoiceRunner:
-    def __init__(self, prefill=None, decode=None, mixed=None, deadline_s: float = 30.0):
+    def __init__(self, prefill=None, decode=None, mixed=None, deadline_s: float = 30.0, max_resumes: int = 8,
+                 quarantine_after: int = 2):
         self.prefill, self.decode, self.mixed, self.deadline_s = prefill, decode, mixed, deadline_s
+        self.max_resumes, self.quarantine_after = max_resumes, quarantine_after
         self.resumed = 0  # choices continued elsewhere after a rank failed or gave them back
+        self.quarantined = 0  # choices refused after their ranks failed `quarantine_after` times
 
     async def run(self, req: EngineRequest):
-        """The choice's deltas to the end, across as many ranks as it takes."""
-        deadline, tries = None, 0
+        """The choice's deltas to the end, across as many ranks as it takes (within the bounds above)."""
+        deadline, tries, failures = None, 0, 0
         while True:
             tries += 1
             attempt = f"{req.request_id}#{tries}"
@@ -76,7 +87,7 @@ class ChoiceRunner:
                 async with aclosing(self._attempt(req, attempt, deadline)) as deltas:
                     async for d in deltas:
                         if d.finish_reason in RESUME_REASONS:
-                            raise RankFailed(f"the rank gave the request back ({d.finish_reason})")
+                            raise RankFailed(f"the rank gave the request back ({d.finish_reason})", given_back=True)
                         advance(req, d)
                         yield d
                         if d.finish_reason:
@@ -84,11 +95,16 @@ class ChoiceRunner:
                 raise RankFailed("the rank's stream ended before the request finished")
             except (asyncio.CancelledError, GeneratorExit, APIError):
                 raise
+            except RequestFailed as e:  # the rank failed this request alone: retrying elsewhere would repeat it
+                raise APIError(500, f"the serving rank failed this request (and only it; not retried): "
+                                    f"{one_line(e)}") from e
             except ValueError as e:  # the rank refused the request (admission): the client's to fix
                 raise APIError(400, f"the serving rank refused this request: {one_line(e)}") from e
             except Exception as e:  # noqa: BLE001 - any other failure is the rank's: resume
                 # Its gang already left routing: Serve's router reports the dead replica (`on_replica_actor_died`)
                 # as this call fails, and the routers skip its whole gang from then on.
+                failures += not getattr(e, "given_back", False)
+                self._check_bounds(req, tries, failures, e)
                 self.resumed += 1
                 deadline = deadline or time.monotonic() + self.deadline_s
                 log.warning("resuming %s after %d tokens (%s)", req.request_id, len(req.output_token_ids),
@@ -96,6 +112,17 @@ class ChoiceRunner:
                 await asyncio.sleep(0.01 * min(tries, 50))  # a failure that repeats at once does not spin
             finally:
                 health.HEALTH.release(attempt)
+
+    def _check_bounds(self, req: EngineRequest, tries: int, failures: int, e: Exception) -> None:
+        if failures >= self.quarantine_after:
+            self.quarantined += 1
+            log.error("quarantined %s: %d rank failures while serving it, the last: %s", req.request_id, failures,
+                      one_line(e)[:200])
+            raise APIError(500, f"this request was quarantined: the ranks serving it failed {failures} times "
+                                f"(the last: {one_line(e)}); it is not retried") from e
+        if tries > self.max_resumes:
+            raise APIError(503, f"this request was moved between ranks {tries - 1} times without finishing "
+                                f"(the last: {one_line(e)}); retry shortly") from e
 
     async def _attempt(self, req: EngineRequest, attempt: str, deadline: float | None):
         """One try: the calls from where the choice stands to its end (or to a failure)."""

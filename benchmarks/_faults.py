@@ -144,3 +144,12 @@ def clean(roles=("prefill", "decode")) -> list[tuple]:
             if any(held):
                 left.append((role, s["rank"], s["pid"], *held))
     return left
+
+
+async def settled(timeout_s: float) -> list[tuple]:
+    """Waits up to `timeout_s` for every rank to hold nothing; -> what is still held then (`clean`)."""
+    try:
+        await wait_for(lambda: not clean(), timeout_s, period_s=0.5)
+        return []
+    except TimeoutError:
+        return clean()

@@ -90,7 +90,7 @@ class LLM:
 
         try:
             if self.gang is not None:
-                self.gang.run(requests, on_delta)
+                self.gang.run(requests, on_delta, on_failed=lambda rid, err: _failed(outputs[rid], err))
             else:
                 self._run_local(requests, outputs, on_delta)
         finally:
@@ -105,6 +105,8 @@ class LLM:
             while any(not outputs[r.request_id].finished for r in requests):
                 for d in self.engine.step():
                     on_delta(d)
+                for rid, err in self.engine.take_failures().items():  # failed alone: the others go on
+                    _failed(outputs[rid], err)
         finally:
             for r in requests:  # an interrupted call must not leave requests occupying the engine
                 if not outputs[r.request_id].finished:
@@ -117,6 +119,10 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="generating", unit="req")
+
+
+def _failed(out: RequestOutput, err: BaseException) -> None:
+    out.finish_reason, out.error = "error", str(err)
 
 
 def apply_delta(out: RequestOutput, d: Delta, start: float) -> bool:

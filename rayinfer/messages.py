@@ -72,6 +72,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+class RequestFailed(RuntimeError):
+    """A rank failed this one request (its step raised for this sequence alone) and goes on serving the
+    others. The request is not retried elsewhere: the rank blamed the request itself."""
+
+
 @dataclass
 class EngineRequest:
     request_id: str
@@ -139,6 +144,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     time_to_first_token: float | None = None  # seconds from submission
     latency: float | None = None  # seconds from submission to finish
+    error: str | None = None  # why the engine failed this request alone (then finish_reason is "error")
 
     @property
     def finished(self) -> bool:

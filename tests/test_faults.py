@@ -53,16 +53,8 @@ def run(url, payloads, fault=None):
 
 
 def wait_clean(timeout_s: float = 60.0) -> None:
-    left = asyncio.run(_settle(timeout_s))
+    left = asyncio.run(F.settled(timeout_s))
     assert not left, f"ranks still hold (role, rank, pid, exports, KV objects, accepted KV, pages, requests): {left}"
-
-
-async def _settle(timeout_s: float):
-    try:
-        await F.wait_for(lambda: not F.clean(), timeout_s, period_s=0.5)
-        return []
-    except TimeoutError:
-        return F.clean()
 
 
 def test_decode_rank_killed_mid_stream(server):

@@ -1,7 +1,8 @@
 """The ingress's resume path without Ray: fake rank handles whose calls fail on cue show that a choice goes on
 from the tokens the client already has (no gap, no repeat, one finish reason), that the failed gang leaves
-routing at once and comes back as new replicas, that a refused request is a 400 and not resumed, and that with
-no gang to take it a choice ends in a 503 after the deadline."""
+routing at once and comes back as new replicas, that a refused request is a 400 and not resumed, that a request
+a rank failed alone is a 500 and not resumed, that a choice whose ranks fail twice is quarantined and resumes
+are bounded, and that with no gang to take it a choice ends in a 503 after the deadline."""
 import asyncio
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from rayinfer.actors.choice import own_seed
 from rayinfer.actors.resume import ChoiceRunner
 from rayinfer.balance.health import HEALTH, GangHealth
-from rayinfer.messages import Delta, EngineRequest, KVHandoff, SamplingParams, pack, unpack
+from rayinfer.messages import Delta, EngineRequest, KVHandoff, RequestFailed, SamplingParams, pack, unpack
 from rayinfer.openai_protocol import APIError
 
 PROMPT = [5, 6, 7]
@@ -56,7 +57,8 @@ class Call:
 
 class Role:
     """A role's handle: each call goes to the next replica in `replicas` (gang id, replica id) and does what
-    `plan` says for that call number: "ok", "fail" (after a token), "refuse", "migrate", "stuck"."""
+    `plan` says for that call number: "ok", "fail" (after a token), "refuse", "blame" (the rank fails this request
+    alone, after a token), "migrate", "stuck"."""
 
     def __init__(self, role, replicas, plan):
         self.role, self.replicas, self.plan, self.calls = role, replicas, list(plan), []
@@ -98,6 +100,8 @@ class Role:
                             finish_reason="length" if p == MAX - 1 else None)) for p in range(start, MAX)]
         if what == "migrate":
             items = items[:1] + [pack(Delta(req.request_id, [], finish_reason="migrate"))]
+        if what == "blame":
+            return Call(items=items, fail_after=1, error=RequestFailed("request 'r-0' failed in sampling: IndexError"))
         return Call(items=items, fail_after=2 if what == "fail" else None,
                     error=RuntimeError("ActorDiedError: the actor died unexpectedly") if what == "fail" else None)
 
@@ -187,6 +191,38 @@ def test_a_drained_rank_gives_the_request_back():
     runner = ChoiceRunner(prefill, decode, deadline_s=5)
     check_whole(run(runner, request()))
     assert runner.resumed == 1 and HEALTH.usable("a0")
+
+
+def test_a_request_the_rank_failed_alone_is_a_500_and_not_resumed():
+    prefill = Role("prefill", [("P", "p0")], ["ok"])
+    decode = Role("decode", [("A", "a0"), ("B", "b0")], ["ok", "blame"])
+    runner = ChoiceRunner(prefill, decode, deadline_s=5)
+    with pytest.raises(APIError) as e:
+        run(runner, request())
+    assert e.value.status == 500 and "failed in sampling" in e.value.message and "not retried" in e.value.message
+    assert [c[0] for c in decode.calls] == ["accept_kv", "decode"] and runner.resumed == 0
+    assert HEALTH.usable("a0") and HEALTH.usable("b0")  # the rank blamed the request, not itself
+
+
+def test_a_request_whose_ranks_fail_twice_is_quarantined():
+    prefill = Role("prefill", [("P", "p0")], ["ok"])
+    decode = Role("decode", [("A", "a0"), ("B", "b0"), ("C", "c0")], ["ok", "fail", "fail", "ok"])
+    runner = ChoiceRunner(prefill, decode, deadline_s=5)
+    with pytest.raises(APIError) as e:
+        run(runner, request())
+    assert e.value.status == 500 and "quarantined" in e.value.message
+    assert [c[2] for c in decode.calls] == ["a0", "a0", "b0"], "a third gang was tried"
+    assert runner.quarantined == 1 and runner.resumed == 1 and HEALTH.usable("c0")
+
+
+def test_resumes_are_bounded():
+    prefill = Role("prefill", [("P", "p0")], ["ok"])
+    decode = Role("decode", [("A", "a0")], ["ok"] + ["migrate"] * 5)
+    runner = ChoiceRunner(prefill, decode, deadline_s=5, max_resumes=2)
+    with pytest.raises(APIError) as e:
+        run(runner, request())
+    assert e.value.status == 503 and "moved between ranks 2 times" in e.value.message
+    assert len(decode.calls) == 4 and runner.resumed == 2  # accept_kv + three decode calls, no more
 
 
 def test_unseeded_sampled_choices_get_a_seed_greedy_ones_need_none():

@@ -9,7 +9,8 @@ In an expert-parallel gang every rank steps together (see lockstep.py): each loo
 ranks vote on whether any of them has work, and all step if one does; an idle gang sleeps on
 its doorbell until a rank that receives work rings it. A failed collective (a peer died, a timeout) is fatal for this
 rank's process group: every open stream gets the error and the loop stops, so the health check
-can have the gang restarted.
+can have the gang restarted. A request the engine failed alone (`Engine.take_failures`) gets its
+`RequestFailed`; the loop goes on.
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ class AsyncEngine:
                 continue
             for d in deltas:
                 self._deliver(d.request_id, d)
+            for rid, err in self.engine.take_failures().items():  # failed alone: the others step on
+                self._deliver(rid, err)
             if self.on_step is not None:
                 self.on_step()
 

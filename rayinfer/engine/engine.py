@@ -3,19 +3,23 @@
 `step()` is the whole loop body: schedule, run, postprocess. Postprocessing appends sampled
 tokens, detokenizes, applies stop conditions and releases finished sequences' pages. The engine
 is synchronous and single-threaded; `AsyncEngine` (async_engine.py) drives it from a thread for
-servers. Requests that cannot be served (too long, stop strings without a tokenizer) are
-rejected at `add_request` with a clear error.
+servers. Requests that cannot be served (too long, token ids outside the vocabulary, stop strings
+without a tokenizer) are rejected at `add_request` with a clear ValueError. A step that raises for one
+sequence (in its KV import, its sampling row or its stop checks; in the forward too on a single rank,
+which reruns the step without it) fails that request alone: it leaves the engine, and its
+`RequestFailed` waits in `take_failures()` for the driver to report; the other sequences step on.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from rayinfer.config import EngineConfig
 from rayinfer.engine.block_manager import BlockManager
 from rayinfer.engine.detokenizer import IncrementalDetokenizer
 from rayinfer.engine.scheduler import Scheduler, SchedulerOutput
 from rayinfer.engine.sequence import PendingKV, Sequence, SeqStatus
-from rayinfer.messages import Delta, EngineRequest
+from rayinfer.messages import Delta, EngineRequest, RequestFailed
 from rayinfer.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -37,8 +41,12 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "steps": 0,
                          "batched_tokens": 0, "requests_finished": 0, "prefill_tokens_computed": 0,
-                         "decode_tokens_computed": 0, "kv_imported_tokens": 0, "kv_exported_tokens": 0}
+                         "decode_tokens_computed": 0, "kv_imported_tokens": 0, "kv_exported_tokens": 0,
+                         # what explains prompt tokens computed on a decode rank: requests it took without
+                         # their KV, and the prompt tokens those and preempted sequences may recompute
+                         "requests_without_kv": 0, "recompute_budget_tokens": 0}
         self.exports: dict[str, tuple] = {}  # request id -> (latents, rng state), left by prefill handoffs
+        self.failures: dict[str, RequestFailed] = {}  # requests a step failed alone, until the driver takes them
         self.disk = self._disk_tier(config.cache)
 
     def _disk_tier(self, cache):
@@ -59,9 +67,12 @@ class Engine:
         if not req.prompt_token_ids:
             raise ValueError(f"request {req.request_id!r}: the prompt is empty")
         vocab = self.runner.vocab_size
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"request {req.request_id!r}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        for what, ids in (("token ids", req.prompt_token_ids), ("output token ids", req.output_token_ids),
+                          ("stop_token_ids", req.params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"request {req.request_id!r}: {what} {bad[:5]} are outside the vocabulary "
+                                 f"[0, {vocab})")
         if len(req.prompt_token_ids) + req.params.max_tokens > self.max_model_len:
             raise ValueError(f"request {req.request_id!r}: prompt ({len(req.prompt_token_ids)} tokens) + max_tokens "
                              f"({req.params.max_tokens}) exceeds the context length {self.max_model_len}")
@@ -75,6 +86,9 @@ class Engine:
         if kv is not None and kv.shape[1] == seq.num_prompt_tokens and seq.num_output_tokens:
             seq.pending_kv = PendingKV(kv.shape[1], kv)  # the scheduler imports it when it admits the request
         self.scheduler.check(seq)
+        if self.config.scheduler.mode == "decode" and seq.pending_kv is None:
+            self.counters["requests_without_kv"] += 1
+            self.counters["recompute_budget_tokens"] += seq.num_prompt_tokens
         self.seqs[req.request_id] = seq
         if seq.pending_kv is None and self.disk is not None and self.disk.admit(seq):
             return  # waits outside the queue while its prefix pages load; `step` admits it when they are back
@@ -110,21 +124,66 @@ class Engine:
             for seq in self.disk.ready(block=not self.scheduler.has_work()):
                 self.scheduler.add(seq)
         sched = self.scheduler.schedule()
+        self.counters["recompute_budget_tokens"] += sum(seq.num_prompt_tokens for seq in sched.preempted)
         self._import(sched)
-        sampled = self.runner.execute(sched)
+        sampled = self._execute(sched)
         return self.postprocess(sched, sampled)
 
+    def take_failures(self) -> dict[str, RequestFailed]:
+        """Requests steps failed alone since the last call (each has left the engine already)."""
+        failed, self.failures = self.failures, {}
+        return failed
+
+    def _fail(self, seq: Sequence, stage: str, e: BaseException) -> None:
+        err = e if isinstance(e, RequestFailed) else \
+            RequestFailed(f"request {seq.request_id!r} failed in {stage}: {type(e).__name__}: {e}")
+        self.failures[seq.request_id] = err
+        seq.finish_reason = "error"
+        self._finish(seq)
+
     def _import(self, sched: SchedulerOutput) -> None:
-        """Writes the KV of requests admitted with it into the pages the scheduler just gave them."""
+        """Writes the KV of requests admitted with it into the pages the scheduler just gave them; a request
+        whose KV cannot be written fails alone (before the forward: nothing of it reaches the gang)."""
         for seq, kv in sched.imports:
-            if kv.first_page is not None:  # prefix pages the disk tier read
-                self.runner.write_pages(seq.block_ids[kv.first_page:kv.first_page + len(kv.payload)], kv.payload)
-                continue
-            self.runner.import_kv(seq, kv.payload)
-            self.counters["kv_imported_tokens"] += kv.num_tokens
-            if self.disk is not None:  # the prefill rank wrote the prompt's pages already
-                self.block_manager.commit(seq)
-                self.disk.mark_on_disk(seq)
+            try:
+                self._import_one(seq, kv)
+            except Exception as e:  # noqa: BLE001 - the request's own handoff or pages
+                self._fail(seq, "its KV import", e)
+        if self.failures:
+            sched.scheduled = [s for s in sched.scheduled if s.seq.request_id not in self.failures]
+
+    def _import_one(self, seq: Sequence, kv) -> None:
+        if kv.first_page is not None:  # prefix pages the disk tier read
+            self.runner.write_pages(seq.block_ids[kv.first_page:kv.first_page + len(kv.payload)], kv.payload)
+            return
+        self.runner.import_kv(seq, kv.payload)
+        self.counters["kv_imported_tokens"] += kv.num_tokens
+        if self.disk is not None:  # the prefill rank wrote the prompt's pages already
+            self.block_manager.commit(seq)
+            self.disk.mark_on_disk(seq)
+
+    def _execute(self, sched: SchedulerOutput) -> dict:
+        """The runner's step. On a single rank a forward that raises is rerun one sequence at a time to find
+        the sequences it fails for, then once more without them. In a gang it is fatal: the forward's
+        collectives are shared, a rank cannot rerun them alone (and per-sequence failures after it, in
+        sampling, are the runner's to isolate)."""
+        try:
+            return self.runner.execute(sched)
+        except Exception:
+            if getattr(self.runner, "ctx", None) is not None or len(sched.scheduled) == 0:
+                raise
+        culprits = []
+        for s in sched.scheduled:
+            try:
+                self.runner.execute(replace(sched, scheduled=[s]))
+            except Exception as e:  # noqa: BLE001 - this sequence's own failure
+                culprits.append((s, e))
+        if not culprits:  # fails only together: not one request's fault
+            raise RuntimeError("the step's forward failed for the whole batch but for no sequence alone")
+        for s, e in culprits:
+            self._fail(s.seq, "the forward", e)
+        sched.scheduled = [s for s in sched.scheduled if s.seq.request_id not in self.failures]
+        return self.runner.execute(sched) if sched.scheduled else {}
 
     def postprocess(self, sched: SchedulerOutput, sampled: dict) -> list[Delta]:
         self.counters["steps"] += 1
@@ -140,8 +199,13 @@ class Engine:
             if self.disk is not None:
                 self.disk.written(seq)
             if s.samples and not seq.finished:
-                token, logprobs = sampled[seq.request_id]
-                deltas.append(self._append(seq, token, logprobs))
+                result = sampled[seq.request_id]
+                try:
+                    if isinstance(result, BaseException):  # the runner failed this row alone
+                        raise result
+                    deltas.append(self._append(seq, *result))
+                except Exception as e:  # noqa: BLE001 - one request's sampling or stop checks
+                    self._fail(seq, "sampling or its stop checks", e)
         return deltas
 
     def _append(self, seq: Sequence, token: int, logprobs) -> Delta:

@@ -20,6 +20,7 @@ from rayinfer.engine.overlap import balanced_split, microbatch, run_interleaved
 from rayinfer.engine.sampler import Sampler
 from rayinfer.engine.scheduler import SchedulerOutput
 from rayinfer.kernels.mla import PAGE_SIZE
+from rayinfer.messages import RequestFailed
 from rayinfer.model import DeepseekV3, ForwardBatch, load_model
 from rayinfer.model.batch import to_device
 
@@ -67,6 +68,9 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = set(cfg.eos_token_id)
         self.sampler = Sampler(config.seed, self.device, self.eos_token_ids)
+        # Test hook: a predicate on a sequence; a sampling call whose rows hold one it picks raises, as an
+        # out-of-range token id in the sampler would (see `_sample`).
+        self.fault = None
         self.checkpoint_path = self.model.checkpoint_path
 
     def use_graphs(self, capture) -> str | None:
@@ -125,10 +129,8 @@ class ModelRunner:
     def kv_fingerprint(self) -> str:
         """What decides a cached page's bytes: model config, weights, dtype and cache layout."""
         m = self.model
-        probe = b"".join(t.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes()
-                         for t in (m.embed_tokens.weight, m.lm_head.weight, m.norm.weight))
-        return (f"rayinfer-kv-page v1; config={m.cfg!r}; dtype={self.dtype}; layers={len(self.kv_caches)}; "
-                f"layout=[layers,{PAGE_SIZE},{self.kv_caches[0].shape[-1]}]; weights={hashlib.blake2b(probe).hexdigest()}")
+        return (f"rayinfer-kv-page v2; config={m.cfg!r}; dtype={self.dtype}; layers={len(self.kv_caches)}; "
+                f"layout=[layers,{PAGE_SIZE},{self.kv_caches[0].shape[-1]}]; weights={weights_digest(m)}")
 
     def prepare(self, items: list[tuple]) -> tuple[torch.Tensor, ForwardBatch]:
         """items: (sequence, first position, number of tokens) -> (token ids [T], ForwardBatch)."""
@@ -208,5 +210,48 @@ class ModelRunner:
             return {}
         # One gather of the sampling rows, whatever the batch size.
         picked = torch.cat(hiddens)[to_device(torch.tensor(rows), self.device)]  # [B, H]
-        tokens, logprobs = self.sampler(self.model.logits(picked), seqs)
-        return {seq.request_id: (t, lp) for seq, t, lp in zip(seqs, tokens, logprobs)}
+        return self._sample(self.model.logits(picked), seqs)
+
+    def _sample(self, logits: torch.Tensor, seqs: list) -> dict:
+        """One sampling call for the batch; if it raises, one call per row, so that a row that fails fails
+        alone (as a `RequestFailed` in its place). Sampling runs after the gang's collectives: no peer waits
+        on it. (A CUDA device-side assert is beyond this: it poisons the context; the engine's and the
+        ingress's checks of every token id are what keep one from being reached.)"""
+        try:
+            tokens, logprobs = self._sample_rows(logits, seqs)
+            return {seq.request_id: (t, lp) for seq, t, lp in zip(seqs, tokens, logprobs)}
+        except Exception:  # noqa: BLE001 - find the rows it failed for (a lone row: that one)
+            pass
+        out = {}
+        for i, seq in enumerate(seqs):
+            try:
+                (t,), (lp,) = self._sample_rows(logits[i:i + 1], [seq])
+                out[seq.request_id] = (t, lp)
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                out[seq.request_id] = RequestFailed(f"request {seq.request_id!r} failed in sampling: "
+                                                    f"{type(e).__name__}: {e}")
+        return out
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list) -> tuple[list, list]:
+        if self.fault is not None and any(self.fault(s) for s in seqs):
+            raise IndexError("injected sampling fault (ModelRunner.fault)")
+        return self.sampler(logits, seqs)
+
+
+def weights_digest(model: DeepseekV3, per_tensor: int = 4096) -> str:
+    """A digest of the weights every rank holds alike: each tensor's name, shape and dtype, and `per_tensor`
+    elements strided over the whole of it (all of a smaller one). A fine-tune changes nearly every element of
+    the tensors it touches, so any tuned layer changes the digest; an edit of a few elements between the
+    samples would not. Routed experts are left out: each rank holds other ones (and the disk tier is shared
+    by every rank of every gang), while the attention, norms, gates and shared experts that tuning also moves
+    are in every rank. Cost at load: one strided gather and host copy per tensor, ~16 KiB each (about 1,500
+    tensors, ~25 MB hashed, for DeepSeek-V3), whatever the model's size."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.named_parameters()):
+        if name.endswith((".experts.w13", ".experts.w2")):
+            continue
+        flat = t.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // per_tensor)][:per_tensor]  # [<= per_tensor], first to last
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(sample.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
