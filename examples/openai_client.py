@@ -16,6 +16,7 @@ Run it twice with the same long prompt to see the second request served from the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -66,8 +67,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--prompt", default="Explain mixture-of-experts models in one sentence.")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.7)
-    # rayinfer does not check keys; a placeholder keeps a real OPENAI_API_KEY from being sent to it.
-    ap.add_argument("--api-key", default="unused", help="only needed behind a gateway that checks keys")
+    # A server started with --api-key / --api-key-file checks the key; an open one ignores it, and the
+    # placeholder keeps a real OPENAI_API_KEY from being sent to it.
+    ap.add_argument("--api-key", default=os.environ.get("RAYINFER_API_KEY", "unused").split(",")[0],
+                    help="a key the server was started with [$RAYINFER_API_KEY's first, else a placeholder]")
     args = ap.parse_args(argv)
     base_url = args.base_url.rstrip("/")
 

@@ -29,6 +29,8 @@ def _serve(args) -> int:
     from rayinfer.config import ServeConfig
 
     keys = args.api_key or [k for k in os.environ.get("RAYINFER_API_KEY", "").split(",") if k.strip()]
+    if args.api_key_file:
+        keys = [*keys, *_read_keys(args.api_key_file)]
     overrides = dict(model=args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                      served_model_name=args.served_model_name, api_keys=tuple(k.strip() for k in keys) or None,
                      metrics_need_key=args.metrics_need_key or None, disk_cache_dir=args.disk_cache_dir,
@@ -38,6 +40,20 @@ def _serve(args) -> int:
     cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
     serve_forever(cfg.with_ep(args.prefill_ep, args.decode_ep), args.address, ready=lambda m: print(m, flush=True))
     return 0
+
+
+def _read_keys(path: str) -> list[str]:
+    """API keys from a file, one a line (blank lines and # comments skipped): keys that `ps` does not show."""
+    from rayinfer.config import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            keys = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--api-key-file {path!r}: cannot read it ({e})") from None
+    if not keys:
+        raise ConfigError(f"--api-key-file {path!r} holds no key (one a line)")
+    return keys
 
 
 def _rebalance(args) -> int:
@@ -119,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (repeat for several keys) "
                         "[$RAYINFER_API_KEY, comma-separated; none: open]")
+    s.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read API keys from PATH, one a line (unlike --api-key, not visible in `ps`)")
     s.add_argument("--metrics-need-key", action="store_true", help="/metrics requires an API key too")
     s.add_argument("--disk-cache-dir", default=None,
                    help="keep prompt KV pages in this directory (shared by all ranks; survives restarts)")

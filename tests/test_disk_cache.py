@@ -205,3 +205,24 @@ def test_serve_config_and_cli_carry_the_disk_tier_to_every_role(tmp_path, capsys
     argv = ["serve", "--port", str(free_port()), "--disk-cache-dir", str(blocker / "kv"), "--disk-cache-bytes", "1GiB"]
     assert main(argv) == 2
     assert f"disk_cache_dir '{blocker / 'kv'}' is not a writable directory" in capsys.readouterr().err
+
+
+def test_weights_digest_sees_a_tuned_inner_layer_and_not_the_ranks_expert_share():
+    import torch
+
+    from rayinfer.engine.model_runner import weights_digest
+    from rayinfer.model import load_model
+
+    base = load_model("tiny")
+    digest = weights_digest(base)
+    assert weights_digest(load_model("tiny")) == digest
+    moe_layers = sorted({int(n.split(".")[1]) for n, _ in base.named_parameters() if n.endswith(".experts.w13")})
+    share = load_model("tiny", local_experts={layer: [0, 1] for layer in moe_layers})  # another rank's experts
+    assert weights_digest(share) == digest, "ranks holding other experts must share the disk tier"
+    for name in ("layers.1.self_attn.kv_a_layernorm.weight", "layers.1.mlp.shared_experts.down_proj.weight",
+                 "layers.1.mlp.gate.weight"):
+        tuned = load_model("tiny")
+        with torch.no_grad():
+            p = dict(tuned.named_parameters())[name]
+            p.add_(torch.randn_like(p) * 1e-3)  # what a fine-tune does to an inner layer's tensor
+        assert weights_digest(tuned) != digest, name

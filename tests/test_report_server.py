@@ -110,6 +110,9 @@ def test_report_totals_equal_the_usage_served(server, tmp_path):
     _check(_report("--metrics", str(history), "--plot", str(tmp_path / "day.png")), both)
     assert (tmp_path / "day.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert httpx.get(url + "/metrics/history", params={"since": -1}, timeout=30).status_code == 400
+    for bad in ("nan", "NaN", "inf", "-inf"):
+        r = httpx.get(url + "/metrics/history", params={"since": bad}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "since", (bad, r.text)
 
 
 def test_metrics_are_rayinfers_own_with_meaningful_labels(server):
