@@ -127,6 +127,14 @@ def test_metrics_show_prefill_on_prefill_ranks_and_decode_on_decode_ranks(server
     # timeout can expire on a loaded machine) or a sequence preempted for lack of pages and recomputed.
     assert prefill_on_decode == 0 or failed + preempted > 0
     assert failed <= 2  # the handoff works: at most a couple of the 64+ transfers time out
+    # ...and those failures explain every such token, count for count: each request a decode rank took without
+    # its KV is one failed transfer, and the prompt tokens computed there are at most what those requests and
+    # the preempted sequences hold (prefix-cache hits can make it fewer, nothing can make it more).
+    stats = _rank_stats("decode")
+    assert sum(s["requests_without_kv"] for s in stats) == sum(s["kv_transfers"]["failed"] for s in stats)
+    assert sum(s["num_preemptions"] for s in stats) >= preempted
+    budget = sum(s["recompute_budget_tokens"] for s in stats)
+    assert sum(s["prefill_tokens_computed"] for s in stats) <= budget, (prefill_on_decode, failed, preempted, budget)
     assert _metric_sum(text, "rayinfer_rank_kv_transfers_total", role="decode", outcome="done") >= 64
     for name in ("rayinfer_time_to_first_token_seconds_count", "rayinfer_prompt_tokens_total",
                  "rayinfer_generation_tokens_total", "rayinfer_rank_kv_usage", "rayinfer_ingress_queue_depth"):
