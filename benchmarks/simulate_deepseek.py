@@ -26,7 +26,7 @@ import os
 from dataclasses import replace
 
 from rayinfer.config import ModelConfig, ServeConfig
-from rayinfer.sim.cluster import expert_imbalance
+from rayinfer.sim.roles import expert_imbalance
 from rayinfer.sim.cost import CostModel
 from rayinfer.sim.hardware import PROFILES
 from rayinfer.sim.run import SimOptions, simulate, table, with_target

@@ -62,8 +62,13 @@ def _rescale(cluster: Cluster, spec: Synthetic, window: float, t_prev: float, t_
     cluster.meter.advance(cluster.now)
     for role in cluster.roles.values():
         if role.rc.autoscaling is not None and role.num_gangs:
-            load = cluster.desired_gangs(role, window) / role.num_gangs  # load / target
-            role.num_gangs = cluster.clamp_gangs(role, role.num_gangs * ratio * min(2.0, max(0.5, load)) ** 0.5)
+            n = role.num_gangs
+            load = cluster.desired_gangs(role, window) / n  # load / target
+            new = cluster.clamp_gangs(role, n * ratio * min(2.0, max(0.5, load)) ** 0.5)
+            full = cluster.clamp_gangs(role, n * ratio * load)
+            if new == n and full != n:  # damping must not stall a whole gang away from where the load wants it
+                new = n + (1 if full > n else -1)
+            role.num_gangs = new
 
 
 def simulate(serve: ServeConfig, cfg: ModelConfig, hw: Hardware, workload, opts: SimOptions = SimOptions()) -> dict:
