@@ -4,7 +4,8 @@ Owns the datasheet figures (each with its source), the efficiency factors that t
 achievable kernel speeds (fitted once against the kernels' published figures, `calibration.py`), and
 the loading of a measured CPU profile (JSON written by `benchmarks/simulate_cpu.py`). What crosses it:
 `Hardware` values into the cost model. `hbm_bytes_s` here is the spec (peak) bandwidth; the
-achievable one is `hbm_bytes_s * mem_eff`.
+achievable one is `hbm_bytes_s * mem_eff`. (benchmarks/gpu_check.py's `HBM_BYTES_S` = 4.3e12 for H200 is a
+different figure, an achievable floor for its rows; this module does not replace it.)
 """
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ class Hardware:
 
 
 # GEMM/attention efficiencies fitted in calibration.py on H800 (DeepGEMM README table, FlashMLA README):
-# the same kernels on other Hopper parts are assumed to reach the same fraction of their peaks.
+# the same kernels on other Hopper parts are assumed to reach the same fraction of their peaks. Assumed, not
+# fitted: kernel_overhead_s (CUDA-graph launch), step_overhead_s (host work per step), ll_latency_s (NVSHMEM
+# round trip). Calibrated ONCE on DeepSeek's service (benchmarks/simulate_deepseek.py): layer_overhead_s,
+# the non-GEMM kernels of a layer, on the decode figure of 14.8k output tokens/s per node.
 _HOPPER_EFF = dict(gemm_compute_eff=0.65, gemm_mem_eff=0.65, attn_compute_eff=660 / 989, attn_mem_eff=3000 / 3350,
                    kernel_overhead_s=2e-6, step_overhead_s=1e-3, ll_latency_s=10e-6,
                    layer_overhead_s=100e-6)
