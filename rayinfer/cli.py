@@ -1,6 +1,7 @@
 """Command line: `rayinfer serve` (the OpenAI endpoint), `rayinfer generate` (one offline completion),
-`rayinfer rebalance` (re-place a running server's experts now), `rayinfer plan` (what each rank holds)
-and `rayinfer report` (DeepSeek's daily report of a running server or a metrics dump).
+`rayinfer rebalance` (re-place a running server's experts now), `rayinfer plan` (what each rank holds),
+`rayinfer report` (DeepSeek's daily report of a running server or a metrics dump) and `rayinfer simulate`
+(a deployment in simulated time).
 
 Owns argument parsing and what is printed to the user; all work is delegated to the library.
 """
@@ -115,6 +116,27 @@ def _plan(args) -> int:
     return 0
 
 
+def _simulate(args) -> int:
+    import json
+
+    from rayinfer import report
+    from rayinfer.config import ServeConfig
+    from rayinfer.sim import hardware
+    from rayinfer.sim.run import SimOptions, load_model, simulate, table
+    from rayinfer.sim.workload import load_spec
+
+    overrides = dict(model=args.model)
+    cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
+    hw = hardware.with_price(hardware.load(args.hardware), args.gpu_hour_cost)
+    opts = SimOptions(hours=args.hours, window_s=args.window or 3600.0, warmup_s=args.warmup,
+                      sample_ranks=args.sample_ranks, seed=args.seed)
+    result = simulate(cfg, load_model(cfg.model), hw, load_spec(args.workload), opts)
+    if args.plot:
+        report.plot(result["series"], args.plot, title=f"rayinfer simulate: {args.workload} on {hw.name}")
+    print(json.dumps({k: v for k, v in result.items() if k != "series"}, indent=2) if args.json else table(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rayinfer", description="Serve DeepSeek-V3-architecture MoE models on Ray.")
     sub = ap.add_subparsers(dest="cmd")
@@ -169,13 +191,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--price-output", type=float, default=2.19, help="USD per M output tokens [2.19]")
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node for the per-node figures [8]")
     p.add_argument("--plot", default=None, help="also draw requests, tokens/s and gangs per role into this PNG")
+    sm = sub.add_parser("simulate", help="the whole deployment in simulated time (real scheduler and balancers, "
+                                         "kernel cost model): tokens/s per node, TTFT/TPOT, cost and margin")
+    sm.add_argument("--config", default=None, help="YAML serve config: roles, gangs, limits, autoscaling")
+    sm.add_argument("--model", default=None, help="checkpoint or config directory (config.json suffices), or preset")
+    sm.add_argument("--hardware", default="h800", help="h800 | h100 | h200 | b200, or a JSON profile [h800]")
+    sm.add_argument("--workload", required=True,
+                    help="synthetic spec (YAML file or inline key=value,...) or a JSONL trace")
+    sm.add_argument("--hours", type=float, default=1.0, help="simulated hours [1]")
+    sm.add_argument("--window", type=float, default=None,
+                    help="simulate only this many seconds of each hour and scale (synthetic workloads) [whole hours]")
+    sm.add_argument("--warmup", type=float, default=0.0, help="uncounted seconds before the first hour [0]")
+    sm.add_argument("--sample-ranks", type=int, default=8, help="ranks simulated per gang of a sampled role [8]")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--gpu-hour-cost", type=float, default=None, help="USD per GPU-hour [the profile's]")
+    sm.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    sm.add_argument("--plot", default=None, help="also draw requests, tokens/s and gangs per role into this PNG")
     args = ap.parse_args(argv)
     if args.cmd is None:
         ap.print_help()
         return 2
     try:
         return {"generate": _generate, "serve": _serve, "rebalance": _rebalance, "plan": _plan,
-                "report": _report}[args.cmd](args)
+                "report": _report, "simulate": _simulate}[args.cmd](args)
     except ValueError as e:  # user errors: bad model name, bad config
         print(f"rayinfer: error: {e}", file=sys.stderr)
         return 2
