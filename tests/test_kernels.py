@@ -1,4 +1,6 @@
 """Reference kernels against straightforward formulas."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +118,11 @@ def test_flash_mla_adapter_checks_shapes_and_builds_metadata_once_per_step(monke
     assert "head dims" in mla.flash_mla_preconditions(q[..., :40], cache[..., :40], 32)
     mla_decode(q[..., :40], cache[..., :40], table, lens, 32, 0.1, step_cache={})  # the reference, not the fake
     assert calls["run"] == 3
+
+
+def test_the_triton_interpreter_does_not_leak_out_of_its_tests():
+    """Only the tests that take the `triton_interpreter` fixture run under TRITON_INTERPRET (collecting a Triton test
+    module must not switch it on for the session: probe children and subprocesses inherit it)."""
+    from conftest import TRITON_INTERPRET_AT_START
+
+    assert os.environ.get("TRITON_INTERPRET") == TRITON_INTERPRET_AT_START
