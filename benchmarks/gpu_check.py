@@ -2,7 +2,11 @@
 
 Needs no Ray (the GPU image has none). Every native kernel runs behind its health probe (a child process),
 so a crashing library shows as a disabled backend, not a dead run; every section is guarded, so one
-failure still prints the rest. `--device cpu` is the smoke mode the tests run: same code, small sizes.
+failure still prints the rest. The first section probes every registered backend (FlashMLA, Triton MLA and
+prefill, DeepGEMM dense and grouped, torch's block-scaled FP8 and grouped GEMMs, DeepEP) with its own deadline
+inside one budget, and checks no probe process is left; then the sections time what passed: FlashMLA and
+Triton MLA decode (each autotune config too) against the cache-read floor, the FP8 GEMMs with the scale
+layouts DeepGEMM takes. `--device cpu` is the smoke mode the tests run: same code, small sizes.
 Run (after `python3 -m pip install -q --no-deps --no-build-isolation -e .`, from outside the repo root):
   PYTHONUNBUFFERED=1 python3 /path/to/benchmarks/gpu_check.py [--device cuda|cpu] [--budget-s 360]
 DeepGEMM / FlashMLA are picked up when importable (see shared/gpu/README.md for building them).
@@ -21,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V3_CONFIG = os.path.join(ROOT, "tests", "fixtures", "deepseek_v3")
 SERVE_EXAMPLE = os.path.join(ROOT, "examples", "serve_config.yaml")
 ROWS: list[tuple[str, str, str]] = []  # (check, result, verdict)
-HBM_BYTES_S = 4.3e12  # H200
+os.environ.setdefault("RAYINFER_PROBE_BUDGET_S", "240")  # all probes together, before kernels.probe reads it
 
 
 def _row(check: str, result: str, ok: bool | None) -> None:
@@ -115,6 +119,58 @@ def _fp8_operands(m: int, n: int, k: int, dev: str, groups: int | None = None):
     return x, torch.stack([a for a, _ in q]), torch.stack([b for _, b in q]), deq
 
 
+def probes(dev: str, smoke: bool) -> None:
+    """Every registered backend's probe on the GPU (smoke mode: one, to exercise the machinery): verdict, time."""
+    from rayinfer.kernels import probe
+
+    # What the decode and prefill paths need first: DeepGEMM (JIT, slow, known to crash there) last, so a budget
+    # spent on it never costs the others their verdict.
+    first = ["flash_mla", "triton_mla", "triton_prefill", "grouped_mm", "scaled_mm", "deep_ep"]
+    names = [n for n in first if n in probe._PROBES] + [n for n in probe._PROBES if n not in first]
+    names = names if not smoke else ["scaled_mm"]
+    t_all = time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        ok = probe.healthy(name)
+        why = probe.verdicts()[name][1]
+        _row(f"probe {name}", f"{'passed' if ok else 'disabled: ' + why[:140]} ({time.perf_counter() - t0:.1f}s)",
+             None)
+    spent = time.perf_counter() - t_all
+    _row("probes: total time", f"{spent:.0f}s for {len(names)} (budget {probe.BUDGET_S:.0f}s)",
+         spent <= probe.BUDGET_S + 10)
+    left = _children(os.getpid())
+    _row("probes: processes left", f"{len(left)} children of this process {left[:5]}", not left)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(entry))
+    return kids
+
+
+def fp8_layouts(dev: str, smoke: bool) -> None:
+    """The activation-scale layouts handed to DeepGEMM, built on this device: dense [M, K/128] and the masked
+    grouped GEMM's [G, m, K/128], each MN-major with 16-byte-aligned M strides (what act_scale_layout_ok asks)."""
+    from rayinfer.kernels import fp8, fp8_native
+
+    g, m, k = 4, 37, 7168 if not smoke else 512
+    _, xs = fp8.quantize_act_groups(torch.randn(g * m, k, device=dev))
+    dense = fp8_native.mn_major_tma_aligned(xs)
+    grouped = fp8_native.mn_major_tma_aligned(xs.view(g, m, -1))
+    whys = [fp8_native.act_scale_layout_ok(dense, g * m, k), fp8_native.act_scale_layout_ok(grouped, m, k, groups=g)]
+    same = torch.equal(dense, xs) and torch.equal(grouped, xs.view(g, m, -1))
+    _row("fp8 scale layouts (dense, masked grouped)", f"strides {dense.stride()} and {grouped.stride()}: "
+         + ("; ".join(w for w in whys if w) or "as DeepGEMM takes them"), same and not any(whys))
+
+
 def fp8_gemms(dev: str, smoke: bool) -> None:
     """Each FP8 backend found, on a DeepSeek-V3 expert shape, vs the bf16 product of the dequantised weights."""
     from rayinfer.kernels import fp8, probe
@@ -134,7 +190,7 @@ def fp8_gemms(dev: str, smoke: bool) -> None:
                 return torch.nn.functional.linear(x, fp8.dequantize_weight_blocks(wq[0], ws[0], x.dtype))
             return fp8._NATIVE[name][1](*fp8.quantize_act_groups(x), wq[0], ws[0])
 
-        err = ((run().float() - want).norm() / want.norm()).item()
+        err = probe.rel_err(run(), want)
         secs = _seconds(run, dev)
         _row(f"fp8 linear {name}", f"M{m} N{n} K{k}: rel err {err:.1e}, {2 * m * n * k / secs / 1e12:.3g} TFLOP/s",
              err < 3e-2)
@@ -144,7 +200,7 @@ def fp8_gemms(dev: str, smoke: bool) -> None:
     want = torch.cat([(x[i * per:(i + 1) * per] @ deq[i].t()).float() for i in range(e)])
     for label, fn in (("contiguous", lambda: fp8.grouped_linear(x, counts, wq, ws)),
                       ("masked", lambda: fp8.grouped_linear_masked(x.view(e, per, k), counts, wq, ws).view(-1, n))):
-        err = ((fn().float() - want).norm() / want.norm()).item()
+        err = probe.rel_err(fn(), want)
         secs = _seconds(fn, dev)
         used = "deep_gemm" if probe.verdicts().get("deep_gemm_grouped", (False,))[0] else \
             f"per-slot {fp8.linear_backend(x[:per], wq[0], ws[0])}"
@@ -152,29 +208,62 @@ def fp8_gemms(dev: str, smoke: bool) -> None:
              f"{2 * e * per * n * k / secs / 1e12:.3g} TFLOP/s", err < 3e-2)
 
 
-def flash_mla(dev: str, smoke: bool) -> None:
-    from rayinfer.kernels import backends, mla, probe
+def mla_decode_kernels(dev: str, smoke: bool) -> None:
+    """FlashMLA and the Triton MLA kernel: enabled or why not, and timed on a V3 decode shape against the floor of
+    reading the cache once, beside the reference path; Triton's every autotune config timed too."""
+    from _h200 import HBM_BYTES_S
 
-    if not backends.installed("flash_mla"):
-        _row("flash_mla vs reference", "not installed (or no Hopper GPU)", None)
+    from rayinfer.kernels import PAGE_SIZE, backends, mla, probe
+
+    b, h, length = (2, 16, 128) if smoke else (64, 128, 4096)
+    pages = b * length // PAGE_SIZE
+    g = torch.Generator(device=dev).manual_seed(3)
+    cache = torch.randn(pages, PAGE_SIZE, 576, device=dev, generator=g).bfloat16()
+    table = torch.arange(pages, device=dev, dtype=torch.int32).view(b, -1)
+    q = torch.randn(b, 1, h, 576, device=dev, generator=g).bfloat16()
+    lens = torch.full((b,), length, device=dev, dtype=torch.int32)
+    floor = cache.numel() * 2 / HBM_BYTES_S
+    want = mla.reference_decode(q, cache, table, lens, 512, 0.07)
+    ref_s = _seconds(lambda: mla.reference_decode(q, cache, table, lens, 512, 0.07), dev)
+    shape = f"B{b} h{h} len {length}"
+    _row("mla decode reference", f"{shape}: {ref_s * 1e6:.0f} us, {floor * 1e6:.0f} us floor ({ref_s / floor:.1f}x)",
+         None)
+    runs = {}
+    if smoke:
+        for name in ("flash_mla", "triton_mla"):
+            _row(f"{name} decode", "not run: needs CUDA (CPU tests run the Triton kernel under the interpreter)", None)
         return
-    ok = probe.healthy("flash_mla")
-    _row("flash_mla vs reference", "probe passed (rel err < 2e-2 on a paged batch)" if ok else
-         f"disabled: {probe.verdicts()['flash_mla'][1]}", ok)
-    if ok:
-        b, h, length = 64, 128, 4096
-        pages = b * length // mla.PAGE_SIZE
-        cache = torch.randn(pages, mla.PAGE_SIZE, 576, device=dev).bfloat16()
-        table = torch.arange(pages, device=dev, dtype=torch.int32).view(b, -1)
-        q = torch.randn(b, 1, h, 576, device=dev).bfloat16()
-        lens = torch.full((b,), length, device=dev, dtype=torch.int32)
-        secs = _seconds(lambda: mla.mla_decode(q, cache, table, lens, 512, 0.07, step_cache={}), dev)
-        _row("flash_mla decode timing", f"B{b} h{h} len {length}: {secs * 1e6:.0f} us, "
-             f"{cache.numel() * 2 / secs / 1e9:.0f} GB/s of cache read", None)
+    if backends.installed("flash_mla"):
+        why = mla.flash_mla_api_mismatch(backends.module("flash_mla"))
+        _row("flash_mla signatures", why or "take the adapter's calls (upstream main or older)", why is None)
+        if probe.healthy("flash_mla"):
+            runs["flash_mla"] = lambda: mla._flash_mla(q, cache, table, lens, 512, 0.07, True, {})
+    if not runs:
+        _row("flash_mla decode", "not run: " + probe.verdicts().get("flash_mla", (0, "not installed"))[1][:140], None)
+    if mla.triton_usable():
+        from rayinfer.kernels import triton_mla
+
+        runs["triton_mla (autotuned)"] = lambda: triton_mla.mla_decode_triton(q, cache, table, lens, 512, 0.07)
+        for c in triton_mla.CONFIGS:
+            runs[f"triton_mla {c.kwargs['BLOCK_N']}tok/{c.num_warps}w/{c.num_stages}s"] = \
+                lambda c=c: triton_mla.mla_decode_triton(q, cache, table, lens, 512, 0.07, config=c)
+    else:
+        _row("triton_mla decode", "not run: " + probe.verdicts().get("triton_mla", (0, "Triton not installed"))[1][:140],
+             None)
+    for name, fn in runs.items():
+        err = probe.rel_err(fn(), want)
+        secs = _seconds(fn, dev)
+        _row(f"{name} decode", f"{shape}: {secs * 1e6:.0f} us ({cache.numel() * 2 / secs / 1e9:.0f} GB/s, "
+             f"{secs / floor:.1f}x floor, {ref_s / secs:.1f}x faster than the reference); rel err {err:.1e}",
+             err < 2e-2)
+    chosen = mla.decode_backend(q, cache, 512)
+    _row("mla decode backend chosen", chosen, None)
 
 
 def prefill_attention(dev: str, smoke: bool) -> None:
     """Varlen causal prefill attention on a mid-config shape vs its floor and vs the padded-V SDPA it replaces."""
+    from _h200 import BF16_FLOP_S, HBM_BYTES_S
+
     from rayinfer.kernels import prefill, probe
 
     b, n, h, dqk, dv = (3, 40, 2, 48, 32) if smoke else (16, 512, 16, 192, 128)
@@ -190,13 +279,13 @@ def prefill_attention(dev: str, smoke: bool) -> None:
     meta = prefill.Varlen.build([n] * b, [n] * b, torch.device(dev), with_blocks=backend == "triton")
     got = prefill.varlen_prefill(q, k, v, meta, dqk ** -0.5, backend=backend).float()
     want = prefill.reference(q.float(), k.float(), v.float(), meta, dqk ** -0.5)
-    err = ((got - want).norm() / want.norm()).item()
+    err = probe.rel_err(got, want)
     secs = _seconds(lambda: prefill.varlen_prefill(q, k, v, meta, dqk ** -0.5, backend=backend), dev)
     qb, kb = (t.view(b, n, h, dqk).transpose(1, 2) for t in (q, k))
     vb = torch.nn.functional.pad(v, (0, dqk - dv)).view(b, n, h, dqk).transpose(1, 2)
     sdpa = _seconds(lambda: torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True), dev)
     flops = b * h * n * (n + 1) / 2 * 2 * (dqk + dv)
-    floor = max(flops / 989e12, b * n * h * (2 * dqk + 2 * dv) * q.element_size() / HBM_BYTES_S)  # H200 bf16 peak
+    floor = max(flops / BF16_FLOP_S, b * n * h * (2 * dqk + 2 * dv) * q.element_size() / HBM_BYTES_S)
     _row(f"prefill attention {backend} varlen", f"{b} x {n}, h{h}, qk{dqk}/v{dv}, {str(dtype)[6:]}: "
          f"{secs * 1e6:.0f} us ({flops / secs / 1e12:.3g} TFLOP/s); floor {floor * 1e6:.0f} us, ratio "
          f"{secs / floor:.1f}x; SDPA padded-V {sdpa * 1e6:.0f} us; rel err {err:.1e}", err < 2e-2)
@@ -244,7 +333,8 @@ def mid_decode(dev: str, smoke: bool) -> None:
         _row(check, result, None)
 
 
-SECTIONS = [parity, greedy, sampling, fp8_gemms, flash_mla, prefill_attention, plan_v3, timings, mid_decode]
+SECTIONS = [probes, parity, greedy, sampling, fp8_layouts, fp8_gemms, mla_decode_kernels, prefill_attention, plan_v3,
+            timings, mid_decode]
 
 
 def main() -> int:

@@ -151,8 +151,38 @@ def check_against_reference(name: str, got: torch.Tensor, q, cache, table, seqle
     probe.check_close(got, reference_decode(q.float(), cache.float(), table, seqlens, dv, scale), name)
 
 
+# How `_flash_mla` calls FlashMLA: these positionally, then softmax_scale and causal by keyword.
+FLASH_MLA_POSITIONAL = ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v", "tile_scheduler_metadata",
+                        "num_splits")
+
+
+def flash_mla_api_mismatch(fm) -> str | None:
+    """Why the installed FlashMLA's Python signatures do not take the calls `_flash_mla` makes, or None."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fm.flash_mla_with_kvcache).parameters.values())
+        meta = list(inspect.signature(fm.get_mla_metadata).parameters.values())
+    except (AttributeError, TypeError, ValueError) as e:
+        return f"FlashMLA has no inspectable get_mla_metadata / flash_mla_with_kvcache: {e}"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < len(FLASH_MLA_POSITIONAL):
+        return f"flash_mla_with_kvcache takes {len(positional)} positional arguments, not {len(FLASH_MLA_POSITIONAL)}"
+    names = {p.name for p in params}
+    if not {"softmax_scale", "causal"} <= names and not any(p.kind == p.VAR_KEYWORD for p in params):
+        return f"flash_mla_with_kvcache takes no softmax_scale / causal keyword: {sorted(names)}"
+    takes = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in meta)
+    if takes < 3 and not any(p.kind == p.VAR_POSITIONAL for p in meta):
+        return f"get_mla_metadata takes {takes} positional arguments, not (cache_seqlens, q rows, kv heads)"
+    return None
+
+
 def probe_flash_mla() -> None:
-    """Health probe (run in a child by kernels.probe): FlashMLA against the reference on a small paged batch."""
+    """Health probe (run in a child by kernels.probe): FlashMLA's signatures, then FlashMLA against the reference on
+    a small paged batch."""
+    why = flash_mla_api_mismatch(backends.module("flash_mla"))
+    if why is not None:
+        raise SystemExit(why)
     q, cache, table, seqlens = probe_batch()
     got = _flash_mla(q, cache, table, seqlens, FLASH_MLA_DV, 0.07, True, {})
     check_against_reference("flash_mla", got, q, cache, table, seqlens, FLASH_MLA_DV, 0.07)
