@@ -83,6 +83,7 @@ def ok():
 
 def nest():  # a probe whose reference would pick a backend: it asks for another probe's verdict
     from rayinfer.kernels import probe
+    probe.register("t_inner", "fake_backend:ok")  # known to the child's registry: only the child rule stops it
     with open(os.environ["FAKE_PROBE_LOG"], "a") as f:
         f.write(f"nested verdict {probe.healthy('t_inner')}\\n")
 

@@ -66,7 +66,10 @@ def test_each_probe_has_its_own_deadline_and_the_total_is_bounded(fake_probes, m
 def test_a_killed_probe_leaves_no_process(fake_probes):
     reg, log = fake_probes
     reg("t_orphans", "spawn_and_hang", deadline_s=3.0)
+    t0 = time.monotonic()
     assert probe.healthy("t_orphans") is False
+    # Killing the child alone would leave the grandchild holding its pipes: the probe would wait for it (60 s).
+    assert time.monotonic() - t0 < 3.0 + 4.0
     child, grandchild = map(int, log.read_text().split())
     deadline = time.monotonic() + 5
     while not (_gone(child) and _gone(grandchild)) and time.monotonic() < deadline:
