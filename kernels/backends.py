@@ -44,7 +44,7 @@ def triton_installed(kernel: str) -> bool:
 
 
 def triton_interpreting() -> bool:
-    """Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: how the Triton kernels are tested without a GPU)."""
+    """Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: how Triton kernels are tested without a GPU)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -71,7 +71,8 @@ def _decode_ops(model: DeepseekV3, seqs: int, backend: str | None, monkeypatch) 
 
 def test_decode_forward_has_no_host_sync_and_fixed_launches(monkeypatch):
     model8, model16 = _model(8), _model(16)
-    logs = {(e, b): _decode_ops(m, b, "grouped_mm", monkeypatch) for e, m in ((8, model8), (16, model16)) for b in (2, 8)}
+    logs = {(e, b): _decode_ops(m, b, "grouped_mm", monkeypatch)
+            for e, m in ((8, model8), (16, model16)) for b in (2, 8)}
     logs[(16, 16)] = _decode_ops(model16, 16, "grouped_mm", monkeypatch)
     for key, log in logs.items():
         syncing = log.syncs()

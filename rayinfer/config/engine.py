@@ -51,7 +51,8 @@ class CacheConfig:
     disk_cache_bytes: int = 64 * 2**30  # the tier's budget; least recently used pages go first
 
     def __post_init__(self):
-        check_field(self.block_size == PAGE_SIZE, "block_size", self.block_size, f"the MLA cache uses {PAGE_SIZE}-token pages")
+        check_field(self.block_size == PAGE_SIZE, "block_size", self.block_size,
+                    f"the MLA cache uses {PAGE_SIZE}-token pages")
         if self.kv_cache_tokens is not None:
             _positive_int("kv_cache_tokens", self.kv_cache_tokens)
         _positive_int("kv_cache_memory", self.kv_cache_memory)
