@@ -14,9 +14,10 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _h200 import HBM_BYTES_S
 from rayinfer.config import ModelConfig
 from rayinfer.engine.cuda_graphs import NOT_CAPTURABLE
-from rayinfer.kernels.mla import PAGE_SIZE
+from rayinfer.kernels import PAGE_SIZE, probe
 from rayinfer.model import DeepseekV3, ForwardBatch
 from rayinfer.model.build import weight_bytes
 from rayinfer.model.presets import PRESETS
@@ -25,7 +26,6 @@ MID = dict(vocab_size=32000, hidden_size=2048, intermediate_size=10944, moe_inte
            num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=64, num_experts_per_tok=6, n_group=8,
            topk_group=4, n_shared_experts=2, q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,
            qk_nope_head_dim=128, v_head_dim=128, num_attention_heads=16, num_nextn_predict_layers=0)
-HBM_BYTES_S = 4.3e12  # H200
 
 
 class _Ops(TorchDispatchMode):
@@ -145,7 +145,7 @@ def decode_rows(dev: str, smoke: bool) -> list[tuple[str, str]]:
                 rows.append((f"decode step, {b} seqs, graphs ({name})", f"eager only: {reason}"))
             else:
                 g_s = _timed(graphed, steps, cuda)
-                err = ((graphed(steps).float() - want.float()).norm() / want.float().norm()).item()
+                err = probe.rel_err(graphed(steps), want)
                 rows.append((f"decode step, {b} seqs, graphs ({name})",
                              f"{g_s * 1e3:.2f} ms ({b / g_s:,.0f} tok/s); ratio {g_s / floor:.1f}x; "
                              f"{step_s / g_s:.2f}x eager; kernels {_launches(lambda: graphed(steps), cuda)}; "

@@ -2,7 +2,11 @@
 
 Needs no Ray (the GPU image has none). Every native kernel runs behind its health probe (a child process),
 so a crashing library shows as a disabled backend, not a dead run; every section is guarded, so one
-failure still prints the rest. `--device cpu` is the smoke mode the tests run: same code, small sizes.
+failure still prints the rest. The first section probes every registered backend (FlashMLA, Triton MLA and
+prefill, DeepGEMM dense and grouped, torch's block-scaled FP8 and grouped GEMMs, DeepEP) with its own deadline
+inside one budget, and checks no probe process is left; then the sections time what passed: FlashMLA and
+Triton MLA decode (each autotune config too) against the cache-read floor, the FP8 GEMMs with the scale
+layouts DeepGEMM takes. `--device cpu` is the smoke mode the tests run: same code, small sizes.
 Run (after `python3 -m pip install -q --no-deps --no-build-isolation -e .`, from outside the repo root):
   PYTHONUNBUFFERED=1 python3 /path/to/benchmarks/gpu_check.py [--device cuda|cpu] [--budget-s 360]
 DeepGEMM / FlashMLA are picked up when importable (see shared/gpu/README.md for building them).
@@ -17,32 +21,20 @@ import time
 
 import torch
 
+os.environ.setdefault("RAYINFER_PROBE_BUDGET_S", "240")  # all probes together, before kernels.probe reads it
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sections' modules beside this script
+import _kernel_checks as kc  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V3_CONFIG = os.path.join(ROOT, "tests", "fixtures", "deepseek_v3")
 SERVE_EXAMPLE = os.path.join(ROOT, "examples", "serve_config.yaml")
 ROWS: list[tuple[str, str, str]] = []  # (check, result, verdict)
-HBM_BYTES_S = 4.3e12  # H200
 
 
 def _row(check: str, result: str, ok: bool | None) -> None:
     verdict = "-" if ok is None else "PASS" if ok else "FAIL"
     ROWS.append((check, result, verdict))
     print(f"[gpu_check] {check}: {result} [{verdict}]", flush=True)
-
-
-def _sync(dev: str) -> None:
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _seconds(fn, dev: str, repeats: int = 3) -> float:
-    fn()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(dev)
-    return (time.perf_counter() - t0) / repeats
 
 
 def parity(dev: str, smoke: bool) -> None:
@@ -104,104 +96,6 @@ def sampling(dev: str, smoke: bool) -> None:
          "across batch orders", a == b)
 
 
-def _fp8_operands(m: int, n: int, k: int, dev: str, groups: int | None = None):
-    from rayinfer.kernels import fp8
-
-    g = torch.Generator(device=dev).manual_seed(2)
-    ws = [torch.randn(n, k, device=dev, generator=g) * k ** -0.5 for _ in range(groups or 1)]
-    q = [fp8.quantize_weight_blocks(w) for w in ws]
-    x = torch.randn(m, k, device=dev, generator=g).bfloat16()
-    deq = [fp8.dequantize_weight_blocks(a, b, torch.bfloat16) for a, b in q]
-    return x, torch.stack([a for a, _ in q]), torch.stack([b for _, b in q]), deq
-
-
-def fp8_gemms(dev: str, smoke: bool) -> None:
-    """Each FP8 backend found, on a DeepSeek-V3 expert shape, vs the bf16 product of the dequantised weights."""
-    from rayinfer.kernels import fp8, probe
-
-    m, n, k = (64, 256, 512) if smoke else (4096, 4096, 7168)
-    x, wq, ws, deq = _fp8_operands(m, n, k, dev)
-    want = (x @ deq[0].t()).float()
-    for name in ["reference", *fp8.native_backends(x)]:
-        if name != "reference":
-            why = fp8._NATIVE[name][0](x, wq[0], ws[0])
-            if why is not None or not probe.healthy(name):
-                _row(f"fp8 linear {name}", why or f"disabled: {probe.verdicts()[name][1]}", None)
-                continue
-
-        def run(name=name):
-            if name == "reference":
-                return torch.nn.functional.linear(x, fp8.dequantize_weight_blocks(wq[0], ws[0], x.dtype))
-            return fp8._NATIVE[name][1](*fp8.quantize_act_groups(x), wq[0], ws[0])
-
-        err = ((run().float() - want).norm() / want.norm()).item()
-        secs = _seconds(run, dev)
-        _row(f"fp8 linear {name}", f"M{m} N{n} K{k}: rel err {err:.1e}, {2 * m * n * k / secs / 1e12:.3g} TFLOP/s",
-             err < 3e-2)
-    e, per = (2, 16) if smoke else (8, 512)
-    x, wq, ws, deq = _fp8_operands(e * per, n, k, dev, groups=e)
-    counts = [per] * e
-    want = torch.cat([(x[i * per:(i + 1) * per] @ deq[i].t()).float() for i in range(e)])
-    for label, fn in (("contiguous", lambda: fp8.grouped_linear(x, counts, wq, ws)),
-                      ("masked", lambda: fp8.grouped_linear_masked(x.view(e, per, k), counts, wq, ws).view(-1, n))):
-        err = ((fn().float() - want).norm() / want.norm()).item()
-        secs = _seconds(fn, dev)
-        used = "deep_gemm" if probe.verdicts().get("deep_gemm_grouped", (False,))[0] else \
-            f"per-slot {fp8.linear_backend(x[:per], wq[0], ws[0])}"
-        _row(f"fp8 grouped {label}", f"{e}x{per} rows via {used}: rel err {err:.1e}, "
-             f"{2 * e * per * n * k / secs / 1e12:.3g} TFLOP/s", err < 3e-2)
-
-
-def flash_mla(dev: str, smoke: bool) -> None:
-    from rayinfer.kernels import backends, mla, probe
-
-    if not backends.installed("flash_mla"):
-        _row("flash_mla vs reference", "not installed (or no Hopper GPU)", None)
-        return
-    ok = probe.healthy("flash_mla")
-    _row("flash_mla vs reference", "probe passed (rel err < 2e-2 on a paged batch)" if ok else
-         f"disabled: {probe.verdicts()['flash_mla'][1]}", ok)
-    if ok:
-        b, h, length = 64, 128, 4096
-        pages = b * length // mla.PAGE_SIZE
-        cache = torch.randn(pages, mla.PAGE_SIZE, 576, device=dev).bfloat16()
-        table = torch.arange(pages, device=dev, dtype=torch.int32).view(b, -1)
-        q = torch.randn(b, 1, h, 576, device=dev).bfloat16()
-        lens = torch.full((b,), length, device=dev, dtype=torch.int32)
-        secs = _seconds(lambda: mla.mla_decode(q, cache, table, lens, 512, 0.07, step_cache={}), dev)
-        _row("flash_mla decode timing", f"B{b} h{h} len {length}: {secs * 1e6:.0f} us, "
-             f"{cache.numel() * 2 / secs / 1e9:.0f} GB/s of cache read", None)
-
-
-def prefill_attention(dev: str, smoke: bool) -> None:
-    """Varlen causal prefill attention on a mid-config shape vs its floor and vs the padded-V SDPA it replaces."""
-    from rayinfer.kernels import prefill, probe
-
-    b, n, h, dqk, dv = (3, 40, 2, 48, 32) if smoke else (16, 512, 16, 192, 128)
-    backend = "torch" if smoke else prefill.default_backend(torch.device(dev))
-    if backend is None:
-        why = probe.verdicts().get("triton_prefill", (False, "needs CUDA and an importable, enabled Triton"))[1]
-        _row("prefill attention triton varlen", f"not run: {why}", None)
-        return
-    g = torch.Generator(device=dev).manual_seed(5)
-    dtype = torch.float32 if smoke else torch.bfloat16
-    q, k = (torch.randn(b * n, h, dqk, device=dev, generator=g).to(dtype) for _ in range(2))
-    v = torch.randn(b * n, h, dv, device=dev, generator=g).to(dtype)
-    meta = prefill.Varlen.build([n] * b, [n] * b, torch.device(dev), with_blocks=backend == "triton")
-    got = prefill.varlen_prefill(q, k, v, meta, dqk ** -0.5, backend=backend).float()
-    want = prefill.reference(q.float(), k.float(), v.float(), meta, dqk ** -0.5)
-    err = ((got - want).norm() / want.norm()).item()
-    secs = _seconds(lambda: prefill.varlen_prefill(q, k, v, meta, dqk ** -0.5, backend=backend), dev)
-    qb, kb = (t.view(b, n, h, dqk).transpose(1, 2) for t in (q, k))
-    vb = torch.nn.functional.pad(v, (0, dqk - dv)).view(b, n, h, dqk).transpose(1, 2)
-    sdpa = _seconds(lambda: torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True), dev)
-    flops = b * h * n * (n + 1) / 2 * 2 * (dqk + dv)
-    floor = max(flops / 989e12, b * n * h * (2 * dqk + 2 * dv) * q.element_size() / HBM_BYTES_S)  # H200 bf16 peak
-    _row(f"prefill attention {backend} varlen", f"{b} x {n}, h{h}, qk{dqk}/v{dv}, {str(dtype)[6:]}: "
-         f"{secs * 1e6:.0f} us ({flops / secs / 1e12:.3g} TFLOP/s); floor {floor * 1e6:.0f} us, ratio "
-         f"{secs / floor:.1f}x; SDPA padded-V {sdpa * 1e6:.0f} us; rel err {err:.1e}", err < 2e-2)
-
-
 def plan_v3(dev: str, smoke: bool) -> None:
     from rayinfer.config import ServeConfig
     from rayinfer.plan import plan
@@ -221,7 +115,7 @@ def timings(dev: str, smoke: bool) -> None:
     model = load_model(preset, dtype, dev)
     ids = torch.randint(5, 250, (1, 32) if smoke else (8, 512), device=dev)
     with torch.no_grad():
-        secs = _seconds(lambda: model(ids), dev)
+        secs = kc.seconds(lambda: model(ids), dev)
     _row(f"prefill forward ({preset})", f"{ids.numel()} tokens in {secs * 1e3:.1f} ms: {ids.numel() / secs:,.0f} tok/s",
          None)
     llm = LLM(preset, device=dev, dtype=str(dtype).replace("torch.", ""))
@@ -244,7 +138,17 @@ def mid_decode(dev: str, smoke: bool) -> None:
         _row(check, result, None)
 
 
-SECTIONS = [parity, greedy, sampling, fp8_gemms, flash_mla, prefill_attention, plan_v3, timings, mid_decode]
+def _rows(gen):
+    """A gpu_check section from a kernel-check generator: each row printed as it comes."""
+    def section(dev: str, smoke: bool) -> None:
+        for check, result, ok in gen(dev, smoke):
+            _row(check, result, ok)
+    section.__name__ = gen.__name__
+    return section
+
+
+SECTIONS = [_rows(kc.probes), parity, greedy, sampling, _rows(kc.fp8_layouts), _rows(kc.fp8_gemms),
+            _rows(kc.mla_decode_kernels), _rows(kc.prefill_attention), plan_v3, timings, mid_decode]
 
 
 def main() -> int:
@@ -253,7 +157,6 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=360.0, help="skip sections that would start after this")
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     smoke = not args.device.startswith("cuda")
     if not smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run with --device cpu for the smoke mode", file=sys.stderr)

@@ -37,6 +37,17 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+@functools.cache
+def triton_installed(kernel: str) -> bool:
+    """Triton is importable and the Triton kernel `kernel` (a RAYINFER_DISABLE_BACKENDS name) is not switched off."""
+    return kernel not in _DISABLE and importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: how Triton kernels are tested without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def usable(name: str, *tensors: torch.Tensor) -> bool:
     """On CUDA tensors, installed, and its health probe (run once per process, in a child) passed."""
     from rayinfer.kernels import probe

@@ -156,14 +156,25 @@ def _unpack(buf: torch.Tensor, hidden: int, dtype: torch.dtype, meta_cols: int, 
 
 
 def make_dispatcher(group, rank: int, world: int, slots_per_rank: int, hidden: int, device: str,
-                    low_latency: bool = False, fp8_payload: bool = False):
-    """The best dispatcher available here: DeepEP on Hopper when installed, else torch all-to-all."""
-    from rayinfer.kernels import backends
-
+                    max_step_tokens: int, low_latency_tokens: int = 0, topk: int = 8, fp8_payload: bool = False):
+    """The best dispatcher available here: DeepEP on Hopper when installed and healthy on every rank of the gang,
+    else torch all-to-all. `max_step_tokens`: the most tokens a step of this rank may dispatch (re-prefills on a
+    decode rank included); `low_latency_tokens`: a decode step's size, what DeepEP's low-latency mode is sized for
+    (0: not a decode rank). Collective on CUDA: every rank must make the same choice."""
     if world == 1:
         return LocalDispatcher()
-    if device.startswith("cuda") and backends.module("deep_ep") is not None:
+    if device.startswith("cuda") and _deep_ep_on_every_rank(group, device):
         from rayinfer.kernels.deepep import DeepEPDispatcher
 
-        return DeepEPDispatcher(group, slots_per_rank * world, hidden, low_latency)
+        return DeepEPDispatcher(group, slots_per_rank * world, hidden, max_step_tokens, low_latency_tokens, topk)
     return AllToAllDispatcher(group, rank, world, slots_per_rank, fp8_payload)
+
+
+def _deep_ep_on_every_rank(group, device: str) -> bool:
+    """Whether DeepEP is installed and passed its probe on every rank: one rank on all-to-all and another on DeepEP
+    would wait for each other forever."""
+    from rayinfer.kernels import backends
+
+    here = torch.tensor([float(backends.installed("deep_ep") and backends.usable("deep_ep"))], device=device)
+    dist.all_reduce(here, op=dist.ReduceOp.MIN, group=group)
+    return bool(here.item())

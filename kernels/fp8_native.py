@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rayinfer.kernels import backends
+from rayinfer.kernels import backends, probe
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -20,14 +20,16 @@ MAX_ELEMS = 2**31 - 1  # 32-bit indexing in both libraries
 
 
 def mn_major_tma_aligned(xs: torch.Tensor) -> torch.Tensor:
-    """Activation scales [M, G] -> the same values column-major with the M stride padded to 16 bytes,
-    the layout DeepGEMM's TMA loads need (built here: DeepGEMM's own helper segfaulted on the H200 image)."""
-    m, g = xs.shape
+    """Activation scales [M, G] (or [B, M, G], one such matrix per group) -> the same values column-major with the
+    M stride padded to 16 bytes, the layout DeepGEMM's TMA loads need, built in place: no copy lands them in another
+    layout (built here: DeepGEMM's own helper segfaulted on the H200 image). A batch is one buffer [B, G, M'] seen
+    as [B, M, G]: `torch.stack` of 2-D results would copy them back to row-major (K-major) strides."""
+    *lead, m, g = xs.shape
     step = TMA_ALIGN_BYTES // xs.element_size()
     aligned = -(-m // step) * step
-    buf = torch.empty(g, aligned, dtype=xs.dtype, device=xs.device)
-    buf[:, :m] = xs.t()
-    return buf[:, :m].t()
+    buf = torch.empty(*lead, g, aligned, dtype=xs.dtype, device=xs.device)
+    buf[..., :m] = xs.transpose(-1, -2)
+    return buf[..., :m].transpose(-1, -2)
 
 
 def _common(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, n_multiple: int, n_why: str) -> str | None:
@@ -68,12 +70,17 @@ def scaled_mm_preconditions(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -
     return why
 
 
-def act_scale_layout_ok(xs: torch.Tensor, m: int, k: int) -> str | None:
-    """The activation scales DeepGEMM gets: fp32 [M, K/128], MN-major, M stride 16-byte aligned."""
-    if xs.dtype != torch.float32 or tuple(xs.shape) != (m, k // BLOCK):
-        return f"activation scales {xs.dtype} {tuple(xs.shape)} are not fp32 {(m, k // BLOCK)}"
-    if xs.stride(0) != 1 or (xs.stride(1) * xs.element_size()) % TMA_ALIGN_BYTES or xs.stride(1) < m:
+def act_scale_layout_ok(xs: torch.Tensor, m: int, k: int, groups: int | None = None) -> str | None:
+    """The activation scales DeepGEMM gets: fp32 [M, K/128] (or [groups, M, K/128] for the masked grouped GEMM),
+    each matrix MN-major with a 16-byte-aligned M stride, the groups' matrices apart from each other."""
+    want = (m, k // BLOCK) if groups is None else (groups, m, k // BLOCK)
+    if xs.dtype != torch.float32 or tuple(xs.shape) != want:
+        return f"activation scales {xs.dtype} {tuple(xs.shape)} are not fp32 {want}"
+    s_m, s_k = xs.stride(-2), xs.stride(-1)
+    if s_m != 1 or (s_k * xs.element_size()) % TMA_ALIGN_BYTES or s_k < m:
         return f"activation scales have strides {xs.stride()}, not MN-major with a 16-byte-aligned M stride"
+    if groups is not None and groups > 1 and xs.stride(0) < s_k * (k // BLOCK):
+        return f"activation scales have strides {xs.stride()}: the groups' matrices overlap"
     return None
 
 
@@ -120,7 +127,9 @@ def deep_gemm_grouped_masked(xq, xs, masked_m: torch.Tensor, expected_m: int, w,
     """xq [G, m, K] with the first masked_m[g] rows of group g valid -> [G, m, N] (decode's layout)."""
     g, m, k = xq.shape
     out = torch.empty(g, m, w.shape[1], dtype=torch.bfloat16, device=xq.device)
-    xs_t = torch.stack([mn_major_tma_aligned(xs[i]) for i in range(g)]) if g else xs
+    xs_t = mn_major_tma_aligned(xs)
+    why = act_scale_layout_ok(xs_t, m, k, groups=g)
+    assert why is None, why
     backends.module("deep_gemm").m_grouped_fp8_gemm_nt_masked((xq, xs_t), (w, s), out, masked_m.to(torch.int32),
                                                               expected_m)
     return out
@@ -129,13 +138,13 @@ def deep_gemm_grouped_masked(xq, xs, masked_m: torch.Tensor, expected_m: int, w,
 # ---- health probes: run in the child process of kernels.probe ------------------------------------------------
 
 
-def _probe_operands(m=256, n=256, k=512, groups=None):
+def _probe_operands(m=256, n=256, k=512, groups=None, device="cuda"):
     from rayinfer.kernels import fp8
 
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     shape = (n, k) if groups is None else (groups, n, k)
-    w = torch.randn(*shape, device="cuda", generator=g) * k ** -0.5
-    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = torch.randn(*shape, device=device, generator=g) * k ** -0.5
+    x = torch.randn(m, k, device=device, generator=g).bfloat16()
     if groups is None:
         wq, ws = fp8.quantize_weight_blocks(w)
     else:
@@ -146,10 +155,9 @@ def _probe_operands(m=256, n=256, k=512, groups=None):
 
 
 def _agree(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    torch.cuda.synchronize()
-    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-    if not err < 2e-2:
-        raise SystemExit(f"{what}: relative error {err:.3g} against the dequantised reference")
+    if got.is_cuda:
+        torch.cuda.synchronize()
+    probe.check_close(got, want, what)
 
 
 def _reference(xq, xs, wq, ws):
@@ -169,12 +177,16 @@ def probe_scaled_mm() -> None:
     _agree(scaled_mm_linear(xq, xs, wq, ws), _reference(xq, xs, wq, ws), "torch._scaled_mm block-scaled")
 
 
-def probe_deep_gemm_grouped() -> None:
-    _, xq, xs, wq, ws = _probe_operands(m=200, groups=2)
+def probe_deep_gemm_grouped(device: str = "cuda") -> None:
+    """Both grouped layouts against the reference; `device` lets CPU tests run it against a fake DeepGEMM."""
+    _, xq, xs, wq, ws = _probe_operands(m=200, groups=2, device=device)
     counts = [130, 70]
     got = deep_gemm_grouped_contiguous(xq, xs, counts, wq, ws)
     want = torch.cat([_reference(xq[:130], xs[:130], wq[0], ws[0]), _reference(xq[130:], xs[130:], wq[1], ws[1])])
     _agree(got, want, "deep_gemm m_grouped_fp8_gemm_nt_contiguous")
-    masked = deep_gemm_grouped_masked(xq.view(2, 100, -1), xs.view(2, 100, -1), torch.tensor([100, 37], device="cuda"),
+    masked_m = [100, 37]  # a full group and a partial one: every group's valid rows are checked
+    masked = deep_gemm_grouped_masked(xq.view(2, 100, -1), xs.view(2, 100, -1), torch.tensor(masked_m, device=device),
                                       64, wq, ws)
-    _agree(masked[1, :37], _reference(xq[100:137], xs[100:137], wq[1], ws[1]), "deep_gemm m_grouped_fp8_gemm_nt_masked")
+    for i, n in enumerate(masked_m):
+        rows = slice(100 * i, 100 * i + n)
+        _agree(masked[i, :n], _reference(xq[rows], xs[rows], wq[i], ws[i]), f"deep_gemm masked grouped GEMM group {i}")

@@ -11,29 +11,16 @@ passed; else the reference below (gathers the context; products in the cache dty
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 
-from rayinfer.kernels import backends
-
-PAGE_SIZE = 64
-
+from rayinfer.kernels import PAGE_SIZE, backends, probe
 
 FLASH_MLA_D, FLASH_MLA_DV = 576, 512
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return "triton_mla" not in backends.disabled() and importlib.util.find_spec("triton") is not None
-
-
 def triton_usable() -> bool:
     """The Triton split-KV kernel is installed, not disabled, and agreed with the reference in its probe."""
-    from rayinfer.kernels import probe
-
-    return _triton_installed() and probe.healthy("triton_mla")
+    return backends.triton_installed("triton_mla") and probe.healthy("triton_mla")
 
 
 def flash_mla_preconditions(q: torch.Tensor, kv_cache: torch.Tensor, dv: int) -> str | None:
@@ -72,6 +59,12 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         from rayinfer.kernels.triton_mla import mla_decode_triton
 
         return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale)
+    return reference_decode(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal, derived)
+
+
+def reference_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                     dv: int, softmax_scale: float, causal: bool = True, derived: dict | None = None) -> torch.Tensor:
+    """`mla_decode`'s reference, called directly: it never chooses a backend, so never starts a probe."""
     b, s_q, h, d = q.shape
     derived = {} if derived is None else derived
     key = ("mla_reference", s_q, causal)
@@ -154,14 +147,42 @@ def probe_batch(d: int = FLASH_MLA_D, h: int = 16, device: str = "cuda"):
 
 
 def check_against_reference(name: str, got: torch.Tensor, q, cache, table, seqlens, dv: int, scale: float) -> None:
-    want = mla_decode(q.float(), cache.float(), table, seqlens, dv, scale)
-    err = ((got.float() - want).norm() / want.norm()).item()
-    if not err < 2e-2:
-        raise SystemExit(f"{name}: relative error {err:.3g} against the reference")
+    """In a probe child: `got` against the fp32 reference, which must not select a backend (that would probe)."""
+    probe.check_close(got, reference_decode(q.float(), cache.float(), table, seqlens, dv, scale), name)
+
+
+# How `_flash_mla` calls FlashMLA: these positionally, then softmax_scale and causal by keyword.
+FLASH_MLA_POSITIONAL = ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v", "tile_scheduler_metadata",
+                        "num_splits")
+
+
+def flash_mla_api_mismatch(fm) -> str | None:
+    """Why the installed FlashMLA's Python signatures do not take the calls `_flash_mla` makes, or None."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fm.flash_mla_with_kvcache).parameters.values())
+        meta = list(inspect.signature(fm.get_mla_metadata).parameters.values())
+    except (AttributeError, TypeError, ValueError) as e:
+        return f"FlashMLA has no inspectable get_mla_metadata / flash_mla_with_kvcache: {e}"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < len(FLASH_MLA_POSITIONAL):
+        return f"flash_mla_with_kvcache takes {len(positional)} positional arguments, not {len(FLASH_MLA_POSITIONAL)}"
+    names = {p.name for p in params}
+    if not {"softmax_scale", "causal"} <= names and not any(p.kind == p.VAR_KEYWORD for p in params):
+        return f"flash_mla_with_kvcache takes no softmax_scale / causal keyword: {sorted(names)}"
+    takes = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in meta)
+    if takes < 3 and not any(p.kind == p.VAR_POSITIONAL for p in meta):
+        return f"get_mla_metadata takes {takes} positional arguments, not (cache_seqlens, q rows, kv heads)"
+    return None
 
 
 def probe_flash_mla() -> None:
-    """Health probe (run in a child by kernels.probe): FlashMLA against the reference on a small paged batch."""
+    """Health probe (run in a child by kernels.probe): FlashMLA's signatures, then FlashMLA against the reference on
+    a small paged batch."""
+    why = flash_mla_api_mismatch(backends.module("flash_mla"))
+    if why is not None:
+        raise SystemExit(why)
     q, cache, table, seqlens = probe_batch()
     got = _flash_mla(q, cache, table, seqlens, FLASH_MLA_DV, 0.07, True, {})
     check_against_reference("flash_mla", got, q, cache, table, seqlens, FLASH_MLA_DV, 0.07)

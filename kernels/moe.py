@@ -3,8 +3,8 @@
 Two entry points. `sorted_ffn(x, offs, ...)` is what the model calls: rows of `x` sorted by local
 slot, `offs[s]` the end row of slot s as a tensor on x's device, so routing never leaves the
 device. It runs as one `torch._grouped_mm` per projection on CUDA bf16 (Hopper), with no host
-read; elsewhere as one opaque op (`rayinfer::grouped_ffn`) whose kernel reads the offsets on the
-host (free on CPU: there is no device to wait for) and runs `grouped_ffn`. FP8 experts read them
+read; elsewhere (or where its health probe failed) as one opaque op (`rayinfer::grouped_ffn`) whose kernel reads the
+offsets on the host (free on CPU: there is no device to wait for) and runs `grouped_ffn`. FP8 experts read them
 too (their grouped GEMMs take host counts; a host sync per MoE layer on CUDA, still to remove).
 `grouped_ffn(x, counts, ...)` takes host counts: with float weights, two batched matmuls over
 padded slots when the padding is cheap (low precision, GPU) or one fused gate/up and one down matmul
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rayinfer.kernels import fp8
+from rayinfer.kernels import fp8, probe
 
 
 def ffn_backend(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fp8_weights: bool) -> str:
@@ -27,7 +27,9 @@ def ffn_backend(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fp8_weight
     if fp8_weights or not x.is_cuda or x.dtype != torch.bfloat16 or w13.dtype != torch.bfloat16:
         return "host"
     aligned = x.shape[1] % 8 == 0 and w2.shape[2] % 8 == 0  # every row stride a multiple of 16 bytes
-    return "grouped_mm" if aligned and torch.cuda.get_device_capability(x.device)[0] >= 9 else "host"
+    if not aligned or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return "host"
+    return "grouped_mm" if probe.healthy("grouped_mm") else "host"
 
 
 def sorted_ffn(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -149,3 +151,18 @@ def _fp8_ffn(x, counts, w13, w2, s13, s2, row_weights, masked: bool) -> torch.Te
     act = activation(h.reshape(slots * width, -1), rw).view(slots, width, -1)  # [S, width, I]
     y = fp8.grouped_linear_masked(act, counts, w2, s2)  # [S, width, H]
     return y.reshape(-1, w2.shape[1])[pos]
+
+
+def probe_grouped_mm() -> None:
+    """Health probe (run in a child by kernels.probe): `sorted_ffn`'s torch._grouped_mm formulation against the
+    per-slot reference on a small bf16 batch, an empty slot and padding rows included."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    slots, h, i = 3, 256, 128
+    w13 = (torch.randn(slots, 2 * i, h, device="cuda", generator=g) * h ** -0.5).bfloat16()
+    w2 = (torch.randn(slots, h, i, device="cuda", generator=g) * i ** -0.5).bfloat16()
+    counts = [40, 0, 17]
+    x = torch.randn(sum(counts) + 7, h, device="cuda", generator=g).bfloat16()  # 7 padding rows past offs[-1]
+    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    got = sorted_ffn(x, offs, w13, w2, backend="grouped_mm")[: sum(counts)]
+    probe.check_close(got, _slot_loop_ffn(x[: sum(counts)].float(), counts, w13.float(), w2.float(), None),
+                      "torch._grouped_mm expert FFN")

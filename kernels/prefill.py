@@ -11,14 +11,13 @@ TRITON_INTERPRET=1), "torch" (one SDPA call over the sequences padded to the lon
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from rayinfer.kernels import backends
+from rayinfer.kernels.transfer import to_device
 
 BLOCK_M = 64  # queries per Triton program; the block map below is cut at this size
 BACKENDS = ("triton", "torch", "reference")
@@ -36,8 +35,6 @@ class Varlen:
 
     @staticmethod
     def build(q_lens: list[int], k_lens: list[int], device: torch.device, with_blocks: bool) -> "Varlen":
-        from rayinfer.model.batch import to_device
-
         assert len(q_lens) == len(k_lens) and all(0 < q <= k for q, k in zip(q_lens, k_lens)), (q_lens, k_lens)
         cu = torch.zeros(2, len(q_lens) + 1, dtype=torch.int32)
         cu[0, 1:], cu[1, 1:] = torch.tensor(q_lens).cumsum(0), torch.tensor(k_lens).cumsum(0)
@@ -49,17 +46,12 @@ class Varlen:
         return Varlen(list(q_lens), list(k_lens), cu[0], cu[1], max(q_lens), max(k_lens), blocks)
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return "triton_prefill" not in backends.disabled() and importlib.util.find_spec("triton") is not None
-
-
 def default_backend(device: torch.device) -> str | None:
     """"triton" on CUDA once its probe passed; None elsewhere: the model keeps its grouped per-shape path.
 
     On CPU the padded one-call "torch" backend loses to the grouped path (it does ~2.6x the attention work
     on prompts of 50..400 tokens and forgoes SDPA's causal fast path): benchmarks/prefill_attention.py."""
-    if device.type != "cuda" or not _triton_installed():
+    if device.type != "cuda" or not backends.triton_installed("triton_prefill"):
         return None
     from rayinfer.kernels import probe
 

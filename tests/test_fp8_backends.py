@@ -1,6 +1,5 @@
 """FP8 GEMM backends that cannot crash the process: health probes in a child, preconditions, fallbacks (all on CPU)."""
 import logging
-import textwrap
 
 import pytest
 import torch
@@ -8,43 +7,8 @@ import torch
 from rayinfer.kernels import fp8, fp8_native, probe
 from rayinfer.kernels.moe import grouped_ffn
 
-FAKE = '''
-import os, signal, sys, time
-
-def crash():
-    os.kill(os.getpid(), signal.SIGSEGV)
-
-def disagree():
-    raise SystemExit("fake fp8_gemm_nt: relative error 0.93 against the dequantised reference")
-
-def hang():
-    time.sleep(60)
-
-def ok():
-    with open(os.environ["FAKE_PROBE_LOG"], "a") as f:
-        f.write("ran\\n")
-'''
-
-
-@pytest.fixture
-def fake(tmp_path, monkeypatch):
-    (tmp_path / "fake_backend.py").write_text(textwrap.dedent(FAKE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("FAKE_PROBE_LOG", str(tmp_path / "ran.log"))
-    names = []
-
-    def reg(name, fn):
-        probe.register(name, f"fake_backend:{fn}")
-        names.append(name)
-
-    yield reg, tmp_path / "ran.log"
-    for n in names:
-        probe._PROBES.pop(n, None)
-        probe._verdicts.pop(n, None)
-
-
-def test_probe_verdicts_crash_error_hang_and_pass_once(fake, monkeypatch, caplog):
-    reg, log = fake
+def test_probe_verdicts_crash_error_hang_and_pass_once(fake_probes, monkeypatch, caplog):
+    reg, log = fake_probes
     for name, fn in [("t_crash", "crash"), ("t_disagree", "disagree"), ("t_ok", "ok"), ("t_hang", "hang")]:
         reg(name, fn)
     monkeypatch.setattr(probe, "TIMEOUT_S", 5.0)
@@ -61,8 +25,8 @@ def test_probe_verdicts_crash_error_hang_and_pass_once(fake, monkeypatch, caplog
     assert probe.healthy("never_registered") is False
 
 
-def test_linear_skips_a_crashing_backend_for_the_next_healthy_one(fake, monkeypatch):
-    reg, _ = fake
+def test_linear_skips_a_crashing_backend_for_the_next_healthy_one(fake_probes, monkeypatch):
+    reg, _ = fake_probes
     reg("crashy", "crash")
     reg("good", "ok")
     calls = []
@@ -136,3 +100,68 @@ def test_grouped_fp8_ffn_matches_dequantised_both_layouts():
         assert torch.allclose(got, grouped_ffn(x, counts, d13, d2), atol=1e-4)
     out = fp8.grouped_linear_masked(torch.randn(2, 4, h), [4, 1], w2q[:2], s2[:2])
     assert out.shape == (2, 4, h) and torch.equal(out[1, 1:], torch.zeros(3, h))
+
+
+class FakeDeepGEMM:
+    """DeepGEMM's grouped GEMMs as its documented API takes them: activation scales MN-major and TMA-aligned (checked
+    like the real kernels' host asserts), the product computed the reference way. `bad_group` returns wrong rows
+    for one group of the masked GEMM (the case a probe that checks one group's rows would pass)."""
+
+    def __init__(self, bad_group: int | None = None):
+        self.bad_group, self.scales = bad_group, []
+
+    @staticmethod
+    def get_mk_alignment_for_contiguous_layout():
+        return 128
+
+    def m_grouped_fp8_gemm_nt_contiguous(self, a, b, out, m_indices):
+        (xq, xs), (w, s) = a, b
+        assert fp8_native.act_scale_layout_ok(xs, *xq.shape) is None, xs.stride()
+        for e in range(w.shape[0]):
+            rows = (m_indices == e).nonzero().view(-1)
+            out[rows] = fp8_native._reference(xq[rows], xs[rows], w[e], s[e]).to(out.dtype)
+
+    def m_grouped_fp8_gemm_nt_masked(self, a, b, out, masked_m, expected_m):
+        (xq, xs), (w, s) = a, b
+        self.scales.append(xs)
+        why = fp8_native.act_scale_layout_ok(xs, xq.shape[1], xq.shape[2], groups=xq.shape[0])
+        assert why is None, why
+        assert masked_m.dtype == torch.int32 and expected_m >= 1
+        for g, n in enumerate(masked_m.tolist()):
+            if not n:
+                continue
+            out[g, :n] = fp8_native._reference(xq[g, :n], xs[g, :n], w[g], s[g]).to(out.dtype)
+            if g == self.bad_group:
+                out[g, :n] = -out[g, :n]
+
+
+def test_masked_grouped_scales_are_built_in_the_layout_deepgemm_takes(monkeypatch):
+    """One buffer, each group's [m, K/128] scales MN-major with a 16-byte-aligned M stride: `torch.stack` of
+    per-group MN-major views copies them back to K-major strides, which the layout check (and DeepGEMM) refuse."""
+    from rayinfer.kernels import backends
+
+    fake = FakeDeepGEMM()
+    monkeypatch.setattr(backends, "module", lambda name: fake)
+    g, m, k = 3, 5, 384
+    xq, xs = fp8.quantize_act_groups(torch.randn(g * m, k))
+    wq, ws = (torch.stack(t) for t in zip(*[fp8.quantize_weight_blocks(torch.randn(128, k)) for _ in range(g)]))
+    out = fp8_native.deep_gemm_grouped_masked(xq.view(g, m, k), xs.view(g, m, -1), torch.tensor([5, 2, 0]), 4, wq, ws)
+    sent = fake.scales[0]
+    assert sent.shape == (g, m, 3) and sent.stride(1) == 1 and sent.stride(2) == 8 and sent.stride(0) >= 8 * 3
+    assert torch.equal(sent, xs.view(g, m, -1))
+    want = fp8_native._reference(xq[:5], xs[:5], wq[0], ws[0])
+    assert torch.allclose(out[0].float(), want, rtol=1e-2, atol=1e-2)
+    stacked = torch.stack([fp8_native.mn_major_tma_aligned(xs.view(g, m, -1)[i]) for i in range(g)])
+    assert "MN-major" in fp8_native.act_scale_layout_ok(stacked, m, k, groups=g)  # what the old build produced
+
+
+def test_masked_grouped_probe_checks_every_group(monkeypatch):
+    from rayinfer.kernels import backends
+
+    for bad in (None, 0, 1):
+        monkeypatch.setattr(backends, "module", lambda name, f=FakeDeepGEMM(bad): f)
+        if bad is None:
+            fp8_native.probe_deep_gemm_grouped(device="cpu")  # agrees: returns
+        else:
+            with pytest.raises(SystemExit, match=f"group {bad}: relative error"):
+                fp8_native.probe_deep_gemm_grouped(device="cpu")

@@ -17,7 +17,9 @@ def test_gpu_check_smoke_mode_prints_its_table_without_ray(tmp_path):
     table = out[out.index("rayinfer gpu_check on cpu (smoke mode)"):]
     for check in ("parity yarn-groups-1dense", "parity plain-4groups-2shared", "parity yarn-noqlora-halfrope-2dense",
                   "engine greedy vs transformers (fp32)", "seeded sampling + penalties", "fp8 linear reference",
-                  "fp8 grouped contiguous", "fp8 grouped masked", "flash_mla vs reference", "prefill attention torch varlen",
+                  "fp8 grouped contiguous", "fp8 grouped masked", "mla decode reference", "flash_mla decode", "triton_mla decode",
+                  "probe scaled_mm", "probes: total time", "probes: processes left",
+                  "fp8 scale layouts (dense, masked grouped)", "prefill attention torch varlen",
                   "rayinfer plan V3", "prefill forward (tiny)", "decode (tiny)", "decode step, 2 seqs (tiny",
                   "decode step, 4 seqs (tiny", "decode step, 4 seqs, graphs (tiny", "prefill, 4 x 16 (tiny)"):
         assert check in table, f"{check!r} missing from:\n{table}"

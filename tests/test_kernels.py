@@ -1,4 +1,6 @@
 """Reference kernels against straightforward formulas."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +118,107 @@ def test_flash_mla_adapter_checks_shapes_and_builds_metadata_once_per_step(monke
     assert "head dims" in mla.flash_mla_preconditions(q[..., :40], cache[..., :40], 32)
     mla_decode(q[..., :40], cache[..., :40], table, lens, 32, 0.1, step_cache={})  # the reference, not the fake
     assert calls["run"] == 3
+
+
+def test_the_triton_interpreter_does_not_leak_out_of_its_tests():
+    """Only the tests that take the `triton_interpreter` fixture run under TRITON_INTERPRET (collecting a Triton test
+    module must not switch it on for the session: probe children and subprocesses inherit it)."""
+    from conftest import TRITON_INTERPRET_AT_START
+
+    assert os.environ.get("TRITON_INTERPRET") == TRITON_INTERPRET_AT_START
+
+
+class UpstreamFlashMLA:
+    """FlashMLA upstream main (9241ae3) as documented: `get_mla_metadata(*args)` returns (an empty schedule object,
+    None); `flash_mla_with_kvcache` insists on that object and num_splits=None, fills the schedule on first use and
+    allows reuse only with the same shapes, causality and lengths; head_dim_v 512, int32 tables and lengths,
+    4-D bf16 cache of 64-token pages, unit last strides; returns (out [B, s_q, h, 512], lse [B, h, s_q] fp32)."""
+
+    class Sched:
+        def __init__(self):
+            self.config = None
+
+    calls = 0
+
+    @staticmethod
+    def get_mla_metadata(*args, **kwargs):
+        return UpstreamFlashMLA.Sched(), None
+
+    @staticmethod
+    def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                               num_splits=None, softmax_scale=None, causal=False, is_fp8_kvcache=False, indices=None):
+        sched = tile_scheduler_metadata
+        assert isinstance(sched, UpstreamFlashMLA.Sched), "tile_scheduler_metadata must be of type FlashMLASchedMeta"
+        assert num_splits is None, "num_splits must be None"
+        assert head_dim_v == 512 and q.dtype == k_cache.dtype == torch.bfloat16 and q.shape[-1] == 576
+        assert k_cache.dim() == 4 and k_cache.shape[1] == 64 and k_cache.shape[2] == 1
+        assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
+        assert block_table.dtype == cache_seqlens.dtype == torch.int32
+        config = (q.shape[:3], k_cache.shape[1:3], causal, cache_seqlens.tolist())
+        assert sched.config in (None, config), "inputs inconsistent with sched_meta"
+        sched.config = config
+        UpstreamFlashMLA.calls += 1
+        out = mla_decode(q.float(), k_cache.squeeze(2).float(), block_table, cache_seqlens, head_dim_v,
+                         softmax_scale, causal).bfloat16()
+        return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+
+def test_flash_mla_adapter_against_the_upstream_main_api(monkeypatch):
+    from rayinfer.kernels import backends, mla
+
+    monkeypatch.setattr(backends, "usable", lambda name, *t: True)
+    monkeypatch.setattr(backends, "module", lambda name: UpstreamFlashMLA)
+    assert mla.flash_mla_api_mismatch(UpstreamFlashMLA) is None
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(4, PAGE_SIZE, 576, generator=g).bfloat16()
+    table, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([70, 5])
+    UpstreamFlashMLA.calls = 0
+    for s_q in (1, 2):  # a decode step, then a step verifying two tokens a sequence: a schedule for each
+        q = torch.randn(2, s_q, 16, 576, generator=g).bfloat16()
+        step = {}
+        outs = [mla.mla_decode(q, cache, table, lens, 512, 0.1, step_cache=step) for _layer in range(3)]
+        want = mla.reference_decode(q.float(), cache.float(), table, lens, 512, 0.1)
+        assert all(torch.allclose(o.float(), want, atol=2e-2) for o in outs) and len(step) == 1
+    assert UpstreamFlashMLA.calls == 6
+    with pytest.raises(NotImplementedError, match="cannot be rebuilt in place"):
+        mla.refresh_step_cache(step)  # the schedule object is filled by FlashMLA itself: graphs stay eager
+
+
+def test_flash_mla_api_check_names_an_incompatible_signature():
+    from rayinfer.kernels import mla
+
+    class Old:
+        @staticmethod
+        def get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
+            return torch.zeros(1), torch.zeros(1)
+
+        @staticmethod
+        def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                                   num_splits, softmax_scale=None, causal=False):
+            raise AssertionError("not called")
+
+    class Broken:
+        get_mla_metadata = Old.get_mla_metadata
+
+        @staticmethod
+        def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v):
+            raise AssertionError("not called")
+
+    assert mla.flash_mla_api_mismatch(Old) is None  # the older releases' two-tensor API is still taken
+    assert "5 positional arguments" in mla.flash_mla_api_mismatch(Broken)
+    assert "no inspectable" in mla.flash_mla_api_mismatch(object())
+
+
+def test_flash_mla_adapter_matches_the_installed_package_signature():
+    """Where FlashMLA is installed (a GPU node built from source), its real signatures take our calls."""
+    import importlib.util
+
+    from rayinfer.kernels import mla
+
+    if importlib.util.find_spec("flash_mla") is None:
+        pytest.skip("flash_mla is not installed here (it builds from source on GPU nodes)")
+    try:
+        import flash_mla
+    except Exception as e:  # noqa: BLE001 - its CUDA extension needs a GPU build
+        pytest.skip(f"flash_mla does not import here: {type(e).__name__}: {e}")
+    assert mla.flash_mla_api_mismatch(flash_mla) is None

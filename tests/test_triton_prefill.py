@@ -3,19 +3,15 @@ the per-sequence reference, the step's varlen metadata, and the model's one-call
 grouped one on the tiny preset."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: its @triton.jit reads it
-pytest.importorskip("triton")
+import rayinfer.model.mla as mla_module
+from helpers import PagedCache
+from rayinfer.kernels.prefill import BLOCK_M, Varlen, default_backend, reference, varlen_prefill
+from rayinfer.model import ForwardBatch, load_model
 
-import rayinfer.model.mla as mla_module  # noqa: E402
-from helpers import PagedCache  # noqa: E402
-from rayinfer.kernels.prefill import BLOCK_M, Varlen, default_backend, reference, varlen_prefill  # noqa: E402
-from rayinfer.kernels.triton_prefill import probe_triton_prefill  # noqa: E402
-from rayinfer.model import ForwardBatch, load_model  # noqa: E402
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # the kernel runs under Triton's CPU interpreter
 
 # (query lens, context lens): a lone key, a chunk over a cached prefix, more than one query block, a full prompt
 LENS = ([1, 5, BLOCK_M + 6, 9], [1, 40, BLOCK_M + 30, 9])
@@ -45,8 +41,8 @@ def test_varlen_prefill_matches_per_sequence_reference(dtype, dqk, dv, backend):
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (got.float() - want).abs().max()
 
 
-def test_health_probe_passes_on_a_working_kernel_and_cpu_keeps_the_grouped_path():
-    probe_triton_prefill("cpu", heads=1)  # what a GPU rank runs in a child before trusting the kernel; raises if off
+def test_health_probe_passes_on_a_working_kernel_and_cpu_keeps_the_grouped_path(triton_interpreter):
+    triton_interpreter("rayinfer.kernels.triton_prefill").probe_triton_prefill("cpu", heads=1)  # what a GPU rank runs in a child before trusting the kernel; raises if off
     assert default_backend(torch.device("cpu")) is None
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from rayinfer.engine.block_manager import prefix_hashes
-
-PAGE = 64
+from rayinfer.kernels import PAGE_SIZE as PAGE
 
 
 def page_keys(token_ids: list[int], max_pages: int = 256) -> list[int]:

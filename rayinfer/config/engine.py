@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from rayinfer.config.model import ConfigError, check_field
+from rayinfer.kernels import PAGE_SIZE
+
 _DTYPES = ("float32", "bfloat16", "float16")
 _MODES = ("mixed", "prefill", "decode")
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -41,7 +43,7 @@ def _positive_int(name: str, v) -> None:
 class CacheConfig:
     """The paged MLA latent cache: pages of 64 tokens (FlashMLA's page size)."""
 
-    block_size: int = 64
+    block_size: int = PAGE_SIZE
     kv_cache_tokens: int | None = None  # capacity in tokens; or derived from kv_cache_memory
     kv_cache_memory: int = 512 * 2**20  # bytes, used when kv_cache_tokens is not given
     enable_prefix_caching: bool = True
@@ -49,7 +51,8 @@ class CacheConfig:
     disk_cache_bytes: int = 64 * 2**30  # the tier's budget; least recently used pages go first
 
     def __post_init__(self):
-        check_field(self.block_size == 64, "block_size", self.block_size, "the MLA cache uses 64-token pages")
+        check_field(self.block_size == PAGE_SIZE, "block_size", self.block_size,
+                    f"the MLA cache uses {PAGE_SIZE}-token pages")
         if self.kv_cache_tokens is not None:
             _positive_int("kv_cache_tokens", self.kv_cache_tokens)
         _positive_int("kv_cache_memory", self.kv_cache_memory)

@@ -13,6 +13,7 @@ from array import array
 from collections import OrderedDict
 
 from rayinfer.engine.sequence import Sequence
+from rayinfer.kernels import PAGE_SIZE
 
 
 def block_hash(prev: bytes, tokens: list[int]) -> bytes:
@@ -29,7 +30,7 @@ def prefix_hashes(token_ids: list[int], block_size: int, num_blocks: int) -> lis
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = 64, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int = PAGE_SIZE, enable_prefix_caching: bool = True):
         assert num_blocks > 0
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching

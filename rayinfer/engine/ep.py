@@ -92,14 +92,23 @@ class EPContext:
         Splitting a small step only doubles each expert's weight reads, so below
         `overlap_min_tokens` tokens (on every rank) the step runs as one microbatch. The choice
         must be gang-wide: every rank has to issue the same sequence of collectives. A gang of one
-        rank has no all-to-all to hide: one microbatch, and no vote."""
+        rank has no all-to-all to hide: one microbatch, and no vote. The same vote gives a size-aware
+        dispatcher (DeepEP: low-latency kernels for decode-sized steps, normal ones for larger) the
+        gang's largest step."""
+        plan = getattr(self.dispatcher, "plan_step", None)  # a dispatcher whose kernels depend on the step's size
+        voting = self.control is not None and self.ep_size > 1
+        most = None
+        if voting and (plan is not None or (self.overlap and self.overlap_min_tokens)):
+            votes = torch.tensor([local_tokens])
+            dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.control)
+            most = int(votes)
+        if plan is not None:
+            plan(most)  # the gang's largest step: the same on every rank, so the same kernels
         if not self.overlap or self.ep_size == 1:
             return 1
-        if self.control is None or self.overlap_min_tokens == 0:
+        if most is None:
             return 2
-        most = torch.tensor([local_tokens])
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.control)
-        return 2 if int(most) >= self.overlap_min_tokens else 1
+        return 2 if most >= self.overlap_min_tokens else 1
 
     @property
     def received_tokens(self) -> int:

@@ -22,7 +22,7 @@ from rayinfer.engine.scheduler import SchedulerOutput
 from rayinfer.kernels.mla import PAGE_SIZE
 from rayinfer.messages import RequestFailed
 from rayinfer.model import DeepseekV3, ForwardBatch, load_model
-from rayinfer.model.batch import to_device
+from rayinfer.kernels.transfer import to_device
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,9 @@ def build_rank_engine(config: EngineConfig, rank: int, groups: GangGroups) -> En
     dtype = getattr(torch, config.dtype)
     model = load_model(config.model, dtype, config.device, local_experts=placement.local_experts(rank))
     dispatcher = make_dispatcher(groups.data, rank, placement.ep_size, placement.slots_per_rank,
-                                 model.cfg.hidden_size, config.device, low_latency=config.scheduler.mode == "decode")
+                                 model.cfg.hidden_size, config.device, config.scheduler.max_num_batched_tokens,
+                                 config.scheduler.max_num_seqs if config.scheduler.mode == "decode" else 0,
+                                 model.cfg.num_experts_per_tok)
     ctx = EPContext(rank, placement.to(config.device), dispatcher, overlap=config.parallel.enable_overlap,
                     decode_split=config.scheduler.mode == "decode", control=groups.control,
                     overlap_min_tokens=config.parallel.overlap_min_tokens,

@@ -18,15 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rayinfer.kernels import prefill
-from rayinfer.kernels.mla import PAGE_SIZE
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without a stream sync: staged in pinned memory, copied non-blocking on CUDA."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+from rayinfer.kernels import PAGE_SIZE, prefill
+from rayinfer.kernels.transfer import to_device
 
 
 @dataclass
