@@ -30,7 +30,7 @@ from rayinfer.actors.choice import fold, own_seed
 from rayinfer.data.config import ProcessorConfig
 from rayinfer.data.rows import Plan, plan_row, result_columns, result_types
 from rayinfer.http_input import one_line
-from rayinfer.messages import Delta, EngineRequest
+from rayinfer.messages import EngineRequest, SamplingParams
 from rayinfer.openai_protocol import APIError, ChoiceResult, ModelInfo
 
 IDLE_TIMEOUT_S = 300.0  # no delta for this long on a live call: its rank is taken as lost
@@ -41,6 +41,12 @@ class RankLost(Exception):
     """The call's rank (or gang) went away before the request finished."""
 
 
+def _warm_up_request(i: int) -> EngineRequest:
+    """A first step on every rank before the job's rows come: one-time costs (allocation, kernel choice) are
+    the worker's start-up, not its first batch's."""
+    return EngineRequest(f"warm-up-{i}", [5] * 8, SamplingParams(max_tokens=2, temperature=0))
+
+
 class _LocalEngine:
     def __init__(self, cfg: ProcessorConfig):
         from rayinfer.engine.async_engine import AsyncEngine
@@ -48,6 +54,9 @@ class _LocalEngine:
 
         engine = Engine(cfg.engine_config())
         self.tokenizer, self.kv_capacity = engine.tokenizer, engine.stats()["kv_capacity_tokens"]
+        engine.add_request(_warm_up_request(0))
+        while engine.has_unfinished():
+            engine.step()
         self.engine = AsyncEngine(engine)
 
     async def stream(self, req: EngineRequest):
@@ -77,6 +86,7 @@ class _Gang:
 
         self.tokenizer = load_tokenizer(resolve_model_path(cfg.model))
         self.client = GangClient(cfg.engine_config(), app_name=app_name)
+        self.client.run([_warm_up_request(r) for r in range(cfg.ep_size)], lambda d: None, timeout_s=IDLE_TIMEOUT_S)
         self.load = [0] * cfg.ep_size  # prompt tokens outstanding per data-parallel rank
         caps = [s.get("kv_capacity_tokens") or 0 for s in self.client.stats()]
         self.kv_capacity = min(caps) if caps and all(caps) else 0
@@ -142,12 +152,12 @@ class EngineStage:
         plan: Plan = await asyncio.to_thread(plan_row, row, self.info, self.cfg.sampling_params)  # tokenizing
         if plan.error is not None:
             return result_columns(row, plan, [], 0, self.info)
-        rid = uuid.uuid4().hex
+        rid, started = uuid.uuid4().hex, time.time()
         try:
             done = await asyncio.gather(*(self._choice(plan, i, f"{rid}-{i}") for i in range(len(plan.prompts) * plan.n)))
         except APIError as e:
-            return result_columns(row, plan, [], 0, self.info, error=e)
-        return result_columns(row, plan, [c for c, _ in done], max(a for _, a in done), self.info)
+            return result_columns(row, plan, [], 0, self.info, error=e, started_at=started)
+        return result_columns(row, plan, [c for c, _ in done], max(a for _, a in done), self.info, started_at=started)
 
     async def _choice(self, plan: Plan, index: int, rid: str) -> tuple[ChoiceResult, int]:
         params = own_seed(plan.params, index % plan.n)  # an unseeded sampled choice gets one: its retry is exact

@@ -72,6 +72,7 @@ def build_processor(config: ProcessorConfig, preprocess: Callable | None = None,
     """`preprocess(row) -> {"prompt" | "prompt_token_ids" | "messages": ..., "sampling_params": {...}, ...}`;
     `postprocess(row) -> row`, where `row` has what preprocess returned plus `generated_text`,
     `generated_token_ids`, `finish_reason`, `num_prompt_tokens`, `num_generated_tokens`, `num_cached_tokens`,
-    `attempts` (runs of the row; > 1 after a rank failure) and `error` (None, or why the row failed alone)."""
+    `attempts` (runs of the row; > 1 after a rank failure), `error` (None, or why the row failed alone), and
+    `started_at` / `finished_at` (wall-clock seconds the engine had the row)."""
     require_ray_data()
     return Processor(config, preprocess, postprocess)

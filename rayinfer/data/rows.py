@@ -32,7 +32,8 @@ def result_types():
     return {"generated_text": pa.string(), "generated_token_ids": pa.list_(pa.int64()),
             "finish_reason": pa.string(), "num_prompt_tokens": pa.int64(), "num_generated_tokens": pa.int64(),
             "num_cached_tokens": pa.int64(), "attempts": pa.int64(), "error": pa.string(),
-            "status_code": pa.int64(), "response_body": pa.string()}
+            "status_code": pa.int64(), "response_body": pa.string(),
+            "started_at": pa.float64(), "finished_at": pa.float64()}  # wall clock: when the engine got / ended it
 
 
 def encode_row(row: dict) -> dict:
@@ -40,8 +41,14 @@ def encode_row(row: dict) -> dict:
     row = dict(row)
     for key, col in (("sampling_params", SAMPLING), ("messages", MESSAGES)):
         if key in row:
-            row[col] = json.dumps(row.pop(key))
+            row[col] = json.dumps(row.pop(key), default=_plain)
     return row
+
+
+def _plain(value):
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, as Ray Data may hand nested values over
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def decode_row(row: dict) -> dict:
@@ -114,10 +121,10 @@ def _params(encoded: str | None, defaults: dict) -> SamplingParams:
 
 
 def result_columns(row: dict, plan: Plan, choices: list[ChoiceResult], attempts: int, info: ModelInfo,
-                   error: APIError | None = None) -> dict:
+                   error: APIError | None = None, started_at: float | None = None) -> dict:
     """The engine stage's columns for one row (see `result_types`)."""
     out = dict.fromkeys(result_types())
-    out["attempts"] = attempts
+    out.update(attempts=attempts, started_at=started_at, finished_at=time.time())
     error = error or plan.error
     if error is not None:
         out.update(error=error.message, status_code=error.status, response_body=json.dumps(error.to_dict()))
