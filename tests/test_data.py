@@ -1,6 +1,8 @@
-"""Batch jobs through Ray Data (rayinfer.data): `rayinfer run-batch` on an OpenAI batch file of 200 chat
-requests (4 malformed) with --model tiny, resumed after a crash mid-write; and the processor on an EP gang of 2
-ranks, one of which is killed mid-job. Greedy outputs must equal the offline LLM's for the same prompts."""
+"""Batch jobs through Ray Data (rayinfer.data): an OpenAI batch file of 200 chat requests (4 malformed) through
+the processor, with `rayinfer run-batch --model tiny` finishing a run that was interrupted (and whose last write
+was torn), and on an EP gang of 2 ranks, one of which is killed mid-job. Greedy outputs must equal the offline
+LLM's for the same prompts; each custom_id is written exactly once. (The processor's row functions on their own:
+tests/test_examples.py, through examples/batch_job.py.)"""
 import json
 import os
 import signal
@@ -58,18 +60,12 @@ def _http_error(llm, i):
     return e.value.message
 
 
-def test_run_batch_matches_offline_and_resumes_after_a_crash_mid_write(ray_cluster, offline, tmp_path):
-    from rayinfer.cli import main
-    from rayinfer.data import ProcessorConfig
-    from rayinfer.data.run_batch import run_batch
-
-    llm, want = offline
-    src, out = tmp_path / "batch.jsonl", tmp_path / "results.jsonl"
-    src.write_text("".join(json.dumps(_line(i)) + "\n" for i in range(200)), encoding="utf-8")
-    assert main(["run-batch", "-i", str(src), "-o", str(out), "--model", "tiny"]) == 0
+def _check(out, llm, want):
+    """The output holds each custom_id once: the 196 results equal to the offline LLM's, the 4 bad lines as
+    errors carrying the HTTP server's own messages."""
     lines = _read(out)
     by_id = {r["custom_id"]: r for r in lines}
-    assert len(by_id) == len(lines) == 200
+    assert len(by_id) == len(lines) == 200, "a custom_id is missing or written twice"
     errors = {k: r for k, r in by_id.items() if r["error"] is not None}
     assert sorted(errors) == sorted(f"req-{i}" for i in BAD)
     for i in (17, 60, 170):  # the HTTP server's own validation and message
@@ -81,62 +77,73 @@ def test_run_batch_matches_offline_and_resumes_after_a_crash_mid_write(ray_clust
     assert {k: b["choices"][0]["message"]["content"] for k, b in got.items()} == {k: t for k, (t, _) in want.items()}
     assert all(b["usage"]["completion_tokens"] == MAX_TOKENS and b["object"] == "chat.completion"
                for b in got.values())
+    return got
+
+
+def _batch_file(tmp_path):
+    src = tmp_path / "batch.jsonl"
+    src.write_text("".join(json.dumps(_line(i)) + "\n" for i in range(200)), encoding="utf-8")
+    return src, tmp_path / "results.jsonl"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_run_batch_matches_offline_and_resumes_an_interrupted_run(ray_cluster, offline, tmp_path, capsys):
+    from rayinfer.cli import main
+    from rayinfer.data import ProcessorConfig
+    from rayinfer.data.run_batch import run_batch
+
+    llm, want = offline
+    src, out = _batch_file(tmp_path)
+
+    def interrupt(stats):  # Ctrl-C once a third of the job is on disk
+        if stats.done >= 60:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_batch(str(src), str(out), ProcessorConfig(model="tiny", batch_size=16, max_concurrent_batches=2), interrupt)
+    raw = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert 60 <= len(raw) < 200
+    out.write_text("".join(raw[:-1]) + raw[-1][:40], encoding="utf-8")  # and the last write was torn by a crash
+    capsys.readouterr()
+    assert main(["run-batch", "-i", str(src), "-o", str(out), "--model", "tiny"]) == 0
+    said = capsys.readouterr().out
+    assert f"{200 - (len(raw) - 1)} results written" in said and f"{len(raw) - 1} already there" in said, said
+    got = _check(out, llm, want)
     assert sum(b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in got.values()) >= 64 * 100, \
         "rows sharing the system prompt should hit the prefix cache"
 
-    # A crash mid-write: 120 lines and half of the next survive. The rerun does exactly the other 80.
-    raw = out.read_text(encoding="utf-8").splitlines(keepends=True)
-    out.write_text("".join(raw[:120]) + raw[120][:40], encoding="utf-8")
-    stats = run_batch(str(src), str(out), ProcessorConfig(model="tiny", batch_size=16))
-    assert (stats.skipped, stats.done, stats.total) == (120, 80, 200)
-    again = _read(out)
-    assert sorted(r["custom_id"] for r in again) == sorted(f"req-{i}" for i in range(200))
-    strip = lambda r: (r["custom_id"], r["error"], r["response"] and r["response"]["body"].get("choices"))  # noqa: E731
-    assert sorted(map(strip, again)) == sorted(map(strip, lines))
 
-
-def _kill_one_rank(tag: str) -> int:
+def _kill_one_rank() -> int:
     from ray import serve
 
     from rayinfer.actors.data_worker import GANG_APP_PREFIX
 
-    [app] = [n for n in serve.status().applications if n.startswith(f"{GANG_APP_PREFIX}{tag}-")]
+    [app] = [n for n in serve.status().applications if n.startswith(GANG_APP_PREFIX)]
     stats = serve.get_deployment_handle("ranks", app_name=app).broadcast("stats").results(timeout_s=30)
     busy = max(stats, key=lambda s: s.get("num_requests", 0))
     os.kill(busy["pid"], signal.SIGKILL)
     return busy["pid"]
 
 
-def test_processor_on_an_ep2_gang_survives_a_rank_killed_mid_job(ray_cluster, offline):
-    import ray
+def test_run_batch_on_an_ep2_gang_survives_a_rank_killed_mid_job(ray_cluster, offline, tmp_path):
+    from rayinfer.data import ProcessorConfig
+    from rayinfer.data.run_batch import run_batch
 
-    from rayinfer.data import ProcessorConfig, build_processor
+    llm, want = offline
+    src, out = _batch_file(tmp_path)
+    killed = []
 
-    _, want = offline
-    good = [i for i in range(200) if i not in BAD]
-    processor = build_processor(
-        ProcessorConfig(model="tiny", ep_size=2, batch_size=14, max_concurrent_batches=2),
-        # row functions travel by value: they may use constants, not this module's functions
-        preprocess=lambda row: {"id": row["id"], "messages": [{"role": "system", "content": SYSTEM},
-                                                              {"role": "user", "content": row["q"]}],
-                                "sampling_params": {"temperature": 0, "max_tokens": MAX_TOKENS}},
-        postprocess=lambda row: {"id": f"req-{row['id']}", "text": row["generated_text"],
-                                 "tokens": list(row["generated_token_ids"]), "attempts": row["attempts"],
-                                 "error": row["error"]})
-    items = [{"id": i, "q": _messages(i)[1]["content"]} for i in good]
-    ds = processor(ray.data.from_items(items, override_num_blocks=14))
-    rows, killed = [], None
-    try:
-        for row in ds.iter_rows():
-            rows.append(row)
-            if killed is None and len(rows) >= 28:
-                killed = _kill_one_rank(processor.tag)
-    finally:
-        processor.cleanup()
-    assert killed is not None
-    assert sorted(r["id"] for r in rows) == sorted(want), "a row was lost or duplicated"
-    assert all(r["error"] is None for r in rows), [r for r in rows if r["error"]][:3]
-    assert {r["id"]: (r["text"], r["tokens"]) for r in rows} == want
-    recomputed = sum(r["attempts"] > 1 for r in rows)
-    print(f"\n[data] rank pid {killed} killed after 28 of {len(good)} rows: {recomputed} rows recomputed")
-    assert recomputed > 0, "the kill hit no row in flight"
+    def kill_once(stats):
+        if not killed and stats.done >= 28:
+            killed.append(_kill_one_rank())
+
+    stats = run_batch(str(src), str(out), ProcessorConfig(model="tiny", ep_size=2, batch_size=14,
+                                                          max_concurrent_batches=2), kill_once)
+    assert killed
+    _check(out, llm, want)
+    print(f"\n[data] rank pid {killed[0]} killed after 28 of 200 lines: {stats.recomputed} rows recomputed")
+    assert stats.recomputed > 0, "the kill hit no row in flight"
+    assert (stats.done, stats.errors, stats.skipped) == (200, 4, 0)

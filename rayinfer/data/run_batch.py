@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from rayinfer.data.batch_file import Output, envelope, read_lines, request_id, result_line
+from rayinfer.data.batch_file import Output, envelope, read_lines, result_line
 from rayinfer.data.config import ProcessorConfig
 
 
@@ -61,6 +61,7 @@ def load_config(path: str | None, model: str | None) -> ProcessorConfig:
 
 
 def run_batch(input_uri: str, output_uri: str, config: ProcessorConfig, progress=None) -> BatchStats:
+    """`progress(stats)` is called after each batch of results is on disk."""
     from rayinfer.data.processor import build_processor, require_ray_data
 
     ray_data = require_ray_data()
@@ -96,7 +97,6 @@ def run_batch(input_uri: str, output_uri: str, config: ProcessorConfig, progress
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for row in batch.to_pylist():
                         obj = json.loads(row["line"])
-                        assert obj["id"] == request_id(obj["custom_id"])
                         out.write(obj)
                         stats.done += 1
                         stats.errors += obj["error"] is not None
