@@ -24,7 +24,7 @@ class GangError(RuntimeError):
 
 
 class GangClient:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, app_name: str | None = None):
         import logging
 
         from ray import serve
@@ -36,7 +36,7 @@ class GangClient:
         self.config = config
         self.started_ray = ensure_ray(config.parallel.address)
         ensure_serve(http=False)
-        self.app = f"rayinfer-offline-{uuid.uuid4().hex[:8]}"
+        self.app = app_name or f"rayinfer-offline-{uuid.uuid4().hex[:8]}"
         # Requests are placed by explicit rank here, so replica stats are only for `stats()`: poll rarely.
         self.handle = serve.run(rank_gang(config, "ranks", stats_period_s=10.0), name=self.app, route_prefix=None)
         self._loop = asyncio.new_event_loop()
@@ -71,6 +71,11 @@ class GangClient:
             if item.finish_reason:
                 pending -= 1
         fut.result()
+
+    def stream_to(self, req: EngineRequest, rank: int, sink):
+        """Streams one request on `rank` from any thread: each `Delta` (or the exception that ended the call)
+        goes to `sink.put`; returns the call's concurrent future (cancel it to abort the request)."""
+        return asyncio.run_coroutine_threadsafe(self._stream(req, rank, sink), self._loop)
 
     async def _stream_all(self, assignments, out) -> None:
         await asyncio.gather(*(self._stream(req, rank, out) for req, rank in assignments))

@@ -1,4 +1,5 @@
 """Command line: `rayinfer serve` (the OpenAI endpoint), `rayinfer generate` (one offline completion),
+`rayinfer run-batch` (an OpenAI batch file through Ray Data),
 `rayinfer rebalance` (re-place a running server's experts now), `rayinfer plan` (what each rank holds),
 `rayinfer report` (DeepSeek's daily report of a running server or a metrics dump) and `rayinfer simulate`
 (a deployment in simulated time).
@@ -55,6 +56,26 @@ def _read_keys(path: str) -> list[str]:
     if not keys:
         raise ConfigError(f"--api-key-file {path!r} holds no key (one a line)")
     return keys
+
+
+def _run_batch(args) -> int:
+    from rayinfer.actors.cluster import ensure_ray
+    from rayinfer.data.run_batch import load_config, run_batch
+
+    cfg = load_config(args.config, args.model)
+    started = ensure_ray(args.address)
+    try:
+        s = run_batch(args.input, args.output, cfg)
+    except ImportError as e:  # no Ray Data: the message says what to install
+        raise RuntimeError(str(e)) from None
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print(f"{s.done} results written to {args.output} ({s.errors} errors), {s.skipped} already there; "
+          f"{s.recomputed} recomputed after a rank failure; {s.completion_tokens} tokens in {s.seconds:.1f}s")
+    return 0
 
 
 def _rebalance(args) -> int:
@@ -169,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most [32]")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy [0]")
     g.add_argument("--ep-size", type=int, default=1, help="run as an expert-parallel gang of this many ranks")
+    b = sub.add_parser("run-batch", help="run an OpenAI batch file (JSONL) offline through Ray Data; resumable")
+    b.add_argument("-i", "--input", required=True, help="the batch file: a local path or any pyarrow.fs URI")
+    b.add_argument("-o", "--output", required=True, help="results (JSONL); rerunning with it finishes what is missing")
+    b.add_argument("--model", default=None, help="preset name or checkpoint directory [the config's, else tiny]")
+    b.add_argument("--config", default=None, help="YAML of processor options (ep_size, concurrency, batch_size, "
+                                                  "engine_kwargs, sampling_params)")
+    b.add_argument("--address", default=None, help="join a running Ray cluster instead of starting one")
     r = sub.add_parser("rebalance", help="re-place the experts of every gang of a running server from measured load")
     r.add_argument("--address", default="auto", help="the Ray cluster the server runs on [auto]")
     r.add_argument("--connect-timeout", type=float, default=20.0,
@@ -212,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 2
     try:
-        return {"generate": _generate, "serve": _serve, "rebalance": _rebalance, "plan": _plan,
-                "report": _report, "simulate": _simulate}[args.cmd](args)
+        return {"generate": _generate, "serve": _serve, "run-batch": _run_batch, "rebalance": _rebalance,
+                "plan": _plan, "report": _report, "simulate": _simulate}[args.cmd](args)
     except ValueError as e:  # user errors: bad model name, bad config
         print(f"rayinfer: error: {e}", file=sys.stderr)
         return 2
