@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="simulate only this many seconds of each hour and scale (synthetic workloads) [whole hours]")
     sm.add_argument("--warmup", type=float, default=0.0, help="uncounted seconds before the first hour [0]")
     sm.add_argument("--sample-ranks", type=int, default=8, help="ranks simulated per gang of a sampled role [8]")
-    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--seed", type=int, default=0, help="seed of the simulated arrivals [0]")
     sm.add_argument("--gpu-hour-cost", type=float, default=None, help="USD per GPU-hour [the profile's]")
     sm.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     sm.add_argument("--plot", default=None, help="also draw requests, tokens/s and gangs per role into this PNG")
