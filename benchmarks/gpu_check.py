@@ -39,8 +39,8 @@ def _row(check: str, result: str, ok: bool | None) -> None:
 
 def parity(dev: str, smoke: bool) -> None:
     """Logits vs transformers fp32: ours in fp32 and bf16, with transformers' own bf16 deviation beside."""
-    from helpers import hf_checkpoint
-    from test_parity import CONFIGS
+    from rayinfer.model.hf_reference import PARITY_CONFIGS as CONFIGS
+    from rayinfer.model.hf_reference import hf_checkpoint
     from transformers import DeepseekV3ForCausalLM
 
     from rayinfer.model import load_model
@@ -156,7 +156,6 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (smoke mode: same code, small sizes)")
     ap.add_argument("--budget-s", type=float, default=360.0, help="skip sections that would start after this")
     args = ap.parse_args()
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     smoke = not args.device.startswith("cuda")
     if not smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run with --device cpu for the smoke mode", file=sys.stderr)

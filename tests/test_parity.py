@@ -3,17 +3,12 @@ import pytest
 import torch
 
 from helpers import YARN, PagedCache, hf_checkpoint, quantize_checkpoint_fp8
+
 from rayinfer.model import load_model
+from rayinfer.model.hf_reference import PARITY_CONFIGS
 
 TOL = 1e-4
-CONFIGS = {
-    "yarn-groups-1dense": dict(rope_parameters=YARN, n_group=2, topk_group=1, first_k_dense_replace=1),
-    "plain-4groups-2shared": dict(n_group=4, topk_group=2, n_routed_experts=16, num_experts_per_tok=3,
-                                  n_shared_experts=2, first_k_dense_replace=0),
-    "yarn-noqlora-halfrope-2dense": dict(rope_parameters=dict(YARN, factor=8.0), q_lora_rank=None, n_group=1,
-                                         topk_group=1, first_k_dense_replace=2, num_hidden_layers=4,
-                                         rope_interleave=False),
-}
+CONFIGS = PARITY_CONFIGS  # the checkpoint shapes, shared with benchmarks/gpu_check.py
 
 
 def _prompts(vocab, lengths, seed=0):

@@ -48,6 +48,21 @@ def _plasma_objects() -> int:
     return int(re.search(r"Plasma memory usage \S+ MiB, (\d+) objects", _memory_summary(stats_only=True)).group(1))
 
 
+def _settled_plasma_objects(quiet_s: float = 1.0, timeout_s: float = 15.0) -> int:
+    """The object count once it has stopped changing: objects an earlier test module dropped are freed
+    asynchronously, and a baseline that still counts them hides the KV object this module looks for."""
+    deadline = time.time() + timeout_s
+    last, since = _plasma_objects(), time.time()
+    while time.time() < deadline:
+        time.sleep(0.2)
+        now = _plasma_objects()
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= quiet_s:
+            break
+    return last
+
+
 def _left(s: dict) -> tuple:
     return (s["kv_exports"], s["kv_objects_alive"], s["kv_accepted_waiting"], s["kv_blocks_used"], s["num_requests"])
 
@@ -88,7 +103,7 @@ def _objects_alive() -> int:
 def test_cancel_before_between_and_mid_decode_leaves_nothing(server):
     prefill, decode = _handle("prefill"), _handle("decode")
     decode.stats.remote().result(timeout_s=60)
-    baseline = _plasma_objects()
+    baseline = _settled_plasma_objects()
 
     # Before the prefill finishes: the call is cancelled while the rank computes the prompt.
     early = prefill.prefill.remote(pack(EngineRequest("life-early", _prompt(1), LONG, time.time())))
@@ -129,7 +144,7 @@ def test_cancel_before_between_and_mid_decode_leaves_nothing(server):
 
 
 def test_http_clients_leaving_at_any_point_leave_nothing(server):
-    baseline = _plasma_objects()
+    baseline = _settled_plasma_objects()
 
     async def leave_after(http, i, delay):
         body = {"model": "tiny", "prompt": f"lifetime {i} " * (20 + i % 40), "max_tokens": 1500, "temperature": 0,

@@ -58,8 +58,9 @@ def check_invariants(engine: Engine, runner: PageWritingRunner) -> None:
     live = [*sched.running, *sched.waiting]
     refs = Counter(b for s in live for b in s.block_ids)
     assert all(bm.ref_counts[b] == refs[b] for b in range(bm.num_blocks)), (bm.ref_counts, refs)
-    assert set(bm.free) == {b for b in range(bm.num_blocks) if bm.ref_counts[b] == 0}
-    assert len(bm.free) == len(set(bm.free))
+    free = bm.free_block_ids()
+    assert set(free) == {b for b in range(bm.num_blocks) if bm.ref_counts[b] == 0}
+    assert len(free) == len(set(free)) == bm.num_free_blocks
     for h, b in bm.cached.items():
         assert bm.hashes[b] == h and runner.filled_hash.get(b) == h, f"page {b} does not hold its hash"
     assert sum(h is not None for h in bm.hashes) == len(bm.cached)

@@ -37,16 +37,23 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.hashes: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # content hash -> block id
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU first
+        # Free pages, least recently freed first: ids from `_fresh` up were never used (they come first, so a
+        # node-sized pool of millions of pages costs nothing to build), then `free`, pages released since.
+        self._fresh = 0
+        self.free: OrderedDict[int, None] = OrderedDict()
         self.hits = self.queries = 0  # prefix-cache statistics, in tokens
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free) + self.num_blocks - self._fresh
+
+    def free_block_ids(self) -> list[int]:
+        """Every free page, in the order they will be reused."""
+        return list(range(self._fresh, self.num_blocks)) + list(self.free)
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -79,14 +86,17 @@ class BlockManager:
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
-        return need <= len(self.free)
+        return need <= self.num_free_blocks
 
     def append(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grows `seq`'s block table to hold its next `num_new_tokens` tokens."""
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
-        assert need <= len(self.free), "append without can_append"
+        assert need <= self.num_free_blocks, "append without can_append"
         for _ in range(need):
-            bid, _ = self.free.popitem(last=False)
+            if self._fresh < self.num_blocks:
+                bid, self._fresh = self._fresh, self._fresh + 1
+            else:
+                bid, _ = self.free.popitem(last=False)
             if self.hashes[bid] is not None:  # evict its cached content
                 del self.cached[self.hashes[bid]]
                 self.hashes[bid] = None
@@ -121,8 +131,8 @@ class BlockManager:
 
     def _ref(self, bid: int) -> None:
         if self.ref_counts[bid] == 0:
-            del self.free[bid]
+            del self.free[bid]  # a page with cached content was used, so it is never a fresh one
         self.ref_counts[bid] += 1
 
     def num_allocated_blocks(self) -> int:
-        return self.num_blocks - len(self.free)  # a page is free exactly when no sequence references it
+        return self.num_blocks - self.num_free_blocks  # a page is free exactly when no sequence references it
