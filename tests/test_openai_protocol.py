@@ -12,9 +12,9 @@ import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from rayinfer import openai_protocol as proto
+from rayinfer.openai import protocol as proto
 from rayinfer.model import resolve_model_path
-from rayinfer.openai_protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
+from rayinfer.openai.protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
                                       models_response, parse_chat_request, parse_completion_request, sse,
                                       usage_chunk, usage_dict, usage_for)

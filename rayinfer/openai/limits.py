@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rayinfer.openai_errors import APIError, _bad
+from rayinfer.openai.errors import APIError, _bad
 
 
 @dataclass(frozen=True)

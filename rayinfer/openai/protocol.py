@@ -2,11 +2,11 @@
 
 Owns the HTTP layer's input contract and nothing else (no Ray, no I/O): what `/v1/completions`
 and `/v1/chat/completions` accept (vLLM's sampling extensions included), the chat template,
-tokenization and the mapping onto `SamplingParams`; the length limits are `rayinfer.openai_limits`'. Crossing it: the decoded JSON body and a `ModelInfo` in; a
+tokenization and the mapping onto `SamplingParams`; the length limits are `rayinfer.openai.limits`'. Crossing it: the decoded JSON body and a `ModelInfo` in; a
 `RequestSpec` (token-id prompts + `SamplingParams` + rendering options) out, or an `APIError`
 whose `status` and `to_dict()` are the HTTP response. Response shaping lives in
-`rayinfer.openai_responses` (re-exported here so the ingress has one import), the error object in
-`rayinfer.openai_errors`.
+`rayinfer.openai.responses` (re-exported here so the ingress has one import), the error object in
+`rayinfer.openai.errors`.
 
 Every mistake a client can make is a 400 naming the parameter and the bad value (an unknown
 model is a 404). Parameters sent as JSON null count as absent, since many clients send them.
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import jinja2
 
 from rayinfer.messages import SamplingParams
-from rayinfer.openai_errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
-from rayinfer.openai_limits import (RequestLimits, _guard_length, _max_tokens, check_prompt_count, check_stops,
+from rayinfer.openai.errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
+from rayinfer.openai.limits import (RequestLimits, _guard_length, _max_tokens, check_prompt_count, check_stops,
                                     check_token_ids)
-from rayinfer.openai_responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_logprobs,  # noqa: F401
+from rayinfer.openai.responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_logprobs,  # noqa: F401
                                        chat_response, completion_chunk, completion_logprobs,
                                        completion_response, models_response, sse, usage_chunk,
                                        usage_dict, usage_for)
