@@ -128,8 +128,18 @@ BAD = {
                   ["not supported"]),
     "response-format": ("chat", _chat(response_format={"type": "json_object"}), 400, "invalid_request_error",
                         "response_format", ["json_object", "not supported"]),
-    "logit-bias": ("completion", _cmpl(logit_bias={"5": 10}), 400, "invalid_request_error", "logit_bias",
-                   ["not supported"]),
+    "logit-bias-list": ("completion", _cmpl(logit_bias=[5]), 400, "invalid_request_error", "logit_bias",
+                        ["token ids to biases"]),
+    "logit-bias-301": ("completion", _cmpl(logit_bias={str(i): 1 for i in range(301)}), 400,
+                       "invalid_request_error", "logit_bias", ["301", "at most 300"]),
+    "logit-bias-key-vocab": ("chat", _chat(logit_bias={"320": 1}), 400, "invalid_request_error", "logit_bias.320",
+                             ["[0, 320)"]),
+    "logit-bias-key-word": ("chat", _chat(logit_bias={"a": 1}), 400, "invalid_request_error", "logit_bias.a",
+                            ["token ids"]),
+    "logit-bias-value": ("completion", _cmpl(logit_bias={"5": 101}), 400, "invalid_request_error", "logit_bias.5",
+                         ["101", "[-100, 100]"]),
+    "logit-bias-bool": ("completion", _cmpl(logit_bias={"5": True}), 400, "invalid_request_error", "logit_bias.5",
+                        ["[-100, 100]"]),
     "unknown-field": ("chat", _chat(frobnicate=1), 400, "invalid_request_error", "frobnicate",
                       ["Unrecognized request argument supplied: frobnicate"]),
     "chat-field-in-cmpl": ("completion", _cmpl(messages=[]), 400, "invalid_request_error", "messages",
@@ -181,6 +191,12 @@ def test_no_tokenizer(tok):
         with pytest.raises(APIError) as e:
             parse(body, bare)
         assert e.value.status == 400 and "tokenizer" in e.value.message
+
+
+def test_logit_bias_parses_to_sorted_pairs(info):
+    spec = parse_completion_request(_cmpl(logit_bias={"7": -100, "5": 2.5, "319": 100}), info)
+    assert spec.params.logit_bias == ((5, 2.5), (7, -100.0), (319, 100.0))
+    assert parse_completion_request(_cmpl(), info).params.logit_bias == ()
 
 
 def test_sampling_params_error_becomes_400(info, monkeypatch):

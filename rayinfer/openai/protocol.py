@@ -20,8 +20,8 @@ import jinja2
 
 from rayinfer.messages import SamplingParams
 from rayinfer.openai.errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
-from rayinfer.openai.limits import (RequestLimits, _guard_length, _max_tokens, check_prompt_count, check_stops,
-                                    check_token_ids)
+from rayinfer.openai.limits import (RequestLimits, _guard_length, _max_tokens, check_logit_bias, check_prompt_count,
+                                    check_stops, check_token_ids)
 from rayinfer.openai.responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_logprobs,  # noqa: F401
                                        chat_response, completion_chunk, completion_logprobs,
                                        completion_response, models_response, sse, usage_chunk,
@@ -68,7 +68,7 @@ _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "su
 _HARMLESS = {"echo": lambda v: v is False, "best_of": lambda v: v == 1 and not isinstance(v, bool),
              "suffix": lambda v: v == "", "tools": lambda v: v == [], "functions": lambda v: v == [],
              "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
-             "response_format": lambda v: v == {"type": "text"}, "logit_bias": lambda v: v == {},
+             "response_format": lambda v: v == {"type": "text"},
              # output shaping rayinfer always does one way: special tokens skipped, stop strings cut off
              "skip_special_tokens": lambda v: v is True, "spaces_between_special_tokens": lambda v: v is True,
              "include_stop_str_in_output": lambda v: v is False}
@@ -158,7 +158,8 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo
             stop_token_ids=tuple(stop_ids or ()), ignore_eos=_get_bool(body, "ignore_eos"),
             seed=_get_int(body, "seed", *_INT64), logprobs=logprobs,
             repetition_penalty=_get_num(body, "repetition_penalty", 0, 100, 1.0, lo_open=True),
-            min_tokens=_get_int(body, "min_tokens", 0, max_tokens, default=0))
+            min_tokens=_get_int(body, "min_tokens", 0, max_tokens, default=0),
+            logit_bias=check_logit_bias(body["logit_bias"], info) if body.get("logit_bias") is not None else ())
     except ValueError as e:  # a constraint SamplingParams knows and this layer does not
         name = str(e).split("=", 1)[0].removeprefix("SamplingParams.")
         raise APIError(400, f"Invalid request: {e}", param=name) from e
