@@ -77,6 +77,24 @@ def test_completions_and_chat_streamed_and_not(server, offline):
     assert body["prompt_cache_hit_tokens"] + body["prompt_cache_miss_tokens"] == body["prompt_tokens"]
 
 
+def test_logit_bias_forces_every_token_on_prefill_and_decode_ranks(server, offline):
+    """+100 on one token: the prefill rank's first token and every decode-rank token are that token, sampled
+    at temperature 1, streamed and not; -100 on the greedy first token moves it."""
+    url, _ = server
+    client = _client(url)
+    forced = offline.tokenizer.decode([65] * 6)
+    c = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=1.0, seed=1,
+                                  logit_bias={"65": 100})
+    assert c.choices[0].text == forced, c.choices[0].text
+    chunks = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                            temperature=1.0, logit_bias={"65": 100}, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == forced
+    greedy = offline.generate(["Hello"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)[0]
+    banned = client.completions.create(model="tiny", prompt=[int(t) for t in greedy.prompt_token_ids], max_tokens=1,
+                                       temperature=0, logit_bias={str(greedy.token_ids[0]): -100}, logprobs=1)
+    assert banned.choices[0].text != greedy.text
+
+
 def test_64_concurrent_streams_match_offline(server, offline):
     url, _ = server
     want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)]
