@@ -35,6 +35,7 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this many tokens
     # OpenAI's logit_bias as sorted (token id, bias) pairs (a dict is accepted): added to the logits before sampling
     logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: tuple[str, str] | None = None  # (kind, text): ("json", schema or "" for any object), regex, choice, grammar
 
     def __post_init__(self):
         num = (int, float)
@@ -77,6 +78,11 @@ class SamplingParams:
         if any(t < 0 or not -100 <= b <= 100 for t, b in pairs):
             raise _err("logit_bias", self.logit_bias, "token ids must be >= 0 and biases in [-100, 100]")
         object.__setattr__(self, "logit_bias", pairs)
+        if self.structured is not None:
+            st = tuple(self.structured)
+            if len(st) != 2 or st[0] not in ("json", "regex", "choice", "grammar") or not isinstance(st[1], str):
+                raise _err("structured", self.structured, "must be (json | regex | choice | grammar, text)")
+            object.__setattr__(self, "structured", st)
 
     @property
     def greedy(self) -> bool:

@@ -126,8 +126,21 @@ BAD = {
     "tool-choice": ("chat", _chat(tool_choice="auto"), 400, "invalid_request_error", "tool_choice", ["auto"]),
     "functions": ("chat", _chat(functions=[{"name": "f"}]), 400, "invalid_request_error", "functions",
                   ["not supported"]),
-    "response-format": ("chat", _chat(response_format={"type": "json_object"}), 400, "invalid_request_error",
-                        "response_format", ["json_object", "not supported"]),
+    "response-format-type": ("chat", _chat(response_format={"type": "yaml"}), 400, "invalid_request_error",
+                             "response_format", ["yaml", "json_schema"]),
+    "response-format-no-schema": ("chat", _chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+                                  400, "invalid_request_error", "response_format.json_schema", ["schema"]),
+    "schema-does-not-compile": ("chat", _chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}), 400,
+        "invalid_request_error", "response_format.json_schema.schema", ["does not compile"]),
+    "regex-does-not-compile": ("completion", _cmpl(structured_outputs={"regex": "(ab"}), 400, "invalid_request_error",
+                               "structured_outputs.regex", ["does not compile"]),
+    "structured-two-kinds": ("chat", _chat(structured_outputs={"regex": "a", "choice": ["a"]}), 400,
+                             "invalid_request_error", "structured_outputs", ["exactly one"]),
+    "structured-choice-empty": ("chat", _chat(structured_outputs={"choice": []}), 400, "invalid_request_error",
+                                "structured_outputs.choice", ["non-empty strings"]),
+    "structured-and-format": ("chat", _chat(structured_outputs={"choice": ["a"]}, response_format={"type": "json_object"}),
+                              400, "invalid_request_error", "structured_outputs", ["not both"]),
     "logit-bias-list": ("completion", _cmpl(logit_bias=[5]), 400, "invalid_request_error", "logit_bias",
                         ["token ids to biases"]),
     "logit-bias-301": ("completion", _cmpl(logit_bias={str(i): 1 for i in range(301)}), 400,
@@ -141,8 +154,6 @@ BAD = {
     "logit-bias-bool": ("completion", _cmpl(logit_bias={"5": True}), 400, "invalid_request_error", "logit_bias.5",
                         ["[-100, 100]"]),
     # DeepSeek / vLLM fields not served yet: each a 400 naming the field (README's endpoint list)
-    "structured-outputs": ("chat", _chat(structured_outputs={"choice": ["a"]}), 400, "invalid_request_error",
-                           "structured_outputs", ["Unrecognized"]),
     "guided-json": ("chat", _chat(guided_json={}), 400, "invalid_request_error", "guided_json", ["Unrecognized"]),
     "prompt-logprobs": ("completion", _cmpl(prompt_logprobs=1), 400, "invalid_request_error", "prompt_logprobs",
                         ["Unrecognized"]),
@@ -210,6 +221,19 @@ def test_logit_bias_parses_to_sorted_pairs(info):
     spec = parse_completion_request(_cmpl(logit_bias={"7": -100, "5": 2.5, "319": 100}), info)
     assert spec.params.logit_bias == ((5, 2.5), (7, -100.0), (319, 100.0))
     assert parse_completion_request(_cmpl(), info).params.logit_bias == ()
+
+
+def test_structured_outputs_parse_to_a_constraint(info):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    spec = parse_chat_request(_chat(response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "A", "schema": schema, "strict": True}}), info)
+    assert spec.params.structured[0] == "json" and json.loads(spec.params.structured[1]) == schema
+    assert parse_chat_request(_chat(response_format={"type": "json_object"}), info).params.structured == ("json", "")
+    assert parse_chat_request(_chat(response_format={"type": "text"}), info).params.structured is None
+    got = parse_completion_request(_cmpl(structured_outputs={"choice": ["yes", "no"]}), info).params.structured
+    assert got == ("choice", '["yes", "no"]')
+    assert parse_completion_request(_cmpl(structured_outputs={"regex": "[a-z]+"}), info).params.structured == \
+        ("regex", "[a-z]+")
 
 
 def test_sampling_params_error_becomes_400(info, monkeypatch):

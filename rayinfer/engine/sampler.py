@@ -48,6 +48,7 @@ class Sampler:
         self.seeds = random.Random(seed)  # seeds for unseeded requests
         self.device = torch.device(device)
         self.eos = sorted(eos_token_ids)
+        self.grammar = None  # engine.grammar.Grammars, attached where the rank has a tokenizer
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [B, V] for the sequences `seqs` (one row each) -> (token per row, logprobs per row)."""
@@ -100,14 +101,18 @@ class Sampler:
         return torch.cat([tokens[:, None].double(), chosen.double(), ids.double(), vals.double()], dim=1)
 
     def filter_logits(self, logits: torch.Tensor, seqs: list[Sequence], f: torch.Tensor | None = None):
-        """Everything that reshapes a row's logits before selection (penalties, min_tokens, logit_bias): the one
+        """Everything that reshapes a row's logits before selection (penalties, min_tokens, logit_bias, grammar): the one
         entry point every path that selects tokens goes through, so none can bypass a request's constraints."""
         if f is None and any(s.params.presence_penalty or s.params.frequency_penalty
                              or s.params.repetition_penalty != 1 for s in seqs):
             f = torch.tensor([[getattr(s.params, n) for n in _FLOATS] for s in seqs], dtype=torch.float32)
             f = f.to(logits.device)
-        logits = self._penalise(logits, seqs, f)
-        return self._logit_bias(self._min_tokens(logits, seqs), seqs)
+        logits = self._logit_bias(self._min_tokens(self._penalise(logits, seqs, f), seqs), seqs)
+        if any(s.params.structured for s in seqs):
+            if self.grammar is None:
+                raise ValueError("structured output needs the checkpoint's tokenizer on this rank")
+            logits = self.grammar.mask(logits, seqs)
+        return logits
 
     @staticmethod
     def _logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
