@@ -95,6 +95,34 @@ def test_logit_bias_forces_every_token_on_prefill_and_decode_ranks(server, offli
     assert banned.choices[0].text != greedy.text
 
 
+def test_structured_outputs_on_the_disaggregated_default(server):
+    """parse() with a Pydantic model, a streamed json_schema and structured_outputs.choice: the prefill rank's first
+    token and the decode rank's (after the handoff) all obey the grammar."""
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=6)
+        age: int = pydantic.Field(ge=0, le=99)
+
+    url, _ = server
+    client = _client(url)
+    messages = [{"role": "user", "content": "Who?"}]
+    for seed in (1, 2):
+        got = client.chat.completions.parse(model="tiny", messages=messages, response_format=Person, max_tokens=40,
+                                            temperature=1.0, seed=seed)
+        assert isinstance(got.choices[0].message.parsed, Person), got.choices[0].message.content
+    fmt = {"type": "json_schema", "json_schema": {"name": "P", "schema": Person.model_json_schema(), "strict": True}}
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=messages, response_format=fmt, max_tokens=40, temperature=1.0, seed=5, stream=True)
+        if c.choices)
+    Person.model_validate_json(text)
+    c = client.completions.create(model="tiny", prompt="Pick", max_tokens=8, temperature=1.0,
+                                  extra_body={"structured_outputs": {"choice": ["yes", "no way"]}})
+    assert c.choices[0].text in ("yes", "no way")
+    with pytest.raises(openai.BadRequestError, match="does not compile"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"structured_outputs": {"regex": "(a"}})
+
+
 def test_64_concurrent_streams_match_offline(server, offline):
     url, _ = server
     want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)]
