@@ -27,10 +27,10 @@ def run(llm, prompts, params) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="small")
-    ap.add_argument("--seqs", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=48)
+    ap.add_argument("--model", default="small", help="preset or checkpoint directory")
+    ap.add_argument("--seqs", type=int, default=32, help="sequences decoding together")
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence")
+    ap.add_argument("--output-len", type=int, default=48, help="output tokens per sequence (all of them generated)")
     a = ap.parse_args()
     import torch
 
