@@ -529,3 +529,11 @@ def test_official_client_round_trip(info, tok):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt="x")
     assert e.value.code == "model_not_found"
+
+
+def test_structured_output_without_xgrammar_is_a_clear_400(info, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # what `import xgrammar` meets where it is not installed
+    with pytest.raises(APIError) as e:
+        parse_chat_request(_chat(response_format={"type": "json_object"}), info)
+    assert e.value.status == 400 and "rayinfer[structured]" in str(e.value.to_dict()["error"]["message"])
