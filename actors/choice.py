@@ -11,7 +11,7 @@ import secrets
 from dataclasses import replace
 
 from rayinfer.messages import Delta, EngineRequest, SamplingParams, fold_delta
-from rayinfer.openai_protocol import ChoiceResult
+from rayinfer.openai.protocol import ChoiceResult
 
 
 def choice_seed(seed: int, choice: int) -> int:

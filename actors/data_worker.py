@@ -29,9 +29,9 @@ import pyarrow as pa
 from rayinfer.actors.choice import fold, own_seed
 from rayinfer.data.config import ProcessorConfig
 from rayinfer.data.rows import Plan, plan_row, result_columns, result_types
-from rayinfer.http_input import one_line
+from rayinfer.openai.http_input import one_line
 from rayinfer.messages import EngineRequest, SamplingParams
-from rayinfer.openai_protocol import APIError, ChoiceResult, ModelInfo
+from rayinfer.openai.protocol import APIError, ChoiceResult, ModelInfo
 
 IDLE_TIMEOUT_S = 300.0  # no delta for this long on a live call: its rank is taken as lost
 GANG_APP_PREFIX = "rayinfer-batch-"

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from rayinfer.openai_errors import APIError
+from rayinfer.openai.errors import APIError
 
 log = logging.getLogger("rayinfer.ingress")  # reaches the replica's log file through stderr
 RETRY_AFTER_S = {429: "1", 503: "5"}  # a full queue drains in about a second; a gang restarts in several

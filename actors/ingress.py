@@ -1,8 +1,8 @@
 """The HTTP ingress: OpenAI-compatible endpoints on Ray Serve + FastAPI.
 
 Owns the request's life at the edge: check the API key, read the body within its bound
-(rayinfer.http_input), parse, validate and tokenize it off the event loop
-(rayinfer.openai_protocol), admit it by its choices and tokens (rayinfer.openai_limits.Admission:
+(rayinfer.openai.http_input), parse, validate and tokenize it off the event loop
+(rayinfer.openai.protocol), admit it by its choices and tokens (rayinfer.openai.limits.Admission:
 429 with Retry-After beyond the queue bound), fan a request out into its choices, send each to
 a prefill rank and then, with the KV handoff, to a decode rank (or to one mixed rank when
 colocated), merge the choices' deltas into SSE chunks or one response, and count usage and
@@ -27,13 +27,13 @@ from rayinfer.actors.metrics import IngressMetrics
 from rayinfer.config import ModelConfig, ServeConfig
 from rayinfer.actors.resume import ChoiceRunner
 from rayinfer.messages import Delta, EngineRequest
-from rayinfer.openai_limits import Admission, RequestLimits
-from rayinfer.openai_protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
+from rayinfer.openai.limits import Admission, RequestLimits
+from rayinfer.openai.protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
                                       models_response, parse_chat_request, parse_completion_request, sse,
                                       usage_chunk, usage_for)
-from rayinfer.http_input import key_matches, one_line, parse_body, read_body
-from rayinfer.openai_tokenize import detokenize, tokenize
+from rayinfer.openai.http_input import key_matches, one_line, parse_body, read_body
+from rayinfer.openai.tokenize import detokenize, tokenize
 
 
 def inc(counter, n: int, tags: dict) -> None:

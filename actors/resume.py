@@ -30,9 +30,9 @@ from contextlib import aclosing
 from rayinfer.actors.choice import advance
 from rayinfer.balance import health
 from rayinfer.balance.prefix_index import page_keys
-from rayinfer.http_input import one_line
+from rayinfer.openai.http_input import one_line
 from rayinfer.messages import Delta, EngineRequest, RequestFailed, pack, unpack
-from rayinfer.openai_protocol import APIError
+from rayinfer.openai.protocol import APIError
 
 log = logging.getLogger("rayinfer.ingress")
 # `health.HEALTH` is looked up at each use, never bound here: Serve ships these classes by value, which would

@@ -33,6 +33,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the top k
     repetition_penalty: float = 1.0  # vLLM's: > 1 discourages any token already in the prompt or output
     min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this many tokens
+    # OpenAI's logit_bias as sorted (token id, bias) pairs (a dict is accepted): added to the logits before sampling
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: tuple[str, str] | None = None  # (kind, text): ("json", schema or "" for any object), regex, choice, grammar
 
     def __post_init__(self):
         num = (int, float)
@@ -66,6 +69,20 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= 20):
             raise _err("logprobs", self.logprobs, "must be None or an integer in [0, 20]")
+
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
+        try:
+            pairs = tuple(sorted((int(t), float(b)) for t, b in bias))
+        except (TypeError, ValueError):
+            raise _err("logit_bias", self.logit_bias, "must map token ids to numbers") from None
+        if any(t < 0 or not -100 <= b <= 100 for t, b in pairs):
+            raise _err("logit_bias", self.logit_bias, "token ids must be >= 0 and biases in [-100, 100]")
+        object.__setattr__(self, "logit_bias", pairs)
+        if self.structured is not None:
+            st = tuple(self.structured)
+            if len(st) != 2 or st[0] not in ("json", "regex", "choice", "grammar") or not isinstance(st[1], str):
+                raise _err("structured", self.structured, "must be (json | regex | choice | grammar, text)")
+            object.__setattr__(self, "structured", st)
 
     @property
     def greedy(self) -> bool:

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("ray.data")  # the `data` extra
 
 from rayinfer import LLM, SamplingParams  # noqa: E402
-from rayinfer.openai_protocol import APIError, ModelInfo, parse_chat_request  # noqa: E402
+from rayinfer.openai.protocol import APIError, ModelInfo, parse_chat_request  # noqa: E402
 
 SYSTEM = "You are a careful assistant who answers in one short sentence. " * 2  # > 64 tokens: a shared page
 MAX_TOKENS = 6

@@ -9,7 +9,7 @@ from rayinfer.config.model import ConfigError
 from rayinfer.data.batch_file import Output, envelope, request_id
 from rayinfer.data.config import ProcessorConfig
 from rayinfer.data.rows import MESSAGES, SAMPLING, decode_row, encode_row, plan_row
-from rayinfer.openai_protocol import ModelInfo
+from rayinfer.openai.protocol import ModelInfo
 
 
 def test_envelope_keeps_the_custom_id_of_a_line_it_refuses():

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from rayinfer.actors.choice import choice_seed
-from rayinfer.http_input import MAX_JSON_DEPTH, key_matches, one_line, parse_body, read_body
+from rayinfer.openai.http_input import MAX_JSON_DEPTH, key_matches, one_line, parse_body, read_body
 from rayinfer.model import resolve_model_path
-from rayinfer.openai_protocol import APIError, ModelInfo, parse_chat_request, parse_completion_request
-from rayinfer.openai_tokenize import detokenize, tokenize
+from rayinfer.openai.protocol import APIError, ModelInfo, parse_chat_request, parse_completion_request
+from rayinfer.openai.tokenize import detokenize, tokenize
 from rayinfer.tokenizer import load_tokenizer
 
 

@@ -12,9 +12,9 @@ import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from rayinfer import openai_protocol as proto
+from rayinfer.openai import protocol as proto
 from rayinfer.model import resolve_model_path
-from rayinfer.openai_protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
+from rayinfer.openai.protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
                                       models_response, parse_chat_request, parse_completion_request, sse,
                                       usage_chunk, usage_dict, usage_for)
@@ -126,10 +126,44 @@ BAD = {
     "tool-choice": ("chat", _chat(tool_choice="auto"), 400, "invalid_request_error", "tool_choice", ["auto"]),
     "functions": ("chat", _chat(functions=[{"name": "f"}]), 400, "invalid_request_error", "functions",
                   ["not supported"]),
-    "response-format": ("chat", _chat(response_format={"type": "json_object"}), 400, "invalid_request_error",
-                        "response_format", ["json_object", "not supported"]),
-    "logit-bias": ("completion", _cmpl(logit_bias={"5": 10}), 400, "invalid_request_error", "logit_bias",
-                   ["not supported"]),
+    "response-format-type": ("chat", _chat(response_format={"type": "yaml"}), 400, "invalid_request_error",
+                             "response_format", ["yaml", "json_schema"]),
+    "response-format-no-schema": ("chat", _chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+                                  400, "invalid_request_error", "response_format.json_schema", ["schema"]),
+    "schema-does-not-compile": ("chat", _chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}), 400,
+        "invalid_request_error", "response_format.json_schema.schema", ["does not compile"]),
+    "regex-does-not-compile": ("completion", _cmpl(structured_outputs={"regex": "(ab"}), 400, "invalid_request_error",
+                               "structured_outputs.regex", ["does not compile"]),
+    "structured-two-kinds": ("chat", _chat(structured_outputs={"regex": "a", "choice": ["a"]}), 400,
+                             "invalid_request_error", "structured_outputs", ["exactly one"]),
+    "structured-choice-empty": ("chat", _chat(structured_outputs={"choice": []}), 400, "invalid_request_error",
+                                "structured_outputs.choice", ["non-empty strings"]),
+    "structured-and-format": ("chat", _chat(structured_outputs={"choice": ["a"]}, response_format={"type": "json_object"}),
+                              400, "invalid_request_error", "structured_outputs", ["not both"]),
+    "logit-bias-list": ("completion", _cmpl(logit_bias=[5]), 400, "invalid_request_error", "logit_bias",
+                        ["token ids to biases"]),
+    "logit-bias-301": ("completion", _cmpl(logit_bias={str(i): 1 for i in range(301)}), 400,
+                       "invalid_request_error", "logit_bias", ["301", "at most 300"]),
+    "logit-bias-key-vocab": ("chat", _chat(logit_bias={"320": 1}), 400, "invalid_request_error", "logit_bias.320",
+                             ["[0, 320)"]),
+    "logit-bias-key-word": ("chat", _chat(logit_bias={"a": 1}), 400, "invalid_request_error", "logit_bias.a",
+                            ["token ids"]),
+    "logit-bias-value": ("completion", _cmpl(logit_bias={"5": 101}), 400, "invalid_request_error", "logit_bias.5",
+                         ["101", "[-100, 100]"]),
+    "logit-bias-bool": ("completion", _cmpl(logit_bias={"5": True}), 400, "invalid_request_error", "logit_bias.5",
+                        ["[-100, 100]"]),
+    # DeepSeek / vLLM fields not served yet: each a 400 naming the field (README's endpoint list)
+    "guided-json": ("chat", _chat(guided_json={}), 400, "invalid_request_error", "guided_json", ["Unrecognized"]),
+    "prompt-logprobs": ("completion", _cmpl(prompt_logprobs=1), 400, "invalid_request_error", "prompt_logprobs",
+                        ["Unrecognized"]),
+    "chat-template-kwargs": ("chat", _chat(chat_template_kwargs={"thinking": True}), 400, "invalid_request_error",
+                             "chat_template_kwargs", ["Unrecognized"]),
+    "reasoning-effort": ("chat", _chat(reasoning_effort="low"), 400, "invalid_request_error", "reasoning_effort",
+                         ["Unrecognized"]),
+    "chat-prefix": ("chat", _chat(messages=[{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "x", "prefix": True}]), 400,
+                    "invalid_request_error", "messages[1].prefix", ["not supported"]),
     "unknown-field": ("chat", _chat(frobnicate=1), 400, "invalid_request_error", "frobnicate",
                       ["Unrecognized request argument supplied: frobnicate"]),
     "chat-field-in-cmpl": ("completion", _cmpl(messages=[]), 400, "invalid_request_error", "messages",
@@ -181,6 +215,25 @@ def test_no_tokenizer(tok):
         with pytest.raises(APIError) as e:
             parse(body, bare)
         assert e.value.status == 400 and "tokenizer" in e.value.message
+
+
+def test_logit_bias_parses_to_sorted_pairs(info):
+    spec = parse_completion_request(_cmpl(logit_bias={"7": -100, "5": 2.5, "319": 100}), info)
+    assert spec.params.logit_bias == ((5, 2.5), (7, -100.0), (319, 100.0))
+    assert parse_completion_request(_cmpl(), info).params.logit_bias == ()
+
+
+def test_structured_outputs_parse_to_a_constraint(info):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    spec = parse_chat_request(_chat(response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "A", "schema": schema, "strict": True}}), info)
+    assert spec.params.structured[0] == "json" and json.loads(spec.params.structured[1]) == schema
+    assert parse_chat_request(_chat(response_format={"type": "json_object"}), info).params.structured == ("json", "")
+    assert parse_chat_request(_chat(response_format={"type": "text"}), info).params.structured is None
+    got = parse_completion_request(_cmpl(structured_outputs={"choice": ["yes", "no"]}), info).params.structured
+    assert got == ("choice", '["yes", "no"]')
+    assert parse_completion_request(_cmpl(structured_outputs={"regex": "[a-z]+"}), info).params.structured == \
+        ("regex", "[a-z]+")
 
 
 def test_sampling_params_error_becomes_400(info, monkeypatch):
@@ -476,3 +529,11 @@ def test_official_client_round_trip(info, tok):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt="x")
     assert e.value.code == "model_not_found"
+
+
+def test_structured_output_without_xgrammar_is_a_clear_400(info, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # what `import xgrammar` meets where it is not installed
+    with pytest.raises(APIError) as e:
+        parse_chat_request(_chat(response_format={"type": "json_object"}), info)
+    assert e.value.status == 400 and "rayinfer[structured]" in str(e.value.to_dict()["error"]["message"])

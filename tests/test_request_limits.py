@@ -1,4 +1,4 @@
-"""The bounds a request meets at the ingress before any rank sees it (rayinfer.openai_limits): every token id it
+"""The bounds a request meets at the ingress before any rank sees it (rayinfer.openai.limits): every token id it
 sends inside the vocabulary, its lists (prompts, choices, stop strings and ids) within `RequestLimits`, counted
 before any prompt is tokenized; and admission by choices and tokens, not by HTTP requests."""
 import time
@@ -6,8 +6,8 @@ import time
 import pytest
 
 from rayinfer.model import resolve_model_path
-from rayinfer.openai_limits import Admission, RequestLimits
-from rayinfer.openai_protocol import APIError, ModelInfo, parse_chat_request, parse_completion_request
+from rayinfer.openai.limits import Admission, RequestLimits
+from rayinfer.openai.protocol import APIError, ModelInfo, parse_chat_request, parse_completion_request
 from rayinfer.tokenizer import load_tokenizer
 
 VOCAB = 320

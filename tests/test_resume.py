@@ -11,7 +11,7 @@ from rayinfer.actors.choice import own_seed
 from rayinfer.actors.resume import ChoiceRunner
 from rayinfer.balance.health import HEALTH, GangHealth
 from rayinfer.messages import Delta, EngineRequest, KVHandoff, RequestFailed, SamplingParams, pack, unpack
-from rayinfer.openai_protocol import APIError
+from rayinfer.openai.protocol import APIError
 
 PROMPT = [5, 6, 7]
 MAX = 10

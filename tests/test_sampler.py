@@ -172,3 +172,34 @@ def test_seeds_are_taken_modulo_2_64_as_a_handoff_carries_them():
         return _run(Sampler(0), [_seq("n", [4], SamplingParams(temperature=1.0, seed=seed))], 8)[0]
 
     assert run(-3) == run(2 ** 64 - 3) != run(3)
+
+
+def test_logit_bias_forces_and_bans_tokens_and_leaves_logprobs_raw():
+    """+100 on one token makes every sampled token that token (at any temperature); -100 bans one; the reported
+    logprobs stay the model's own (OpenAI reports them before the bias)."""
+    forced = SamplingParams(max_tokens=8, temperature=1.5, seed=3, logit_bias={11: 100}, logprobs=1)
+    banned_id = None
+    plain = [_seq("p", [1, 2], SamplingParams(max_tokens=8, temperature=0.0))]
+    _run(Sampler(0), plain, 1)
+    banned_id = plain[0].output_token_ids[0]
+    seqs = [_seq("f", [1, 2], forced), _seq("b", [1, 2], SamplingParams(max_tokens=8, temperature=0.0,
+                                                                          logit_bias={banned_id: -100}))]
+    sampler = Sampler(0)
+    first_logits = _logits(seqs)
+    _, lps = sampler(first_logits, seqs)
+    assert lps[0][11] == pytest.approx(torch.log_softmax(first_logits[0], -1)[11].item(), abs=1e-6)
+    outs = _run(sampler, seqs, 6)
+    assert outs[0] == [11] * 6
+    assert outs[1][0] != banned_id
+    filtered = sampler.filter_logits(first_logits.clone(), seqs)
+    assert filtered[0, 11] == pytest.approx(first_logits[0, 11].item() + 100)
+
+
+def test_logit_bias_bounds_and_round_trip():
+    from rayinfer.messages import pack, unpack
+    p = SamplingParams(logit_bias={9: 1.5, 2: -3})
+    assert p.logit_bias == ((2, -3.0), (9, 1.5))
+    assert unpack(pack(p), SamplingParams) == p
+    for bad in ({-1: 1}, {2: 101}, {"x": 1}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

@@ -77,6 +77,52 @@ def test_completions_and_chat_streamed_and_not(server, offline):
     assert body["prompt_cache_hit_tokens"] + body["prompt_cache_miss_tokens"] == body["prompt_tokens"]
 
 
+def test_logit_bias_forces_every_token_on_prefill_and_decode_ranks(server, offline):
+    """+100 on one token: the prefill rank's first token and every decode-rank token are that token, sampled
+    at temperature 1, streamed and not; -100 on the greedy first token moves it."""
+    url, _ = server
+    client = _client(url)
+    forced = offline.tokenizer.decode([65] * 6)
+    c = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=1.0, seed=1,
+                                  logit_bias={"65": 100})
+    assert c.choices[0].text == forced, c.choices[0].text
+    chunks = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                            temperature=1.0, logit_bias={"65": 100}, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == forced
+    greedy = offline.generate(["Hello"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)[0]
+    banned = client.completions.create(model="tiny", prompt=[int(t) for t in greedy.prompt_token_ids], max_tokens=1,
+                                       temperature=0, logit_bias={str(greedy.token_ids[0]): -100}, logprobs=1)
+    assert banned.choices[0].text != greedy.text
+
+
+def test_structured_outputs_on_the_disaggregated_default(server):
+    """parse() with a Pydantic model, a streamed json_schema and structured_outputs.choice: the prefill rank's first
+    token and the decode rank's (after the handoff) all obey the grammar."""
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=6)
+        age: int = pydantic.Field(ge=0, le=99)
+
+    url, _ = server
+    client = _client(url)
+    messages = [{"role": "user", "content": "Who?"}]
+    for seed in (1, 2):
+        got = client.chat.completions.parse(model="tiny", messages=messages, response_format=Person, max_tokens=40,
+                                            temperature=1.0, seed=seed)
+        assert isinstance(got.choices[0].message.parsed, Person), got.choices[0].message.content
+    fmt = {"type": "json_schema", "json_schema": {"name": "P", "schema": Person.model_json_schema(), "strict": True}}
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=messages, response_format=fmt, max_tokens=40, temperature=1.0, seed=5, stream=True)
+        if c.choices)
+    Person.model_validate_json(text)
+    c = client.completions.create(model="tiny", prompt="Pick", max_tokens=8, temperature=1.0,
+                                  extra_body={"structured_outputs": {"choice": ["yes", "no way"]}})
+    assert c.choices[0].text in ("yes", "no way")
+    with pytest.raises(openai.BadRequestError, match="does not compile"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"structured_outputs": {"regex": "(a"}})
+
+
 def test_64_concurrent_streams_match_offline(server, offline):
     url, _ = server
     want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)]

@@ -5,8 +5,8 @@ or `messages` (a chat, rendered with the model's chat template), and optionally 
 of `SamplingParams` fields over the processor's defaults). The preprocess wrapper (`encode_row`) turns
 the nested values into JSON strings so rows of any shape make one Arrow schema; `plan_row` reads them
 back into the choices to run. A row may instead be one request of an OpenAI batch file (`openai_url`
-and the raw `openai_line`): it is parsed by the HTTP server's own validators (rayinfer.openai_protocol)
-and answered with the HTTP server's own response body (rayinfer.openai_responses).
+and the raw `openai_line`): it is parsed by the HTTP server's own validators (rayinfer.openai.protocol)
+and answered with the HTTP server's own response body (rayinfer.openai.responses).
 
 Crossing it: row dicts in; `Plan`s (token-id prompts + params per choice, or an `APIError`) out to the
 worker, and the worker's `ChoiceResult`s in; the result columns (`RESULT_TYPES`) out.
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from rayinfer.messages import SamplingParams
-from rayinfer.openai_protocol import (APIError, ChoiceResult, ModelInfo, chat_response, completion_response,
+from rayinfer.openai.protocol import (APIError, ChoiceResult, ModelInfo, chat_response, completion_response,
                                       parse_chat_request, parse_completion_request, usage_for)
 
 SAMPLING, MESSAGES = "__sampling_params", "__messages"  # the JSON-encoded forms of the nested row values

@@ -33,6 +33,10 @@ class Engine:
             runner = ModelRunner(config)
         self.runner = runner
         self.tokenizer = tokenizer or (load_tokenizer(runner.checkpoint_path) if runner.checkpoint_path else None)
+        if self.tokenizer is not None and getattr(runner, "sampler", None) is not None:
+            from rayinfer.engine.grammar import Grammars  # built at the first constrained request
+
+            runner.sampler.grammar = Grammars(self.tokenizer, runner.vocab_size, runner.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)

@@ -48,6 +48,7 @@ class Sampler:
         self.seeds = random.Random(seed)  # seeds for unseeded requests
         self.device = torch.device(device)
         self.eos = sorted(eos_token_ids)
+        self.grammar = None  # engine.grammar.Grammars, attached where the rank has a tokenizer
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [B, V] for the sequences `seqs` (one row each) -> (token per row, logprobs per row)."""
@@ -81,8 +82,7 @@ class Sampler:
         f = None  # per-row float parameters, built only when penalties or sampling need them
         if random or any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
             f = torch.tensor([[getattr(p, name) for name in _FLOATS] for p in params], dtype=torch.float32).to(dev)
-        logits = self._penalise(logits, seqs, f)
-        logits = self._min_tokens(logits, seqs)
+        logits = self.filter_logits(logits, seqs, f)
         tokens = logits.argmax(dim=-1)
         if random:
             seeds = [s.sample_seed & (2 ** 64 - 1) for s in seqs]
@@ -99,6 +99,29 @@ class Sampler:
         chosen = raw_lp.gather(1, tokens[:, None])
         vals, ids = raw_lp.topk(k_max, dim=-1)
         return torch.cat([tokens[:, None].double(), chosen.double(), ids.double(), vals.double()], dim=1)
+
+    def filter_logits(self, logits: torch.Tensor, seqs: list[Sequence], f: torch.Tensor | None = None):
+        """Everything that reshapes a row's logits before selection (penalties, min_tokens, logit_bias, grammar): the one
+        entry point every path that selects tokens goes through, so none can bypass a request's constraints."""
+        if f is None and any(s.params.presence_penalty or s.params.frequency_penalty
+                             or s.params.repetition_penalty != 1 for s in seqs):
+            f = torch.tensor([[getattr(s.params, n) for n in _FLOATS] for s in seqs], dtype=torch.float32)
+            f = f.to(logits.device)
+        logits = self._logit_bias(self._min_tokens(self._penalise(logits, seqs, f), seqs), seqs)
+        if any(s.params.structured for s in seqs):
+            if self.grammar is None:
+                raise ValueError("structured output needs the checkpoint's tokenizer on this rank")
+            logits = self.grammar.mask(logits, seqs)
+        return logits
+
+    @staticmethod
+    def _logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.logit_bias]
+        if not rows:
+            return logits
+        idx = torch.tensor([[i, t] for i, t, _ in rows], dtype=torch.int64).to(logits.device)
+        bias = torch.tensor([b for _, _, b in rows], dtype=logits.dtype).to(logits.device)
+        return logits.index_put((idx[:, 0], idx[:, 1]), bias, accumulate=True)
 
     def _penalise(self, logits: torch.Tensor, seqs: list[Sequence], f: torch.Tensor) -> torch.Tensor:
         """vLLM's order: repetition (prompt or output tokens: positive logits divided, negative multiplied),

@@ -1,6 +1,6 @@
 """Untrusted HTTP input before any parsing of its meaning: bytes in, a JSON object or an `APIError` out.
 
-Owns the checks every request body and header passes before `rayinfer.openai_protocol` reads it:
+Owns the checks every request body and header passes before `rayinfer.openai.protocol` reads it:
 the body-size bound (enforced while the bytes arrive, so a 10 MB body costs one chunk past the
 limit, not 10 MB), JSON that is well-formed, nested no deeper than `MAX_JSON_DEPTH`, free of
 lone surrogates (which no tokenizer can encode) and an object at the top; the API-key check
@@ -13,7 +13,7 @@ import hmac
 import json
 import re
 
-from rayinfer.openai_errors import APIError
+from rayinfer.openai.errors import APIError
 
 MAX_JSON_DEPTH = 64  # deeper than any OpenAI request needs
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rayinfer.openai_errors import APIError, _bad
+from rayinfer.openai.errors import APIError, _bad
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class RequestLimits:
     max_choices_per_request: int = 256  # n x prompts: what one request adds to the queue
     max_stop_strings: int = 4  # OpenAI's bound
     max_stop_token_ids: int = 64
+    max_logit_bias: int = 300  # OpenAI's bound
 
 
 def _check_count(count: int, bound: int, param: str, what: str, field: str) -> None:
@@ -56,6 +57,23 @@ def check_stops(stops: list, stop_ids: list, info: ModelInfo) -> None:
     _check_count(len(stops), lim.max_stop_strings, "stop", "stop strings", "max_stop_strings")
     _check_count(len(stop_ids), lim.max_stop_token_ids, "stop_token_ids", "stop token ids", "max_stop_token_ids")
     check_token_ids(stop_ids, "stop_token_ids", info.vocab_size)
+
+
+def check_logit_bias(bias, info: ModelInfo) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({"token id": bias}): at most max_logit_bias entries, ids in the vocabulary, biases
+    in [-100, 100]."""
+    if not isinstance(bias, dict):
+        raise _bad("logit_bias", bias, 'must be an object mapping token ids to biases, like {"50256": -100}')
+    _check_count(len(bias), info.limits.max_logit_bias, "logit_bias", "entries", "max_logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        tid = int(key) if isinstance(key, str) and key.isdigit() and len(key) < 12 else None
+        if tid is None or tid >= info.vocab_size:
+            raise _bad(f"logit_bias.{key}", value, f"keys must be token ids in [0, {info.vocab_size})")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not -100 <= value <= 100:
+            raise _bad(f"logit_bias.{key}", value, "biases must be numbers in [-100, 100]")
+        pairs.append((tid, float(value)))
+    return tuple(sorted(pairs))
 
 
 def _max_tokens(requested: int | None, prompt_len: int, info: ModelInfo, where: str) -> int:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import jinja2
 
-from rayinfer.openai_errors import APIError, _bad
-from rayinfer.openai_limits import _guard_length
-from rayinfer.openai_protocol import ModelInfo, _get_bool, _messages, _token_ids, check_model
-from rayinfer.openai_responses import token_text
+from rayinfer.openai.errors import APIError, _bad
+from rayinfer.openai.limits import _guard_length
+from rayinfer.openai.protocol import ModelInfo, _get_bool, _messages, _token_ids, check_model
+from rayinfer.openai.responses import token_text
 
 _TOKENIZE = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs",
              "continue_final_message"}

@@ -2,11 +2,11 @@
 
 Owns the HTTP layer's input contract and nothing else (no Ray, no I/O): what `/v1/completions`
 and `/v1/chat/completions` accept (vLLM's sampling extensions included), the chat template,
-tokenization and the mapping onto `SamplingParams`; the length limits are `rayinfer.openai_limits`'. Crossing it: the decoded JSON body and a `ModelInfo` in; a
+tokenization and the mapping onto `SamplingParams`; the length limits are `rayinfer.openai.limits`'. Crossing it: the decoded JSON body and a `ModelInfo` in; a
 `RequestSpec` (token-id prompts + `SamplingParams` + rendering options) out, or an `APIError`
 whose `status` and `to_dict()` are the HTTP response. Response shaping lives in
-`rayinfer.openai_responses` (re-exported here so the ingress has one import), the error object in
-`rayinfer.openai_errors`.
+`rayinfer.openai.responses` (re-exported here so the ingress has one import), the error object in
+`rayinfer.openai.errors`.
 
 Every mistake a client can make is a 400 naming the parameter and the bad value (an unknown
 model is a 404). Parameters sent as JSON null count as absent, since many clients send them.
@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import jinja2
 
 from rayinfer.messages import SamplingParams
-from rayinfer.openai_errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
-from rayinfer.openai_limits import (RequestLimits, _guard_length, _max_tokens, check_prompt_count, check_stops,
-                                    check_token_ids)
-from rayinfer.openai_responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_logprobs,  # noqa: F401
+from rayinfer.openai.errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
+from rayinfer.openai.limits import (RequestLimits, _guard_length, _max_tokens, check_logit_bias, check_prompt_count,
+                                    check_stops, check_token_ids)
+from rayinfer.openai.responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_logprobs,  # noqa: F401
                                        chat_response, completion_chunk, completion_logprobs,
                                        completion_response, models_response, sse, usage_chunk,
                                        usage_dict, usage_for)
+from rayinfer.openai.structured import parse_structured
 from rayinfer.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "pre
            "frequency_penalty", "n", "stop", "seed", "stream", "stream_options", "ignore_eos", "logit_bias",
            # vLLM's extensions, which its benchmark and many ecosystem clients send
            "repetition_penalty", "min_tokens", "stop_token_ids", "skip_special_tokens",
-           "spaces_between_special_tokens", "include_stop_str_in_output"}
+           "spaces_between_special_tokens", "include_stop_str_in_output", "structured_outputs"}
 _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
                               "tool_choice", "functions", "function_call", "response_format"}}
@@ -68,7 +69,6 @@ _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "su
 _HARMLESS = {"echo": lambda v: v is False, "best_of": lambda v: v == 1 and not isinstance(v, bool),
              "suffix": lambda v: v == "", "tools": lambda v: v == [], "functions": lambda v: v == [],
              "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
-             "response_format": lambda v: v == {"type": "text"}, "logit_bias": lambda v: v == {},
              # output shaping rayinfer always does one way: special tokens skipped, stop strings cut off
              "skip_special_tokens": lambda v: v is True, "spaces_between_special_tokens": lambda v: v is True,
              "include_stop_str_in_output": lambda v: v is False}
@@ -158,7 +158,9 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo
             stop_token_ids=tuple(stop_ids or ()), ignore_eos=_get_bool(body, "ignore_eos"),
             seed=_get_int(body, "seed", *_INT64), logprobs=logprobs,
             repetition_penalty=_get_num(body, "repetition_penalty", 0, 100, 1.0, lo_open=True),
-            min_tokens=_get_int(body, "min_tokens", 0, max_tokens, default=0))
+            min_tokens=_get_int(body, "min_tokens", 0, max_tokens, default=0),
+            logit_bias=check_logit_bias(body["logit_bias"], info) if body.get("logit_bias") is not None else (),
+            structured=parse_structured(body))
     except ValueError as e:  # a constraint SamplingParams knows and this layer does not
         name = str(e).split("=", 1)[0].removeprefix("SamplingParams.")
         raise APIError(400, f"Invalid request: {e}", param=name) from e
