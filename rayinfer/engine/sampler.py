@@ -100,6 +100,25 @@ class Sampler:
         vals, ids = raw_lp.topk(k_max, dim=-1)
         return torch.cat([tokens[:, None].double(), chosen.double(), ids.double(), vals.double()], dim=1)
 
+    def target_probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The distribution `sample` draws from, [B, V] in vocab order and normalised (penalties, min_tokens,
+        temperature, top-k/p, min-p applied); a greedy row is one-hot at its argmax. Speculative verification
+        accepts against this, so every filter applies under speculation as without it."""
+        params = [s.params for s in seqs]
+        logits = logits.float()
+        f = torch.tensor([[getattr(p, name) for name in _FLOATS] for p in params],
+                         dtype=torch.float32).to(logits.device)
+        logits = self._min_tokens(self._penalise(logits, seqs, f), seqs)
+        greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[1]).float()
+        if all(p.greedy for p in params):
+            return greedy
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=logits.device)
+        probs, order = self._filtered_probs(logits, f, top_k, params)
+        if order is not None:
+            probs = torch.zeros_like(logits).scatter_(1, order, probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        return torch.where(f[:, 0:1] == 0, greedy, probs)
+
     def _penalise(self, logits: torch.Tensor, seqs: list[Sequence], f: torch.Tensor) -> torch.Tensor:
         """vLLM's order: repetition (prompt or output tokens: positive logits divided, negative multiplied),
         then frequency and presence (output tokens only)."""

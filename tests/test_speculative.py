@@ -1,0 +1,102 @@
+"""Speculative verification math alone: greedy drafts accepted exactly while the target's argmax matches,
+sampled output distributed as the target's (chi-square, with greedy-only acceptance as a negative control
+that must fail), seeded draws independent of the batch, and accepted runs cut where plain decoding stops."""
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from rayinfer.engine.sampler import Sampler
+from rayinfer.engine.sequence import Sequence
+from rayinfer.engine.speculative import Seeds, cut_run, draft_tokens, verify
+from rayinfer.messages import SamplingParams
+
+V = 6
+P0 = torch.tensor([0.30, 0.25, 0.20, 0.12, 0.08, 0.05])
+P1 = torch.tensor([0.05, 0.10, 0.15, 0.20, 0.20, 0.30])
+Q0 = torch.tensor([0.10, 0.40, 0.05, 0.25, 0.15, 0.05])
+Q1 = torch.tensor([0.30, 0.05, 0.30, 0.05, 0.20, 0.10])
+
+
+def _spec(n, greedy_accept=False, seed0=0):
+    """n rows of a context-free target (P0 then P1, then P1 again for the bonus) drafted from Q0, Q1."""
+    seeds = Seeds.of([seed0 + i * 7919 for i in range(n)], [5] * n)
+    q = torch.stack([Q0, Q1]).expand(n, 2, V).contiguous()
+    p = torch.stack([P0, P1, P1]).expand(n, 3, V).contiguous()
+    no = torch.zeros(n, dtype=torch.bool)
+    drafts = torch.stack([draft_tokens(q[:, j], seeds, j, no) for j in range(2)], dim=1)
+    return verify(p, q, drafts, seeds, greedy_accept), drafts
+
+
+def _pvalue(tokens, probs):
+    counts = torch.bincount(tokens, minlength=V).double()
+    expected = probs.double() / probs.double().sum() * counts.sum()
+    return chisquare(counts.numpy(), expected.numpy()).pvalue
+
+
+def test_sampled_tokens_follow_the_target_distribution():
+    (tokens, n_emit), _ = _spec(24000)
+    assert _pvalue(tokens[:, 0], P0) > 0.01
+    second = tokens[n_emit >= 2, 1]
+    assert len(second) > 5000
+    assert _pvalue(second, P1) > 0.01
+    assert 0 < (n_emit == 1).sum() < len(n_emit)  # both rejections and acceptances happened
+
+
+def test_greedy_only_acceptance_is_detected():
+    (tokens, _), _ = _spec(24000, greedy_accept=True)
+    assert _pvalue(tokens[:, 0], P0) < 0.01
+
+
+def test_greedy_rows_accept_while_the_argmax_matches():
+    torch.manual_seed(0)
+    b, k = 64, 3
+    target = torch.randn(b, k + 1, V)
+    p = torch.nn.functional.one_hot(target.argmax(-1), V).float()
+    q = torch.randn(b, k, V).softmax(-1)
+    drafts = torch.where(torch.rand(b, k) < 0.6, target[:, :k].argmax(-1), torch.randint(0, V, (b, k)))
+    tokens, n_emit = verify(p, q, drafts, Seeds.of(list(range(b)), [0] * b))
+    best = target.argmax(-1)
+    for r in range(b):
+        match = (drafts[r] == best[r, :k]).long().tolist() + [0]
+        n = match.index(0) + 1
+        assert n_emit[r] == n
+        assert tokens[r, :n].tolist() == best[r, :n].tolist()
+
+
+def test_draws_are_a_function_of_seed_and_position_only():
+    (full, n_full), d_full = _spec(40, seed0=3)
+    seeds = Seeds.of([3 + i * 7919 for i in range(40)][10:20], [5] * 10)
+    q = torch.stack([Q0, Q1]).expand(10, 2, V).contiguous()
+    p = torch.stack([P0, P1, P1]).expand(10, 3, V).contiguous()
+    no = torch.zeros(10, dtype=torch.bool)
+    drafts = torch.stack([draft_tokens(q[:, j], seeds, j, no) for j in range(2)], dim=1)
+    part, n_part = verify(p, q, drafts, seeds)
+    assert torch.equal(drafts, d_full[10:20])
+    assert torch.equal(n_part, n_full[10:20])
+    for r in range(10):
+        assert part[r, :n_part[r]].tolist() == full[10 + r, :n_full[10 + r]].tolist()
+
+
+def test_target_probs_is_the_samplers_filtered_distribution():
+    logits = torch.randn(3, V) * 2
+    seqs = [Sequence(str(i), [1, 2], p) for i, p in enumerate([
+        SamplingParams(temperature=0), SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=3)])]
+    probs = Sampler(0).target_probs(logits, seqs)
+    assert torch.equal(probs[0], torch.nn.functional.one_hot(logits[0].argmax(), V).float())
+    assert torch.allclose(probs[1], logits[1].softmax(-1))
+    assert (probs[2] > 0).sum() == 3
+    assert torch.allclose(probs[2].sum(), torch.tensor(1.0))
+    top = logits[2].topk(3).indices
+    assert torch.allclose(probs[2][top], (logits[2][top] / 0.7).softmax(-1))
+
+
+@pytest.mark.parametrize("run,remaining,stop,want", [
+    ([4, 5, 6], 10, set(), ([4, 5, 6], False)),
+    ([4, 5, 6], 2, set(), ([4, 5], True)),
+    ([4, 5, 6], 10, {5}, ([4, 5], True)),
+    ([4, 5, 6], 1, {5}, ([4], True)),
+    ([4, 5, 6], 3, set(), ([4, 5, 6], True)),
+])
+def test_an_accepted_run_is_cut_where_plain_decoding_stops(run, remaining, stop, want):
+    assert cut_run(run, remaining, stop) == want
