@@ -100,3 +100,30 @@ def test_target_probs_is_the_samplers_filtered_distribution():
 ])
 def test_an_accepted_run_is_cut_where_plain_decoding_stops(run, remaining, stop, want):
     assert cut_run(run, remaining, stop) == want
+
+
+def test_rejected_drafts_pages_roll_back_and_only_verified_tokens_are_hashed():
+    from rayinfer.engine.block_manager import BlockManager, prefix_hashes
+    bm = BlockManager(6, 4)
+    seq = Sequence("r", [1, 2, 3, 4, 5, 6], SamplingParams(max_tokens=16))
+    bm.append(seq, 6)
+    seq.num_computed_tokens = 6
+    bm.commit(seq)
+    seq.token_ids.append(7)  # the prefill's sampled token
+    bm.append(seq, 1 + 3)  # it plus three drafts: slots up to position 9, three pages
+    assert len(seq.block_ids) == 3 and bm.num_free_blocks == 3
+    seq.num_computed_tokens = 7  # every draft rejected: only token 7 was verified
+    seq.token_ids.append(70)  # the corrected token, not yet computed
+    bm.trim(seq, seq.num_tokens)
+    bm.commit(seq)
+    assert len(seq.block_ids) == 2 and bm.num_free_blocks == 4
+    assert len(bm.cached) == 1
+    bm.append(seq, 1 + 3)
+    seq.num_computed_tokens = 11  # all three drafts 8, 9, 10 accepted, plus the bonus 11 pending
+    seq.token_ids.extend([8, 9, 10, 11])
+    bm.trim(seq, seq.num_tokens)
+    bm.commit(seq)
+    assert seq.block_hashes == prefix_hashes(seq.token_ids, 4, 2)
+    assert set(bm.cached) == set(seq.block_hashes)
+    bm.release(seq)
+    assert bm.num_free_blocks == 6
