@@ -127,3 +127,30 @@ def test_rejected_drafts_pages_roll_back_and_only_verified_tokens_are_hashed():
     assert set(bm.cached) == set(seq.block_hashes)
     bm.release(seq)
     assert bm.num_free_blocks == 6
+
+
+def _ctx_logits(seq, v=97):
+    g = torch.Generator().manual_seed(hash(tuple(seq.token_ids[-3:])) % 2 ** 31)
+    return 3 * torch.randn(v, generator=g)
+
+
+@pytest.mark.parametrize("wrong_at", [None, 0, 2])
+def test_penalised_greedy_verification_matches_plain_decoding(wrong_at):
+    """Penalties see each draft position's own history: a perfect drafter's run is plain decoding's."""
+    from rayinfer.engine.speculative import verify_views
+    params = SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.6, frequency_penalty=0.7)
+    sampler, plain = Sampler(0), Sequence("a", [3, 1, 4, 1, 5], params)
+    for _ in range(4):
+        (t,), _ = sampler(_ctx_logits(plain)[None], [plain])
+        plain.token_ids.append(t)
+    want = plain.output_token_ids
+    drafts = want[:3]
+    if wrong_at is not None:
+        drafts[wrong_at] = (drafts[wrong_at] + 1) % 97
+    seq = Sequence("a", [3, 1, 4, 1, 5], params)
+    views = verify_views([seq], [drafts])
+    p = sampler.target_probs(torch.stack([_ctx_logits(v) for v in views]), views)[None]  # [1, 4, V]
+    q = torch.nn.functional.one_hot(torch.tensor([drafts]), 97).float()
+    tokens, n = verify(p, q, torch.tensor([drafts]), Seeds.of([seq.sample_seed or 0], [seq.num_tokens]))
+    keep = 4 if wrong_at is None else wrong_at + 1
+    assert tokens[0, :n[0]].tolist() == want[:keep]

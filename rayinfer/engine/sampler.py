@@ -70,9 +70,7 @@ class Sampler:
         logprobs), K the largest `logprobs` asked in the batch; [B, 1] (the tokens) when none asked."""
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
         params = [s.params for s in seqs]
-        for s in seqs:
-            if s.sample_seed is None:
-                s.sample_seed = s.params.seed if s.params.seed is not None else self.seeds.getrandbits(64)
+        self.assign_seeds(seqs)
         dev = logits.device
         logits = logits.float()
         k_max = max((p.logprobs for p in params if p.logprobs is not None), default=None)
@@ -99,6 +97,11 @@ class Sampler:
         chosen = raw_lp.gather(1, tokens[:, None])
         vals, ids = raw_lp.topk(k_max, dim=-1)
         return torch.cat([tokens[:, None].double(), chosen.double(), ids.double(), vals.double()], dim=1)
+
+    def assign_seeds(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            if s.sample_seed is None:
+                s.sample_seed = s.params.seed if s.params.seed is not None else self.seeds.getrandbits(64)
 
     def target_probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The distribution `sample` draws from, [B, V] in vocab order and normalised (penalties, min_tokens,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from rayinfer.engine.sampler import uniform_noise
+from rayinfer.engine.sequence import Sequence
 
 _M32 = 0xFFFFFFFF
 # Purposes xored into the seed's high half so the draft, accept and resample draws at one position differ.
@@ -97,3 +98,17 @@ def cut_run(tokens: list[int], remaining: int, stop_ids: set[int]) -> tuple[list
         if t in stop_ids:
             return out, True
     return out, len(out) >= remaining
+
+
+def verify_views(seqs: list, drafts: list[list[int]]) -> list:
+    """Each sequence followed by its drafts, one view per verified position (k + 1 per sequence, row-major):
+    view j holds the sequence's tokens plus drafts[:j], so penalties and min_tokens see at draft position j
+    the history plain decoding would have had there. Views share params and sample_seed, not token lists."""
+    out = []
+    for seq, d in zip(seqs, drafts):
+        for j in range(len(d) + 1):
+            v = Sequence(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.params)
+            v.token_ids = seq.token_ids + list(d[:j])
+            v.sample_seed = seq.sample_seed
+            out.append(v)
+    return out
