@@ -118,6 +118,19 @@ class BlockManager:
             seq.block_hashes.append(h)
             prev = h
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Rolls `seq` back to its first `num_tokens` tokens' KV (rejected speculative drafts): pages past
+        them are dropped. Draft tokens never reach `num_computed_tokens` before they are verified, so no
+        page being dropped, nor any hash, holds an unverified token."""
+        assert seq.num_computed_tokens <= num_tokens, (seq, num_tokens)
+        keep = self.blocks_needed(num_tokens)
+        assert len(seq.block_hashes) <= keep
+        for bid in reversed(seq.block_ids[keep:]):
+            assert self.ref_counts[bid] == 1 and self.hashes[bid] is None, bid
+            self.ref_counts[bid] = 0
+            self.free[bid] = None
+        del seq.block_ids[keep:]
+
     def release(self, seq: Sequence) -> None:
         """Drops `seq`'s references; pages no one references become free (tail first)."""
         for bid in reversed(seq.block_ids):

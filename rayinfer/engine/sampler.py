@@ -71,9 +71,7 @@ class Sampler:
         logprobs), K the largest `logprobs` asked in the batch; [B, 1] (the tokens) when none asked."""
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
         params = [s.params for s in seqs]
-        for s in seqs:
-            if s.sample_seed is None:
-                s.sample_seed = s.params.seed if s.params.seed is not None else self.seeds.getrandbits(64)
+        self.assign_seeds(seqs)
         dev = logits.device
         logits = logits.float()
         k_max = max((p.logprobs for p in params if p.logprobs is not None), default=None)
@@ -122,6 +120,30 @@ class Sampler:
         idx = torch.tensor([[i, t] for i, t, _ in rows], dtype=torch.int64).to(logits.device)
         bias = torch.tensor([b for _, _, b in rows], dtype=logits.dtype).to(logits.device)
         return logits.index_put((idx[:, 0], idx[:, 1]), bias, accumulate=True)
+
+    def assign_seeds(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            if s.sample_seed is None:
+                s.sample_seed = s.params.seed if s.params.seed is not None else self.seeds.getrandbits(64)
+
+    def target_probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The distribution `sample` draws from, [B, V] in vocab order and normalised (penalties, min_tokens,
+        logit_bias, grammar, temperature, top-k/p, min-p applied); a greedy row is one-hot at its argmax.
+        Speculative verification accepts against this, so every filter applies under speculation as without it."""
+        params = [s.params for s in seqs]
+        logits = logits.float()
+        f = torch.tensor([[getattr(p, name) for name in _FLOATS] for p in params],
+                         dtype=torch.float32).to(logits.device)
+        logits = self.filter_logits(logits, seqs, f)  # logit_bias and grammar masks too
+        greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[1]).float()
+        if all(p.greedy for p in params):
+            return greedy
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=logits.device)
+        probs, order = self._filtered_probs(logits, f, top_k, params)
+        if order is not None:
+            probs = torch.zeros_like(logits).scatter_(1, order, probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        return torch.where(f[:, 0:1] == 0, greedy, probs)
 
     def _penalise(self, logits: torch.Tensor, seqs: list[Sequence], f: torch.Tensor) -> torch.Tensor:
         """vLLM's order: repetition (prompt or output tokens: positive logits divided, negative multiplied),
