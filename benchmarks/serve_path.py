@@ -5,7 +5,7 @@ and (c) the default disaggregated topology, N concurrent streaming /v1/completio
 send the same prompts; it prints output tok/s and its ratio to the offline engine, TTFT and inter-token latency
 (ITL, the gap between consecutive SSE chunks carrying text, divided by the tokens they carry) percentiles, and
 CPU seconds per 1,000 output tokens for each process kind (Serve's HTTP proxy, the ingress replica, the rank
-replicas, the rest of Ray), read from /proc over the measured window only (warm-up excluded).
+replicas, the rest of Ray, and this process: the clients), read from /proc over the measured window only (warm-up excluded).
 Run (timings: under the shared lock on a shared machine):
     flock /tmp/rayinfer-ray.lock python benchmarks/serve_path.py --model tiny --requests 64 --prompt-len 32 \
         --output-len 128
@@ -22,7 +22,7 @@ import time
 from _stream import stream_completion
 from serve import TOPOLOGIES, _offline_tps, describe, parse_topologies, serve_config
 
-KINDS = ("proxy", "ingress", "rank", "ray-other")
+KINDS = ("proxy", "ingress", "rank", "ray-other", "client")
 
 
 def _kind(cmdline: str) -> str | None:
@@ -55,6 +55,8 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
             out[int(pid)] = (kind, (int(fields[11]) + int(fields[12])) / tick)
         except (OSError, IndexError, ValueError):
             continue
+    t = os.times()
+    out[os.getpid()] = ("client", t.user + t.system)  # the HTTP clients (and Ray's driver threads): this process
     return out
 
 
