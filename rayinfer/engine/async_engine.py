@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from dataclasses import replace
 from typing import AsyncIterator
 
 from rayinfer.engine.engine import Engine
-from rayinfer.messages import Delta, EngineRequest
+from rayinfer.messages import Delta, EngineRequest, fold_delta
 
 
 class AsyncEngine:
@@ -43,13 +44,14 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         self._submit(("add", request, asyncio.get_running_loop(), q, kv))
         del kv  # the engine keeps it until the request is admitted; this frame lives as long as the stream
-        finished = False
+        finished, pending = False, None
         try:
             while True:
-                item = await q.get()
+                item, pending = (pending if pending is not None else await q.get()), None
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                item, pending = _coalesce(item, q)
                 finished = item.finish_reason is not None
                 yield item
                 if finished:
@@ -162,3 +164,19 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+
+def _coalesce(delta: Delta, q: asyncio.Queue) -> tuple[Delta, object]:
+    """`delta` with the deltas already queued behind it folded in, so a consumer slower than the engine gets
+    one message per wake-up instead of one per step (several tokens per message; text, logprobs, finish kept).
+    -> (the merged delta, an error that was queued behind it, to be raised next, or None)."""
+    if delta.finish_reason is not None or q.empty():
+        return delta, None
+    merged = replace(delta, token_ids=list(delta.token_ids),
+                     logprobs=None if delta.logprobs is None else list(delta.logprobs))
+    while merged.finish_reason is None and not q.empty():
+        nxt = q.get_nowait()
+        if isinstance(nxt, BaseException):
+            return merged, nxt
+        fold_delta(merged, nxt)
+    return merged, None
