@@ -67,3 +67,22 @@ def test_config_is_frozen():
     cfg = ModelConfig.from_dict(V3)
     with pytest.raises(Exception):
         cfg.hidden_size = 1
+
+
+def test_role_options_are_the_engines_own():
+    from rayinfer.config import ServeConfig
+    from rayinfer.config.serve import ROLE_ENGINE_OPTIONS, RoleConfig
+
+    default = ServeConfig().engine_config("decode")
+    role = RoleConfig()
+    for section, name in ROLE_ENGINE_OPTIONS:
+        group = next(g for g in (default.cache, default.scheduler, default.parallel) if isinstance(g, section))
+        assert getattr(role, name) in (None, getattr(group, name)), name  # the engine's default, or left to it
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        ServeConfig.from_dict({"decode": {"max_num_batched_tokens": 0}})
+    with pytest.raises(ConfigError, match="eplb_interval_s"):
+        ServeConfig.from_dict({"prefill": {"eplb_interval_s": -1}})
+    tuned = ServeConfig.from_dict({"decode": {"max_num_seqs": 8, "kv_cache_memory": "1MiB"}})
+    assert tuned.engine_config("decode").scheduler.max_num_seqs == 8
+    assert tuned.engine_config("decode").cache.kv_cache_memory == 2**20
+    assert tuned.engine_config("prefill").cache.kv_cache_memory == tuned.kv_cache_memory

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 
-from rayinfer.config.engine import EngineConfig, parse_bytes
+from rayinfer.config.engine import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_bytes
 from rayinfer.config.model import ConfigError, check_field
 
 ROLES = ("prefill", "decode", "mixed")
@@ -55,26 +55,43 @@ class AutoscalingConfig:
                     look_back_period_s=self.look_back_s)
 
 
+# The engine options a role may set for its ranks: (engine config section, field). Their types, defaults and checks
+# are the engine's own; a role only adds which ones it carries (kv_cache_memory may also be left to the deployment's).
+ROLE_ENGINE_OPTIONS = ((SchedulerConfig, "max_num_seqs"), (SchedulerConfig, "max_num_batched_tokens"),
+                       (CacheConfig, "kv_cache_memory"), (ParallelConfig, "num_redundant_experts"),
+                       (ParallelConfig, "enable_overlap"), (ParallelConfig, "eplb_interval_s"))
+
+
+def _engine_default(section, name):
+    return next(f.default for f in fields(section) if f.name == name)
+
+
 @dataclass(frozen=True)
 class RoleConfig:
-    """One role's gangs: `num_gangs` units of `ep_size` ranks, and their ranks' engine options."""
+    """One role's gangs: `num_gangs` units of `ep_size` ranks, and their ranks' engine options
+    (`ROLE_ENGINE_OPTIONS`, with the engine's defaults and validation)."""
 
     ep_size: int = 2
     num_gangs: int = 1
-    num_redundant_experts: int = 0
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    kv_cache_memory: int | None = None
-    enable_overlap: bool = True
-    eplb_interval_s: float = 0.0  # live expert rebalancing period; 0: off
+    num_redundant_experts: int = _engine_default(ParallelConfig, "num_redundant_experts")
+    max_num_seqs: int = _engine_default(SchedulerConfig, "max_num_seqs")
+    max_num_batched_tokens: int = _engine_default(SchedulerConfig, "max_num_batched_tokens")
+    kv_cache_memory: int | None = None  # None: the deployment's kv_cache_memory
+    enable_overlap: bool = _engine_default(ParallelConfig, "enable_overlap")
+    eplb_interval_s: float = _engine_default(ParallelConfig, "eplb_interval_s")  # live rebalancing period; 0: off
     autoscaling: AutoscalingConfig | None = None  # None: `num_gangs` gangs, always
 
     def __post_init__(self):
-        for name in ("ep_size", "num_gangs", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("ep_size", "num_gangs"):
             v = getattr(self, name)
             check_field(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
-        check_field(isinstance(self.num_redundant_experts, int) and self.num_redundant_experts >= 0,
-                    "num_redundant_experts", self.num_redundant_experts, "must be an integer >= 0")
+        for section in {s for s, _ in ROLE_ENGINE_OPTIONS}:  # the engine checks its own options
+            section(**{n: v for s, n in ROLE_ENGINE_OPTIONS if s is section
+                       and (v := getattr(self, n)) is not None})
+
+    def engine_options(self) -> dict:
+        """This role's engine options, as `EngineConfig.from_options` takes them (unset ones left out)."""
+        return {n: v for _, n in ROLE_ENGINE_OPTIONS if (v := getattr(self, n)) is not None}
 
 
 @dataclass(frozen=True)
@@ -140,12 +157,10 @@ class ServeConfig:
 
     def engine_config(self, role: str) -> EngineConfig:
         r = self.role(role)
+        options = {"kv_cache_memory": self.kv_cache_memory, **r.engine_options()}
         return EngineConfig.from_options(
             self.model, dtype=self.dtype, device=self.device, seed=self.seed, enforce_eager=self.enforce_eager,
-            ep_size=r.ep_size, num_redundant_experts=r.num_redundant_experts, enable_overlap=r.enable_overlap,
-            max_num_seqs=r.max_num_seqs, max_num_batched_tokens=r.max_num_batched_tokens,
-            kv_cache_memory=r.kv_cache_memory or self.kv_cache_memory, scheduler_mode=role,
-            eplb_interval_s=r.eplb_interval_s, disk_cache_dir=self.disk_cache_dir,
+            ep_size=r.ep_size, scheduler_mode=role, **options, disk_cache_dir=self.disk_cache_dir,
             disk_cache_bytes=self.disk_cache_bytes, collective_timeout_s=self.collective_timeout_s)
 
     @property
