@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import jinja2
 
 from rayinfer.messages import SamplingParams
+from rayinfer.openai.chat_output import starts_in_reasoning
 from rayinfer.openai.errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
 from rayinfer.openai.limits import (RequestLimits, _guard_length, _max_tokens, check_logit_bias, check_prompt_count,
                                     check_stops, check_token_ids)
@@ -39,6 +40,7 @@ class ModelInfo:
     kv_capacity_tokens: int = 0  # what the serving ranks' KV cache holds for one request; 0: not known
     max_token_chars: int = 0  # the longest token's length in characters; 0: no length guard before tokenizing
     limits: RequestLimits = RequestLimits()  # list sizes one request may send
+    reasoning_parser: str | None = None  # rayinfer.openai.chat_output.choose_reasoning_parser's choice
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RequestSpec:
     include_usage: bool = False
     logprobs: int | bool | None = None  # completions: top-k count or None; chat: bool
     top_logprobs: int = 0  # chat only
+    reasoning: bool | None = None  # chat: None without a reasoning parser, else whether the output starts reasoning
 
 
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
@@ -249,8 +252,9 @@ def _messages(messages) -> list[dict]:
         elif not isinstance(content, str):
             raise _bad(f"{at}.content", content, "must be a string or a list of text parts")
         for key, value in m.items():
-            # Clients echo assistant messages back with null fields (refusal, tool_calls, audio...).
-            if key not in ("role", "content", "name") and value not in (None, []):
+            # Clients echo assistant messages back with null fields (refusal, tool_calls, audio...); a previous
+            # turn's reasoning_content is dropped, as DeepSeek documents (never sent back into the prompt).
+            if key not in ("role", "content", "name", "reasoning_content") and value not in (None, []):
                 raise _bad(f"{at}.{key}", value, "not supported by this server")
         out.append({"role": m["role"], "content": content})
     return out
@@ -281,5 +285,5 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     stream, include_usage = _stream_flags(body)
     return RequestSpec("chat", info.name, [(text, ids)],
                        _sampling(body, max_tokens, (top or 0) if logprobs else None, info), n=n, stream=stream,
-                       include_usage=include_usage,
-                       logprobs=logprobs, top_logprobs=top or 0)
+                       include_usage=include_usage, logprobs=logprobs, top_logprobs=top or 0,
+                       reasoning=None if info.reasoning_parser is None else starts_in_reasoning(text))

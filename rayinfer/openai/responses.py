@@ -133,9 +133,11 @@ def completion_response(id: str, created: int, model: str, choices: list[ChoiceR
 
 
 def chat_response(id: str, created: int, model: str, choices: list[ChoiceResult], usage: dict,
-                  tokenizer=None, top_logprobs: int = 0) -> dict:
+                  tokenizer=None, top_logprobs: int = 0, message=None) -> dict:
+    """`message`: text -> the assistant message (rayinfer.openai.chat_output splits out the reasoning)."""
+    message = message or (lambda text: {"role": "assistant", "content": text})
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+            "choices": [{"index": c.index, "message": message(c.text),
                          "finish_reason": _final_reason(c.finish_reason),
                          "logprobs": None if c.logprobs is None else
                          chat_logprobs(tokenizer, c.token_ids, c.logprobs, top_logprobs)}
@@ -157,10 +159,12 @@ def completion_chunk(id: str, created: int, model: str, index: int, text: str, f
 
 
 def chat_chunk(id: str, created: int, model: str, index: int, delta_text: str | None, finish_reason: str | None,
-               role: str | None = None, logprobs: dict | None = None) -> dict:
+               role: str | None = None, logprobs: dict | None = None, reasoning: str | None = None) -> dict:
     """`role` on a choice's first chunk (OpenAI sends role + empty content first); `logprobs`:
-    this chunk's tokens, already shaped by `chat_logprobs`."""
+    this chunk's tokens, already shaped by `chat_logprobs`; `reasoning`: a `reasoning_content` delta."""
     delta = {"role": role, "content": delta_text or ""} if role else ({"content": delta_text} if delta_text else {})
+    if reasoning:
+        delta["reasoning_content"] = reasoning
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": index, "delta": delta, "finish_reason": _chunk_reason(finish_reason),
                          "logprobs": logprobs}]}
