@@ -27,7 +27,7 @@ from rayinfer.actors.metrics import IngressMetrics
 from rayinfer.config import ModelConfig, ServeConfig
 from rayinfer.actors.resume import ChoiceRunner
 from rayinfer.messages import Delta, EngineRequest
-from rayinfer.openai.chat_output import StreamSplit, choose_reasoning_parser, split_message
+from rayinfer.openai.chat_output import StreamSplit, choose_reasoning_parser, split_message, tool_format_of
 from rayinfer.openai.limits import Admission, RequestLimits
 from rayinfer.openai.protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
@@ -54,10 +54,11 @@ class Ingress:
         tok = load_tokenizer(path)
         longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=0) if tok else 0
         limits = RequestLimits(config.max_prompts_per_request, config.max_choices_per_request,
-                               config.max_stop_strings, config.max_stop_token_ids)
+                               config.max_stop_strings, config.max_stop_token_ids, max_tools=config.max_tools)
         self.info = ModelInfo(config.model_name, model.max_position_embeddings, model.vocab_size,
                               tok, int(time.time()), max_token_chars=longest, limits=limits,
-                              reasoning_parser=choose_reasoning_parser(config.reasoning_parser, tok))
+                              reasoning_parser=choose_reasoning_parser(config.reasoning_parser, tok),
+                              tool_format=tool_format_of(tok))
         self.prefill, self.decode, self.mixed = prefill, decode, mixed
         self.runner = ChoiceRunner(prefill, decode, mixed, config.resume_deadline_s, config.max_resumes,
                                    config.quarantine_after)
@@ -181,7 +182,7 @@ class Ingress:
         usage, tok = usage_for(results, spec.n), self.info.tokenizer
         if kind == "chat":
             body = chat_response(rid, int(time.time()), self.info.name, results, usage, tok, spec.top_logprobs,
-                                 message=lambda text: split_message(text, spec.reasoning))
+                                 message=lambda text: split_message(text, spec.reasoning, spec.tool_format))
         else:
             body = completion_response(rid, int(time.time()), self.info.name, results, usage, tok)
         return JSONResponse(body)
@@ -248,7 +249,7 @@ class Ingress:
 
         tasks = [asyncio.create_task(pump(i)) for i in range(count)]
         results = [empty_choice(spec, i) for i in range(count)]
-        split = StreamSplit(rid, created, self.info.name, count, spec.reasoning) if chat else None
+        split = StreamSplit(rid, created, self.info.name, count, spec.reasoning, spec.tool_format) if chat else None
         status = 200
         try:
             if chat:

@@ -1,7 +1,8 @@
-"""Reasoning output at the chat front door, without Ray: which parser a served model gets (checkpoint template or
-serve option), and scripted R1-style outputs shaped into `message.reasoning_content` / `content` and into stream
-chunks (reasoning deltas before content deltas), fed to the official `openai` client over a mock transport with
-the deltas split at every character (so inside `<think>` and `</think>`)."""
+"""Reasoning and tool-call output at the chat front door, without Ray: which parser a served model gets (checkpoint
+template or serve option), tools rendered into the prompt, and scripted DeepSeek outputs shaped into
+`message.reasoning_content` / `content` / `tool_calls` and into stream chunks (reasoning deltas, then content, then
+tool-call deltas), fed to the official `openai` client over a mock transport with the deltas split at every
+character (so inside `<think>`, `</think>` and every tool-call token)."""
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import pytest
 
 from rayinfer.config import ServeConfig
 from rayinfer.model import resolve_model_path
+from rayinfer.openai.markers import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP
 from rayinfer.openai.chat_output import StreamSplit, choose_reasoning_parser, split_message
 from rayinfer.openai.protocol import (SSE_DONE, ChoiceResult, ModelInfo, chat_chunk, chat_response,
                                       parse_chat_request, sse, usage_for)
@@ -33,14 +35,18 @@ OUTPUT = "Two and two.\nThat is 4.\n</think>\n\nThe answer is **4**."
 REASONING, CONTENT = "Two and two.\nThat is 4.\n", "The answer is **4**."
 
 
-@pytest.fixture(scope="module")
-def thinking_tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("r1ckpt")
+def _tok_with(tmp_path_factory, template):
+    d = tmp_path_factory.mktemp("ckpt")
     shutil.copy(os.path.join(TINY, "tokenizer.json"), d)
     cfg = json.load(open(os.path.join(TINY, "tokenizer_config.json")))
-    cfg["chat_template"] = THINKING_TEMPLATE
+    cfg["chat_template"] = template
     (d / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
     return load_tokenizer(str(d))
+
+
+@pytest.fixture(scope="module")
+def thinking_tok(tmp_path_factory):
+    return _tok_with(tmp_path_factory, THINKING_TEMPLATE)
 
 
 def test_parser_comes_from_the_template_or_the_serve_option(thinking_tok):
@@ -80,9 +86,9 @@ def _server(info, pieces):
         choices = [ChoiceResult(i, list(range(len(pieces))), text, None, "stop", 5) for i in range(spec.n)]
         if not spec.stream:
             body = chat_response("id-1", 1, info.name, choices, usage_for(choices, spec.n),
-                                 message=lambda t: split_message(t, spec.reasoning))
+                                 message=lambda t: split_message(t, spec.reasoning, spec.tool_format))
             return httpx2.Response(200, json=body)
-        split = StreamSplit("id-1", 1, info.name, spec.n, spec.reasoning)
+        split = StreamSplit("id-1", 1, info.name, spec.n, spec.reasoning, spec.tool_format)
         frames = [chat_chunk("id-1", 1, info.name, 0, "", None, role="assistant")]
         for k, piece in enumerate(pieces):
             frames += split.chunks(0, piece, "stop" if k == len(pieces) - 1 else None)
@@ -132,3 +138,98 @@ def test_stream_sends_reasoning_deltas_then_content_deltas_at_every_split(thinki
         assert (reasoning, content) == want, pieces
         assert kinds == sorted(kinds, reverse=True), pieces  # every reasoning delta before any content delta
         assert reasons[-1] == "stop" and not any(reasons[:-1]), pieces
+
+
+TOOL_TEMPLATE = (  # renders the tools, an assistant turn's calls and the tool results, V3's way
+    "{{ bos_token }}{% if tools %}## Tools{% for t in tools %}\n- {{ t.function.name }}: "
+    "{{ t.function.get('parameters', {}) | tojson }}{% endfor %}\n{% endif %}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}{% elif m['role'] == 'tool' %}"
+    "<｜tool▁output▁begin｜>{{ m['content'] }}<｜tool▁output▁end｜>{% elif m['role'] == 'assistant' %}<｜Assistant｜>"
+    "{{ m['content'] }}{% for c in m.get('tool_calls', []) %}<｜tool▁call▁begin｜>function<｜tool▁sep｜>"
+    "{{ c.function.name }}\n```json\n{{ c.function.arguments }}\n```<｜tool▁call▁end｜>{% endfor %}"
+    "<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+NOW = {"type": "function", "function": {"name": "now"}}
+CALLS_OUT = (f"Let me check.{CALLS_BEGIN}{CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n"
+             f'{{"city": "Paris"}}\n```{CALL_END}{CALL_BEGIN}function{TOOL_SEP}now\n```json\n{{}}\n```{CALL_END}'
+             f"{CALLS_END}")
+WANT_CALLS = [("get_weather", {"city": "Paris"}), ("now", {})]
+
+
+@pytest.fixture(scope="module")
+def tool_tok(tmp_path_factory):
+    return _tok_with(tmp_path_factory, TOOL_TEMPLATE)
+
+
+def test_tools_and_tool_history_are_rendered_by_the_template(tool_tok):
+    info = ModelInfo("v3", 512, 320, tool_tok)
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                                     "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "22C"}]
+    spec = parse_chat_request({"model": "v3", "messages": history, "tools": [WEATHER, NOW]}, info)
+    text = spec.prompts[0][0]
+    assert "- get_weather: " in text and "- now: {}" in text and '"required": ["city"]' in text
+    assert f'{TOOL_SEP}get_weather\n```json\n{{"city": "Paris"}}' in text and "22C<｜tool▁output▁end｜>" in text
+    assert spec.tool_format == "v3"
+    assert parse_chat_request({"model": "v3", "messages": history[:1], "tools": [WEATHER],
+                               "tool_choice": "none"}, info).tool_format is None
+
+
+def _calls(msg_calls):
+    return [(c.function.name, json.loads(c.function.arguments)) for c in msg_calls]
+
+
+def test_client_gets_tool_calls_with_finish_reason_tool_calls(tool_tok):
+    info = ModelInfo("v3", 512, 320, tool_tok)
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    client = _client(_server(info, [CALLS_OUT]))
+    got = client.chat.completions.create(model="v3", messages=msgs, tools=[WEATHER, NOW], tool_choice="auto")
+    choice = got.choices[0]
+    assert (choice.finish_reason, choice.message.content) == ("tool_calls", "Let me check.")
+    assert _calls(choice.message.tool_calls) == WANT_CALLS
+    assert len({c.id for c in choice.message.tool_calls}) == 2
+    # tool_choice "none" (or no tools): the same output is plain content
+    got = client.chat.completions.create(model="v3", messages=msgs, tools=[WEATHER], tool_choice="none")
+    assert (got.choices[0].finish_reason, got.choices[0].message.content) == ("stop", CALLS_OUT)
+    assert not got.choices[0].message.tool_calls
+
+
+def _stream_calls(client, tools, **kw):
+    content, calls, reasons, reasoning = "", {}, [], ""
+    for chunk in client.chat.completions.create(model="m", messages=[{"role": "user", "content": "?"}],
+                                                stream=True, tools=tools, **kw):
+        delta = chunk.choices[0].delta
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            if d.id is not None:
+                assert d.index not in calls
+                calls[d.index] = [d.function.name, ""]
+            calls[d.index][1] += d.function.arguments or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    assert not any(reasons[:-1])
+    return reasoning, content, [(n, json.loads(a)) for _, (n, a) in sorted(calls.items())], reasons[-1]
+
+
+def test_streamed_tool_call_deltas_at_every_split(tool_tok):
+    info = ModelInfo("m", 512, 320, tool_tok)
+    for pieces in _cuts(CALLS_OUT):
+        got = _stream_calls(_client(_server(info, pieces)), [WEATHER, NOW])
+        assert got == ("", "Let me check.", WANT_CALLS, "tool_calls"), pieces
+
+
+def test_reasoning_then_tool_calls_streamed_and_not(thinking_tok):
+    info = ModelInfo("m", 512, 320, thinking_tok, reasoning_parser="deepseek_r1")  # the prompt ends in <think>
+    out = "Need the weather.</think>\n\n" + CALLS_OUT
+    got = _client(_server(info, [out])).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "?"}], tools=[WEATHER, NOW])
+    msg = got.choices[0].message
+    assert (msg.reasoning_content, msg.content, _calls(msg.tool_calls)) == ("Need the weather.", "Let me check.",
+                                                                           WANT_CALLS)
+    for pieces in ([out], list(out)):
+        assert _stream_calls(_client(_server(info, pieces)), [WEATHER, NOW]) == \
+            ("Need the weather.", "Let me check.", WANT_CALLS, "tool_calls")

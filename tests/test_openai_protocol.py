@@ -39,6 +39,9 @@ def info(tok) -> ModelInfo:
     return ModelInfo("tiny", MAX_LEN, VOCAB, tok, created=1700000000)
 
 
+_F = {"type": "function", "function": {"name": "f"}}
+
+
 def _chat(**kw):
     return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **kw}
 
@@ -121,9 +124,22 @@ BAD = {
     "echo": ("completion", _cmpl(echo=True), 400, "invalid_request_error", "echo", ["not supported"]),
     "best-of": ("completion", _cmpl(best_of=3), 400, "invalid_request_error", "best_of", ["3", "not supported"]),
     "suffix": ("completion", _cmpl(suffix="}"), 400, "invalid_request_error", "suffix", ["not supported"]),
-    "tools": ("chat", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "invalid_request_error",
-              "tools", ["not supported"]),
-    "tool-choice": ("chat", _chat(tool_choice="auto"), 400, "invalid_request_error", "tool_choice", ["auto"]),
+    "tool-choice-required": ("chat", _chat(tools=[_F], tool_choice="required"), 400, "invalid_request_error",
+                             "tool_choice", ["required", "not supported", "auto"]),
+    "tool-choice-named": ("chat", _chat(tools=[_F], tool_choice={"type": "function", "function": {"name": "f"}}),
+                          400, "invalid_request_error", "tool_choice", ["not supported"]),
+    "tool-choice-no-tools": ("chat", _chat(tool_choice="auto"), 400, "invalid_request_error", "tool_choice",
+                             ["auto", "only allowed when 'tools'"]),
+    "tools-too-many": ("chat", _chat(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]),
+                       400, "invalid_request_error", "tools", ["129", "at most 128", "max_tools"]),
+    "tools-too-big": ("chat", _chat(tools=[{"type": "function", "function": {
+                          "name": "f", "description": "d" * 70000}}]), 400, "invalid_request_error", "tools",
+                      ["at most 65536"]),
+    "tool-bad-name": ("chat", _chat(tools=[{"type": "function", "function": {"name": "a b"}}]), 400,
+                      "invalid_request_error", "tools[0].function.name", ["a b"]),
+    "tool-not-function": ("chat", _chat(tools=[{"type": "retrieval"}]), 400, "invalid_request_error", "tools[0]",
+                          ["retrieval"]),
+    "tool-names-repeat": ("chat", _chat(tools=[_F, _F]), 400, "invalid_request_error", "tools", ["unique"]),
     "functions": ("chat", _chat(functions=[{"name": "f"}]), 400, "invalid_request_error", "functions",
                   ["not supported"]),
     "response-format-type": ("chat", _chat(response_format={"type": "yaml"}), 400, "invalid_request_error",
@@ -174,8 +190,8 @@ BAD = {
     "messages-empty": ("chat", _chat(messages=[]), 400, "invalid_request_error", "messages", ["non-empty"]),
     "messages-str": ("chat", _chat(messages="hi"), 400, "invalid_request_error", "messages", ['"hi"']),
     "message-not-object": ("chat", _chat(messages=[5]), 400, "invalid_request_error", "messages[0]", ["5"]),
-    "role-tool": ("chat", _chat(messages=[{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]), 400,
-                  "invalid_request_error", "messages[1].role", ['"tool"', "system, user, assistant"]),
+    "role-function": ("chat", _chat(messages=[{"role": "user", "content": "a"}, {"role": "function", "content": "b"}]),
+                      400, "invalid_request_error", "messages[1].role", ['"function"', "system, user, assistant, tool"]),
     "role-missing": ("chat", _chat(messages=[{"content": "a"}]), 400, "invalid_request_error", "messages[0].role",
                      ["null"]),
     "content-null": ("chat", _chat(messages=[{"role": "user", "content": None}]), 400, "invalid_request_error",
@@ -187,7 +203,9 @@ BAD = {
                              400, "invalid_request_error", "messages[0].content[0]", ["5"]),
     "message-tool-calls": ("chat", _chat(messages=[{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]},
                                                    {"role": "user", "content": "x"}]), 400, "invalid_request_error",
-                           "messages[0].tool_calls", ["not supported"]),
+                           "messages[0].tool_calls[0]", ["arguments"]),
+    "tool-message-no-id": ("chat", _chat(messages=[{"role": "tool", "content": "22C"}]), 400, "invalid_request_error",
+                           "messages[0].tool_call_id", ["tool_call_id"]),
 }
 
 

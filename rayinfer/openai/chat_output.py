@@ -1,16 +1,19 @@
-"""A chat choice's output split into `reasoning_content` and `content`: which reasoning parser the served model uses,
-and the split itself, whole (one response) and incrementally (stream chunks, reasoning deltas before content deltas).
+"""A chat choice's output shaped into the assistant message: `reasoning_content`, `content` and `tool_calls`, whole
+(one response) and incrementally (stream chunks: reasoning deltas, then content, then tool-call deltas).
 
-Which parser: the serve option `reasoning_parser` ("deepseek_r1", or "none" to turn it off) wins; without it, a
-checkpoint whose chat template writes `</think>` (DeepSeek-R1's and V3.1's) gets "deepseek_r1". A request's output
-starts inside the reasoning when its rendered prompt ends with `<think>` (R1's template, V3.1 with thinking on).
-Crossing it: a tokenizer / prompt text / the choices' text deltas in; plain strings and chunk dicts out
-(shaped by `rayinfer.openai.responses`)."""
+Which reasoning parser: the serve option `reasoning_parser` ("deepseek_r1", or "none" to turn it off) wins; without
+it, a checkpoint whose chat template writes `</think>` (DeepSeek-R1's and V3.1's) gets "deepseek_r1". A request's
+output starts inside the reasoning when its rendered prompt ends with `<think>` (R1's template, V3.1 with thinking
+on). Tool calls are parsed (rayinfer.openai.tool_calls) out of the content when the request sent tools and did not
+say `tool_choice: "none"`, in the format the checkpoint's template writes: V3/R1's (a ```json block) or V3.1's.
+Crossing it: a tokenizer / prompt text / the choices' text deltas in; message and chunk dicts out (chunks shaped by
+`rayinfer.openai.responses`)."""
 from __future__ import annotations
 
-from rayinfer.openai.markers import THINK_END, THINK_START
+from rayinfer.openai.markers import CALLS_BEGIN, THINK_END, THINK_START
 from rayinfer.openai.reasoning import ReasoningParser, split_reasoning
 from rayinfer.openai.responses import chat_chunk
+from rayinfer.openai.tool_calls import ToolCallParser, parse_tool_calls
 
 REASONING_PARSERS = ("deepseek_r1",)
 
@@ -21,44 +24,80 @@ def choose_reasoning_parser(option: str | None, tokenizer) -> str | None:
         if option != "none" and option not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser={option!r}: must be one of {', '.join(REASONING_PARSERS)} or 'none'")
         return None if option == "none" else option
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return "deepseek_r1" if THINK_END in template else None
+    return "deepseek_r1" if THINK_END in _template(tokenizer) else None
+
+
+def tool_format_of(tokenizer) -> str:
+    """V3.1's templates write a call as NAME<｜tool▁sep｜>ARGS; V3's and R1's (and a template without tools) as a
+    ```json block."""
+    template = _template(tokenizer)
+    return "v3.1" if CALLS_BEGIN in template and "```json" not in template else "v3"
+
+
+def _template(tokenizer) -> str:
+    return (getattr(tokenizer, "chat_template", None) or "") if tokenizer is not None else ""
 
 
 def starts_in_reasoning(prompt_text: str) -> bool:
     return prompt_text.rstrip().endswith(THINK_START)
 
 
-def split_message(text: str, starts: bool | None) -> dict:
+def split_message(text: str, starts: bool | None, tool_format: str | None = None) -> dict:
     """The assistant message of a whole output; `starts`: None without a reasoning parser, else whether the
-    output begins inside the reasoning."""
-    if starts is None:
-        return {"role": "assistant", "content": text}
-    reasoning, content = split_reasoning(text, starts)
-    return {"role": "assistant", "content": content, "reasoning_content": reasoning}
+    output begins inside the reasoning; `tool_format`: None when the output is not parsed for tool calls."""
+    msg = {"role": "assistant", "content": text}
+    if starts is not None:
+        msg["reasoning_content"], msg["content"] = split_reasoning(text, starts)
+    if tool_format is not None:
+        content, calls = parse_tool_calls(msg["content"], tool_format)
+        if calls:
+            msg["content"], msg["tool_calls"] = content or None, calls
+    return msg
+
+
+class _Choice:
+    def __init__(self, starts: bool | None, tool_format: str | None):
+        self.reasoning = None if starts is None else ReasoningParser(starts)
+        self.tools = None if tool_format is None else ToolCallParser(tool_format)
+        self.called = False
+
+    def feed(self, text: str, last: bool) -> tuple[str, str, list[dict]]:
+        reasoning, content, calls = "", text, []
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.feed(text)
+            if last:
+                r, c = self.reasoning.finish()
+                reasoning, content = reasoning + r, content + c
+        if self.tools is not None:
+            content, calls = self.tools.feed(content)
+            if last:
+                content += self.tools.finish()
+            self.called = self.called or bool(calls)
+        return reasoning, content, calls
 
 
 class StreamSplit:
-    """The chunks of every choice of one streamed chat request: each choice's text deltas through its own parser."""
+    """The chunks of every choice of one streamed chat request, each choice's text deltas through its own parsers."""
 
-    def __init__(self, rid: str, created: int, model: str, count: int, starts: bool | None):
+    def __init__(self, rid: str, created: int, model: str, count: int, starts: bool | None,
+                 tool_format: str | None = None):
         self.head = (rid, created, model)
-        self.parsers = None if starts is None else [ReasoningParser(starts) for _ in range(count)]
+        self.choices = [_Choice(starts, tool_format) for _ in range(count)]
 
     def chunks(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> list[dict]:
-        """Chunks for one delta of choice `index`: its reasoning, then its content (with the finish reason).
-        Text that may be the start of a marker is held back and comes with a later delta, or at the end."""
-        if self.parsers is None:
-            return [chat_chunk(*self.head, index, text, finish_reason, logprobs=logprobs)]
-        p = self.parsers[index]
-        reasoning, content = p.feed(text)
-        if finish_reason is not None:
-            r, c = p.finish()
-            reasoning, content = reasoning + r, content + c
+        """Chunks for one delta of choice `index`: its reasoning, its content, its tool-call deltas; the first
+        carries the delta's logprobs, the last its finish reason. Text that may begin a marker is held back and
+        comes with a later delta, or at the end."""
+        choice = self.choices[index]
+        reasoning, content, calls = choice.feed(text, finish_reason is not None)
+        parts = [p for p in ({"reasoning": reasoning}, {"delta_text": content}, {"tool_calls": calls}) if
+                 next(iter(p.values()))]
+        if not parts and (finish_reason is not None or logprobs is not None):
+            parts = [{}]
         out = []
-        if reasoning:
-            out.append(chat_chunk(*self.head, index, None, None, logprobs=logprobs, reasoning=reasoning))
-            logprobs = None
-        if content or finish_reason is not None or logprobs is not None:
-            out.append(chat_chunk(*self.head, index, content, finish_reason, logprobs=logprobs))
+        for k, part in enumerate(parts):
+            last = k == len(parts) - 1
+            out.append(chat_chunk(*self.head, index, part.get("delta_text"), finish_reason if last else None,
+                                  logprobs=logprobs if k == 0 else None, reasoning=part.get("reasoning"),
+                                  tool_calls=part.get("tool_calls"), called=choice.called))
         return out

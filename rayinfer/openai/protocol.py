@@ -28,6 +28,7 @@ from rayinfer.openai.responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_
                                        completion_response, models_response, sse, usage_chunk,
                                        usage_dict, usage_for)
 from rayinfer.openai.structured import parse_structured
+from rayinfer.openai.tool_request import parse_tools
 from rayinfer.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ModelInfo:
     max_token_chars: int = 0  # the longest token's length in characters; 0: no length guard before tokenizing
     limits: RequestLimits = RequestLimits()  # list sizes one request may send
     reasoning_parser: str | None = None  # rayinfer.openai.chat_output.choose_reasoning_parser's choice
+    tool_format: str = "v3"  # DeepSeek's tool-call format in its output (rayinfer.openai.chat_output.tool_format_of)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class RequestSpec:
     logprobs: int | bool | None = None  # completions: top-k count or None; chat: bool
     top_logprobs: int = 0  # chat only
     reasoning: bool | None = None  # chat: None without a reasoning parser, else whether the output starts reasoning
+    tool_format: str | None = None  # chat: the tool-call format its output is parsed for (None: not parsed)
 
 
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
@@ -70,12 +73,12 @@ _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "su
                               "tool_choice", "functions", "function_call", "response_format"}}
 # Accepted only at values that ask for nothing beyond plain text generation.
 _HARMLESS = {"echo": lambda v: v is False, "best_of": lambda v: v == 1 and not isinstance(v, bool),
-             "suffix": lambda v: v == "", "tools": lambda v: v == [], "functions": lambda v: v == [],
-             "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
+             "suffix": lambda v: v == "", "functions": lambda v: v == [],
+             "function_call": lambda v: v == "none",
              # output shaping rayinfer always does one way: special tokens skipped, stop strings cut off
              "skip_special_tokens": lambda v: v is True, "spaces_between_special_tokens": lambda v: v is True,
              "include_stop_str_in_output": lambda v: v is False}
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
@@ -232,6 +235,27 @@ def parse_completion_request(body, info: ModelInfo) -> RequestSpec:
                        logprobs=logprobs)
 
 
+def _history_calls(calls, at: str) -> list[dict] | None:
+    """An assistant turn's `tool_calls`, as the chat template reads them back."""
+    if calls in (None, []):
+        return None
+    shape = 'each must be {"id": ..., "type": "function", "function": {"name": ..., "arguments": "<JSON>"}}'
+    if not isinstance(calls, list):
+        raise _bad(f"{at}.tool_calls", calls, shape)
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise _bad(f"{at}.tool_calls[{j}]", c, shape)
+    return [{"id": c.get("id"), "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}} for c in calls]
+
+
+def _text_chars(m: dict) -> int:
+    content = m["content"]
+    chars = len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
+    return chars + sum(len(c["function"]["name"]) + len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+
+
 def _messages(messages) -> list[dict]:
     if messages is None:
         raise APIError(400, "Missing required parameter: 'messages'", param="messages")
@@ -245,6 +269,9 @@ def _messages(messages) -> list[dict]:
         if m.get("role") not in _ROLES:
             raise _bad(f"{at}.role", m.get("role"), f"must be one of {', '.join(_ROLES)}")
         content = m.get("content")
+        calls = _history_calls(m.get("tool_calls"), at) if m["role"] == "assistant" else None
+        if content is None and calls:
+            content = ""  # an assistant turn that only called tools
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -254,9 +281,17 @@ def _messages(messages) -> list[dict]:
         for key, value in m.items():
             # Clients echo assistant messages back with null fields (refusal, tool_calls, audio...); a previous
             # turn's reasoning_content is dropped, as DeepSeek documents (never sent back into the prompt).
-            if key not in ("role", "content", "name", "reasoning_content") and value not in (None, []):
+            if key not in ("role", "content", "name", "reasoning_content", "tool_calls", "tool_call_id") \
+                    and value not in (None, []):
                 raise _bad(f"{at}.{key}", value, "not supported by this server")
-        out.append({"role": m["role"], "content": content})
+        msg = {"role": m["role"], "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        if m["role"] == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise _bad(f"{at}.tool_call_id", m.get("tool_call_id"), "a tool message must name its tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
     return out
 
 
@@ -268,11 +303,11 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     if info.tokenizer is None:
         raise APIError(400, f"Model `{info.name}` has no tokenizer or chat template: use /v1/completions "
                             "with token-id prompts", param="messages")
-    _guard_length(sum(len(m["content"]) if isinstance(m["content"], str) else
-                      sum(len(p["text"]) for p in m["content"]) for m in messages), "messages", info)
+    _guard_length(sum(map(_text_chars, messages)), "messages", info)
+    tools, parse_calls = parse_tools(body, info.limits)
     try:
-        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except jinja2.TemplateError as e:
+        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+    except (jinja2.TemplateError, TypeError) as e:  # TypeError: a template adding None (a field it did not expect)
         raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
     ids = info.tokenizer.encode(text, add_special_tokens=False)  # the template already wrote BOS
     newer, legacy = _get_int(body, "max_completion_tokens", 1, None), _get_int(body, "max_tokens", 1, None)
@@ -286,4 +321,5 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     return RequestSpec("chat", info.name, [(text, ids)],
                        _sampling(body, max_tokens, (top or 0) if logprobs else None, info), n=n, stream=stream,
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top or 0,
-                       reasoning=None if info.reasoning_parser is None else starts_in_reasoning(text))
+                       reasoning=None if info.reasoning_parser is None else starts_in_reasoning(text),
+                       tool_format=info.tool_format if parse_calls else None)
