@@ -182,7 +182,7 @@ class Ingress:
         usage, tok = usage_for(results, spec.n), self.info.tokenizer
         if kind == "chat":
             body = chat_response(rid, int(time.time()), self.info.name, results, usage, tok, spec.top_logprobs,
-                                 message=lambda text: split_message(text, spec.reasoning, spec.tool_format))
+                                 message=lambda text: split_message(text, spec))
         else:
             body = completion_response(rid, int(time.time()), self.info.name, results, usage, tok)
         return JSONResponse(body)
@@ -249,7 +249,7 @@ class Ingress:
 
         tasks = [asyncio.create_task(pump(i)) for i in range(count)]
         results = [empty_choice(spec, i) for i in range(count)]
-        split = StreamSplit(rid, created, self.info.name, count, spec.reasoning, spec.tool_format) if chat else None
+        split = StreamSplit(rid, created, self.info.name, count, spec) if chat else None
         status = 200
         try:
             if chat:

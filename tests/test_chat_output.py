@@ -86,9 +86,9 @@ def _server(info, pieces):
         choices = [ChoiceResult(i, list(range(len(pieces))), text, None, "stop", 5) for i in range(spec.n)]
         if not spec.stream:
             body = chat_response("id-1", 1, info.name, choices, usage_for(choices, spec.n),
-                                 message=lambda t: split_message(t, spec.reasoning, spec.tool_format))
+                                 message=lambda t: split_message(t, spec))
             return httpx2.Response(200, json=body)
-        split = StreamSplit("id-1", 1, info.name, spec.n, spec.reasoning, spec.tool_format)
+        split = StreamSplit("id-1", 1, info.name, spec.n, spec)
         frames = [chat_chunk("id-1", 1, info.name, 0, "", None, role="assistant")]
         for k, piece in enumerate(pieces):
             frames += split.chunks(0, piece, "stop" if k == len(pieces) - 1 else None)
@@ -233,3 +233,19 @@ def test_reasoning_then_tool_calls_streamed_and_not(thinking_tok):
     for pieces in ([out], list(out)):
         assert _stream_calls(_client(_server(info, pieces)), [WEATHER, NOW]) == \
             ("Need the weather.", "Let me check.", WANT_CALLS, "tool_calls")
+
+
+def test_named_tool_choice_constrains_to_its_parameters_and_returns_the_output_as_its_arguments(tool_tok):
+    info = ModelInfo("m", 512, 320, tool_tok)
+    body = {"model": "m", "messages": [{"role": "user", "content": "?"}], "tools": [WEATHER, NOW],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    spec = parse_chat_request(body, info)
+    assert spec.params.structured[0] == "json"
+    assert json.loads(spec.params.structured[1]) == WEATHER["function"]["parameters"]
+    args = '{"city": "Paris"}'  # what the grammar lets the model write
+    got = _client(_server(info, [args])).chat.completions.create(**body).choices[0]
+    assert (got.finish_reason, got.message.content, _calls(got.message.tool_calls)) == \
+        ("stop", None, [("get_weather", {"city": "Paris"})])
+    for pieces in ([args], list(args)):
+        got = _stream_calls(_client(_server(info, pieces)), [WEATHER, NOW], tool_choice=body["tool_choice"])
+        assert got == ("", "", [("get_weather", {"city": "Paris"})], "stop"), pieces

@@ -5,7 +5,9 @@ Which reasoning parser: the serve option `reasoning_parser` ("deepseek_r1", or "
 it, a checkpoint whose chat template writes `</think>` (DeepSeek-R1's and V3.1's) gets "deepseek_r1". A request's
 output starts inside the reasoning when its rendered prompt ends with `<think>` (R1's template, V3.1 with thinking
 on). Tool calls are parsed (rayinfer.openai.tool_calls) out of the content when the request sent tools and did not
-say `tool_choice: "none"`, in the format the checkpoint's template writes: V3/R1's (a ```json block) or V3.1's.
+say `tool_choice: "none"`, in the format the checkpoint's template writes: V3/R1's (a ```json block) or V3.1's;
+under a named `tool_choice` the whole (grammar-constrained) output is that function's arguments, and the finish
+reason stays "stop", as OpenAI reports a forced call.
 Crossing it: a tokenizer / prompt text / the choices' text deltas in; message and chunk dicts out (chunks shaped by
 `rayinfer.openai.responses`)."""
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from rayinfer.openai.markers import CALLS_BEGIN, THINK_END, THINK_START
 from rayinfer.openai.reasoning import ReasoningParser, split_reasoning
 from rayinfer.openai.responses import chat_chunk
-from rayinfer.openai.tool_calls import ToolCallParser, parse_tool_calls
+from rayinfer.openai.tool_calls import ToolCallParser, new_call_id, parse_tool_calls
 
 REASONING_PARSERS = ("deepseek_r1",)
 
@@ -42,26 +44,38 @@ def starts_in_reasoning(prompt_text: str) -> bool:
     return prompt_text.rstrip().endswith(THINK_START)
 
 
-def split_message(text: str, starts: bool | None, tool_format: str | None = None) -> dict:
-    """The assistant message of a whole output; `starts`: None without a reasoning parser, else whether the
-    output begins inside the reasoning; `tool_format`: None when the output is not parsed for tool calls."""
+def split_message(text: str, spec) -> tuple[dict, bool]:
+    """(the assistant message, whether the model chose to call tools) of a whole output of a chat `RequestSpec`:
+    `spec.reasoning` None without a reasoning parser, else whether the output begins inside the reasoning;
+    `spec.tool_format` None when the output is not parsed for tool calls; `spec.forced_tool`: the function whose
+    arguments the whole output is (a forced call: not the model's choice)."""
+    if spec.forced_tool is not None:
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": new_call_id(), "type": "function", "function": {"name": spec.forced_tool, "arguments": text}}]}, False
     msg = {"role": "assistant", "content": text}
-    if starts is not None:
-        msg["reasoning_content"], msg["content"] = split_reasoning(text, starts)
-    if tool_format is not None:
-        content, calls = parse_tool_calls(msg["content"], tool_format)
+    if spec.reasoning is not None:
+        msg["reasoning_content"], msg["content"] = split_reasoning(text, spec.reasoning)
+    if spec.tool_format is not None:
+        content, calls = parse_tool_calls(msg["content"], spec.tool_format)
         if calls:
             msg["content"], msg["tool_calls"] = content or None, calls
-    return msg
+    return msg, "tool_calls" in msg
 
 
 class _Choice:
-    def __init__(self, starts: bool | None, tool_format: str | None):
-        self.reasoning = None if starts is None else ReasoningParser(starts)
-        self.tools = None if tool_format is None else ToolCallParser(tool_format)
-        self.called = False
+    def __init__(self, spec):
+        self.reasoning = None if spec.reasoning is None else ReasoningParser(spec.reasoning)
+        self.tools = None if spec.tool_format is None else ToolCallParser(spec.tool_format)
+        self.forced, self.called = spec.forced_tool, False
 
     def feed(self, text: str, last: bool) -> tuple[str, str, list[dict]]:
+        if self.forced is not None:  # the whole output is the arguments of one call, opened by the first delta
+            if not text:
+                return "", "", []
+            first, self.called = not self.called, True
+            fn = {"name": self.forced, "arguments": text} if first else {"arguments": text}
+            return "", "", [{"index": 0, "id": new_call_id(), "type": "function", "function": fn} if first else
+                            {"index": 0, "function": fn}]
         reasoning, content, calls = "", text, []
         if self.reasoning is not None:
             reasoning, content = self.reasoning.feed(text)
@@ -79,10 +93,10 @@ class _Choice:
 class StreamSplit:
     """The chunks of every choice of one streamed chat request, each choice's text deltas through its own parsers."""
 
-    def __init__(self, rid: str, created: int, model: str, count: int, starts: bool | None,
-                 tool_format: str | None = None):
+    def __init__(self, rid: str, created: int, model: str, count: int, spec):
         self.head = (rid, created, model)
-        self.choices = [_Choice(starts, tool_format) for _ in range(count)]
+        self.choices = [_Choice(spec) for _ in range(count)]
+        self.forced = spec.forced_tool is not None
 
     def chunks(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> list[dict]:
         """Chunks for one delta of choice `index`: its reasoning, its content, its tool-call deltas; the first
@@ -99,5 +113,5 @@ class StreamSplit:
             last = k == len(parts) - 1
             out.append(chat_chunk(*self.head, index, part.get("delta_text"), finish_reason if last else None,
                                   logprobs=logprobs if k == 0 else None, reasoning=part.get("reasoning"),
-                                  tool_calls=part.get("tool_calls"), called=choice.called))
+                                  tool_calls=part.get("tool_calls"), called=choice.called and not self.forced))
         return out

@@ -60,6 +60,7 @@ class RequestSpec:
     top_logprobs: int = 0  # chat only
     reasoning: bool | None = None  # chat: None without a reasoning parser, else whether the output starts reasoning
     tool_format: str | None = None  # chat: the tool-call format its output is parsed for (None: not parsed)
+    forced_tool: str | None = None  # chat: tool_choice named this function, so the whole output is its arguments
 
 
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
@@ -140,7 +141,8 @@ def _check_envelope(body, kind: str, info: ModelInfo) -> dict:
     return body
 
 
-def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo,
+              structured: tuple[str, str] | None = None) -> SamplingParams:
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -166,7 +168,7 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo
             repetition_penalty=_get_num(body, "repetition_penalty", 0, 100, 1.0, lo_open=True),
             min_tokens=_get_int(body, "min_tokens", 0, max_tokens, default=0),
             logit_bias=check_logit_bias(body["logit_bias"], info) if body.get("logit_bias") is not None else (),
-            structured=parse_structured(body))
+            structured=structured or parse_structured(body))
     except ValueError as e:  # a constraint SamplingParams knows and this layer does not
         name = str(e).split("=", 1)[0].removeprefix("SamplingParams.")
         raise APIError(400, f"Invalid request: {e}", param=name) from e
@@ -304,9 +306,9 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
         raise APIError(400, f"Model `{info.name}` has no tokenizer or chat template: use /v1/completions "
                             "with token-id prompts", param="messages")
     _guard_length(sum(map(_text_chars, messages)), "messages", info)
-    tools, parse_calls = parse_tools(body, info.limits)
+    use = parse_tools(body, info.limits)
     try:
-        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=use.tools)
     except (jinja2.TemplateError, TypeError) as e:  # TypeError: a template adding None (a field it did not expect)
         raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
     ids = info.tokenizer.encode(text, add_special_tokens=False)  # the template already wrote BOS
@@ -319,7 +321,8 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
         raise _bad("top_logprobs", top, "requires 'logprobs' to be true")
     stream, include_usage = _stream_flags(body)
     return RequestSpec("chat", info.name, [(text, ids)],
-                       _sampling(body, max_tokens, (top or 0) if logprobs else None, info), n=n, stream=stream,
+                       _sampling(body, max_tokens, (top or 0) if logprobs else None, info, use.constraint), n=n,
+                       stream=stream,
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top or 0,
-                       reasoning=None if info.reasoning_parser is None else starts_in_reasoning(text),
-                       tool_format=info.tool_format if parse_calls else None)
+                       reasoning=None if info.reasoning_parser is None or use.forced else starts_in_reasoning(text),
+                       tool_format=info.tool_format if use.parse else None, forced_tool=use.forced)

@@ -134,11 +134,12 @@ def completion_response(id: str, created: int, model: str, choices: list[ChoiceR
 
 def chat_response(id: str, created: int, model: str, choices: list[ChoiceResult], usage: dict,
                   tokenizer=None, top_logprobs: int = 0, message=None) -> dict:
-    """`message`: text -> the assistant message (rayinfer.openai.chat_output splits out the reasoning)."""
-    message = message or (lambda text: {"role": "assistant", "content": text})
+    """`message`: text -> (the assistant message, whether the model chose to call tools: finish reason
+    "tool_calls"); rayinfer.openai.chat_output splits out the reasoning and the calls."""
+    message = message or (lambda text: ({"role": "assistant", "content": text}, False))
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "message": (m := message(c.text)),
-                         "finish_reason": _final_reason(c.finish_reason, bool(m.get("tool_calls"))),
+            "choices": [{"index": c.index, "message": (m := message(c.text))[0],
+                         "finish_reason": _final_reason(c.finish_reason, m[1]),
                          "logprobs": None if c.logprobs is None else
                          chat_logprobs(tokenizer, c.token_ids, c.logprobs, top_logprobs)}
                         for c in sorted(choices, key=lambda c: c.index)],

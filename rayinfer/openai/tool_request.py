@@ -1,16 +1,20 @@
 """The request side of tool calling: `tools` and `tool_choice` read, bounded and validated into the tool list the
 chat template renders and whether the output is parsed for calls. Owns their 400s: at most `max_tools` tools (OpenAI's
 128), all of them together at most MAX_TOOLS_CHARS of JSON (the schema bound structured output uses), names as
-OpenAI spells them. `tool_choice` "auto" and "none" are served; "required" and a named function need
-grammar-constrained decoding and are a 400 until then. The output side is rayinfer.openai.tool_calls."""
+OpenAI spells them. `tool_choice` "auto" and "none" are served, and a named function by grammar-constrained
+decoding: the output is that function's arguments, constrained to its `parameters` schema (so they always parse and
+match), and it cannot be combined with another constraint (`response_format`, `structured_outputs`). "required"
+is a 400 until it is constrained too. The output side is rayinfer.openai.tool_calls and chat_output."""
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 from rayinfer.openai.errors import APIError, _bad
 from rayinfer.openai.limits import RequestLimits, _check_count
 from rayinfer.openai.structured import MAX_CONSTRAINT_CHARS as MAX_TOOLS_CHARS
+from rayinfer.openai.structured import json_schema_constraint
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -33,22 +37,38 @@ def _tool(t, at: str) -> dict:
     return {"type": "function", "function": {k: v for k, v in fn.items() if v is not None}}
 
 
-def parse_tools(body: dict, limits: RequestLimits) -> tuple[list[dict] | None, bool]:
-    """-> (the tools for the chat template or None, whether the output is parsed for tool calls)."""
+@dataclass(frozen=True)
+class ToolUse:
+    tools: list[dict] | None = None  # what the chat template renders
+    parse: bool = False  # the output is parsed for tool calls (tool_choice "auto")
+    forced: str | None = None  # tool_choice names this function: the output is its arguments
+    constraint: tuple[str, str] | None = None  # SamplingParams.structured for a forced call
+
+
+def _named(choice) -> str | None:
+    fn = choice.get("function") if choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise _bad("tool_choice", choice, 'a named choice is {"type": "function", "function": {"name": ...}}')
+    return name
+
+
+def parse_tools(body: dict, limits: RequestLimits) -> ToolUse:
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is not None and not isinstance(tools, list):
         raise _bad("tools", tools, "must be a list of tools")
     tools = tools or None
-    if choice is not None and not (isinstance(choice, str) and choice in ("auto", "none")):
-        if choice == "required" or isinstance(choice, dict):
-            raise APIError(400, f"'tool_choice'={json.dumps(choice)[:200]} is not supported by this server yet "
-                                "(it needs grammar-constrained decoding): use \"auto\" or \"none\"",
-                           param="tool_choice")
+    if choice == "required":
+        raise APIError(400, "'tool_choice'=\"required\" is not supported by this server yet (it needs "
+                            "grammar-constrained decoding over every tool): use \"auto\" or name the function",
+                       param="tool_choice")
+    if choice is not None and not isinstance(choice, dict) and choice not in ("auto", "none"):
         raise _bad("tool_choice", choice, 'must be "auto", "none", "required" or {"type": "function", ...}')
+    forced = _named(choice) if isinstance(choice, dict) else None
     if tools is None:
-        if choice == "auto":
+        if choice is not None and choice != "none":
             raise _bad("tool_choice", choice, "is only allowed when 'tools' are specified")
-        return None, False
+        return ToolUse()
     _check_count(len(tools), limits.max_tools, "tools", "tools", "max_tools")
     size = len(json.dumps(tools, separators=(",", ":")))
     if size > MAX_TOOLS_CHARS:
@@ -57,4 +77,13 @@ def parse_tools(body: dict, limits: RequestLimits) -> tuple[list[dict] | None, b
     names = [t["function"]["name"] for t in out]
     if len(set(names)) != len(names):
         raise _bad("tools", sorted({n for n in names if names.count(n) > 1}), "tool names must be unique")
-    return out, choice != "none"
+    if forced is None:
+        return ToolUse(out, choice != "none")
+    if forced not in names:
+        raise _bad("tool_choice.function.name", forced, "names no function in 'tools'")
+    if body.get("response_format") not in (None, {"type": "text"}) or body.get("structured_outputs") is not None:
+        raise APIError(400, "A named 'tool_choice' constrains the output to that function's arguments; it cannot be "
+                            "combined with response_format or structured_outputs", param="tool_choice")
+    schema = out[names.index(forced)]["function"].get("parameters", {"type": "object"})
+    return ToolUse(out, False, forced, json_schema_constraint(schema, f"tools[{names.index(forced)}].function"
+                                                                      ".parameters"))
