@@ -249,3 +249,25 @@ def test_named_tool_choice_constrains_to_its_parameters_and_returns_the_output_a
     for pieces in ([args], list(args)):
         got = _stream_calls(_client(_server(info, pieces)), [WEATHER, NOW], tool_choice=body["tool_choice"])
         assert got == ("", "", [("get_weather", {"city": "Paris"})], "stop"), pieces
+
+
+def test_required_tool_choice_is_a_list_of_calls_to_the_tools(tool_tok):
+    info = ModelInfo("m", 512, 320, tool_tok)
+    body = {"model": "m", "messages": [{"role": "user", "content": "?"}], "tools": [WEATHER, NOW],
+            "tool_choice": "required"}
+    schema = json.loads(parse_chat_request(body, info).params.structured[1])  # compiled by xgrammar on the way
+    assert (schema["type"], schema["minItems"], "maxItems" in schema) == ("array", 1, False)
+    assert [i["properties"]["name"]["enum"] for i in schema["items"]["anyOf"]] == [["get_weather"], ["now"]]
+    assert json.loads(parse_chat_request(dict(body, parallel_tool_calls=False), info).params.structured[1])[
+        "maxItems"] == 1
+    out = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "now", "parameters": {}}]'
+    got = _client(_server(info, [out])).chat.completions.create(**body).choices[0]
+    assert (got.finish_reason, got.message.content, _calls(got.message.tool_calls)) == ("tool_calls", None,
+                                                                                         WANT_CALLS)
+    for pieces in ([out], list(out)):
+        got = _stream_calls(_client(_server(info, pieces)), [WEATHER, NOW], tool_choice="required")
+        assert got == ("", "", WANT_CALLS, "tool_calls"), pieces
+    cut = out[:20]  # max_tokens ran out before the list closed: the text is all there is
+    got = _client(_server(info, [cut])).chat.completions.create(**body).choices[0]
+    assert (got.message.content, got.message.tool_calls) == (cut, None)
+    assert _stream_calls(_client(_server(info, list(cut))), [WEATHER], tool_choice="required")[1:3] == (cut, [])

@@ -124,7 +124,8 @@ def test_structured_outputs_on_the_disaggregated_default(server):
 
 
 def test_named_tool_choice_returns_arguments_that_match_the_schema(server):
-    """A named tool_choice constrains the output to the function's parameters, streamed and not."""
+    """A named tool_choice constrains the output to the function's parameters, streamed and not; "required" to a
+    list of calls to the tools."""
     import pydantic
 
     class Args(pydantic.BaseModel):
@@ -147,6 +148,10 @@ def test_named_tool_choice_returns_arguments_that_match_the_schema(server):
             args += d.function.arguments or ""
     assert names == ["forecast"]
     Args.model_validate_json(args)
+    kw.update(tool_choice="required", parallel_tool_calls=False, max_tokens=96)
+    got = client.chat.completions.create(**kw).choices[0]
+    assert (got.finish_reason, [c.function.name for c in got.message.tool_calls]) == ("tool_calls", ["forecast"])
+    Args.model_validate_json(got.message.tool_calls[0].function.arguments)
 
 
 def test_64_concurrent_streams_match_offline(server, offline):

@@ -7,10 +7,13 @@ output starts inside the reasoning when its rendered prompt ends with `<think>` 
 on). Tool calls are parsed (rayinfer.openai.tool_calls) out of the content when the request sent tools and did not
 say `tool_choice: "none"`, in the format the checkpoint's template writes: V3/R1's (a ```json block) or V3.1's;
 under a named `tool_choice` the whole (grammar-constrained) output is that function's arguments, and the finish
-reason stays "stop", as OpenAI reports a forced call.
+reason stays "stop", as OpenAI reports a forced call; under "required" the output is a JSON list of calls, parsed
+whole (streamed as complete tool-call deltas at the end).
 Crossing it: a tokenizer / prompt text / the choices' text deltas in; message and chunk dicts out (chunks shaped by
 `rayinfer.openai.responses`)."""
 from __future__ import annotations
+
+import json
 
 from rayinfer.openai.markers import CALLS_BEGIN, THINK_END, THINK_START
 from rayinfer.openai.reasoning import ReasoningParser, split_reasoning
@@ -52,6 +55,10 @@ def split_message(text: str, spec) -> tuple[dict, bool]:
     if spec.forced_tool is not None:
         return {"role": "assistant", "content": None, "tool_calls": [
             {"id": new_call_id(), "type": "function", "function": {"name": spec.forced_tool, "arguments": text}}]}, False
+    if spec.tools_required:
+        calls = required_calls(text)
+        return ({"role": "assistant", "content": None, "tool_calls": calls}, True) if calls else \
+            ({"role": "assistant", "content": text}, False)
     msg = {"role": "assistant", "content": text}
     if spec.reasoning is not None:
         msg["reasoning_content"], msg["content"] = split_reasoning(text, spec.reasoning)
@@ -62,11 +69,23 @@ def split_message(text: str, spec) -> tuple[dict, bool]:
     return msg, "tool_calls" in msg
 
 
+def required_calls(text: str) -> list[dict]:
+    """The calls of a `tool_choice: "required"` output (a JSON list the grammar kept to the tools' schemas); none
+    when it was cut off (finish reason "length") before the list closed."""
+    try:
+        return [{"id": new_call_id(), "type": "function",
+                 "function": {"name": it["name"], "arguments": json.dumps(it["parameters"], ensure_ascii=False)}}
+                for it in json.loads(text)]
+    except (ValueError, TypeError, KeyError):
+        return []
+
+
 class _Choice:
     def __init__(self, spec):
         self.reasoning = None if spec.reasoning is None else ReasoningParser(spec.reasoning)
         self.tools = None if spec.tool_format is None else ToolCallParser(spec.tool_format)
         self.forced, self.called = spec.forced_tool, False
+        self.required, self.held = spec.tools_required, ""
 
     def feed(self, text: str, last: bool) -> tuple[str, str, list[dict]]:
         if self.forced is not None:  # the whole output is the arguments of one call, opened by the first delta
@@ -76,6 +95,13 @@ class _Choice:
             fn = {"name": self.forced, "arguments": text} if first else {"arguments": text}
             return "", "", [{"index": 0, "id": new_call_id(), "type": "function", "function": fn} if first else
                             {"index": 0, "function": fn}]
+        if self.required:  # a list of calls is parsed whole: sent complete at the end
+            self.held += text
+            if not last:
+                return "", "", []
+            calls = [dict(c, index=i) for i, c in enumerate(required_calls(self.held))]
+            self.called = bool(calls)
+            return "", "" if calls else self.held, calls
         reasoning, content, calls = "", text, []
         if self.reasoning is not None:
             reasoning, content = self.reasoning.feed(text)

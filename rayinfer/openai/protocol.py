@@ -61,6 +61,7 @@ class RequestSpec:
     reasoning: bool | None = None  # chat: None without a reasoning parser, else whether the output starts reasoning
     tool_format: str | None = None  # chat: the tool-call format its output is parsed for (None: not parsed)
     forced_tool: str | None = None  # chat: tool_choice named this function, so the whole output is its arguments
+    tools_required: bool = False  # chat: tool_choice "required", so the whole output is a JSON list of calls
 
 
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
@@ -324,5 +325,6 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
                        _sampling(body, max_tokens, (top or 0) if logprobs else None, info, use.constraint), n=n,
                        stream=stream,
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top or 0,
-                       reasoning=None if info.reasoning_parser is None or use.forced else starts_in_reasoning(text),
-                       tool_format=info.tool_format if use.parse else None, forced_tool=use.forced)
+                       reasoning=None if info.reasoning_parser is None or use.constraint else starts_in_reasoning(text),
+                       tool_format=info.tool_format if use.parse else None, forced_tool=use.forced,
+                       tools_required=use.required)

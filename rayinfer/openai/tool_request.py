@@ -3,8 +3,9 @@ chat template renders and whether the output is parsed for calls. Owns their 400
 128), all of them together at most MAX_TOOLS_CHARS of JSON (the schema bound structured output uses), names as
 OpenAI spells them. `tool_choice` "auto" and "none" are served, and a named function by grammar-constrained
 decoding: the output is that function's arguments, constrained to its `parameters` schema (so they always parse and
-match), and it cannot be combined with another constraint (`response_format`, `structured_outputs`). "required"
-is a 400 until it is constrained too. The output side is rayinfer.openai.tool_calls and chat_output."""
+match), and so is "required": the output is a JSON list of calls `[{"name": ..., "parameters": {...}}]`, each
+item one of the tools with its own schema (one item when `parallel_tool_calls` is false). Neither can be combined
+with another constraint (`response_format`, `structured_outputs`). The output side is rayinfer.openai.tool_calls and chat_output."""
 from __future__ import annotations
 
 import json
@@ -42,7 +43,8 @@ class ToolUse:
     tools: list[dict] | None = None  # what the chat template renders
     parse: bool = False  # the output is parsed for tool calls (tool_choice "auto")
     forced: str | None = None  # tool_choice names this function: the output is its arguments
-    constraint: tuple[str, str] | None = None  # SamplingParams.structured for a forced call
+    required: bool = False  # tool_choice "required": the output is a JSON list of calls
+    constraint: tuple[str, str] | None = None  # SamplingParams.structured for a forced or required call
 
 
 def _named(choice) -> str | None:
@@ -58,11 +60,7 @@ def parse_tools(body: dict, limits: RequestLimits) -> ToolUse:
     if tools is not None and not isinstance(tools, list):
         raise _bad("tools", tools, "must be a list of tools")
     tools = tools or None
-    if choice == "required":
-        raise APIError(400, "'tool_choice'=\"required\" is not supported by this server yet (it needs "
-                            "grammar-constrained decoding over every tool): use \"auto\" or name the function",
-                       param="tool_choice")
-    if choice is not None and not isinstance(choice, dict) and choice not in ("auto", "none"):
+    if choice is not None and not isinstance(choice, dict) and choice not in ("auto", "none", "required"):
         raise _bad("tool_choice", choice, 'must be "auto", "none", "required" or {"type": "function", ...}')
     forced = _named(choice) if isinstance(choice, dict) else None
     if tools is None:
@@ -77,13 +75,24 @@ def parse_tools(body: dict, limits: RequestLimits) -> ToolUse:
     names = [t["function"]["name"] for t in out]
     if len(set(names)) != len(names):
         raise _bad("tools", sorted({n for n in names if names.count(n) > 1}), "tool names must be unique")
-    if forced is None:
+    if forced is None and choice != "required":
         return ToolUse(out, choice != "none")
-    if forced not in names:
+    if forced is not None and forced not in names:
         raise _bad("tool_choice.function.name", forced, "names no function in 'tools'")
     if body.get("response_format") not in (None, {"type": "text"}) or body.get("structured_outputs") is not None:
-        raise APIError(400, "A named 'tool_choice' constrains the output to that function's arguments; it cannot be "
-                            "combined with response_format or structured_outputs", param="tool_choice")
-    schema = out[names.index(forced)]["function"].get("parameters", {"type": "object"})
-    return ToolUse(out, False, forced, json_schema_constraint(schema, f"tools[{names.index(forced)}].function"
-                                                                      ".parameters"))
+        raise APIError(400, f"'tool_choice'={json.dumps(choice)[:200]} constrains the output to tool calls; it cannot "
+                            "be combined with response_format or structured_outputs", param="tool_choice")
+    if forced is not None:
+        schema = _parameters(out[names.index(forced)])
+        return ToolUse(out, forced=forced, constraint=json_schema_constraint(
+            schema, f"tools[{names.index(forced)}].function.parameters"))
+    items = {"anyOf": [{"type": "object", "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                                                         "parameters": _parameters(t)},
+                        "required": ["name", "parameters"]} for t in out]}
+    one = body.get("parallel_tool_calls") is False
+    schema = {"type": "array", "minItems": 1, **({"maxItems": 1} if one else {}), "items": items}
+    return ToolUse(out, required=True, constraint=json_schema_constraint(schema, "tools"))
+
+
+def _parameters(tool: dict) -> dict:
+    return tool["function"].get("parameters", {"type": "object"})
