@@ -271,3 +271,21 @@ def test_required_tool_choice_is_a_list_of_calls_to_the_tools(tool_tok):
     got = _client(_server(info, [cut])).chat.completions.create(**body).choices[0]
     assert (got.message.content, got.message.tool_calls) == (cut, None)
     assert _stream_calls(_client(_server(info, list(cut))), [WEATHER], tool_choice="required")[1:3] == (cut, [])
+
+
+# V3.1's switch, in the shape its template uses: thinking opens the reasoning, otherwise the prompt closes it.
+HYBRID_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}<｜Assistant｜>"
+                   "{% if thinking is defined and thinking %}<think>{% else %}</think>{% endif %}")
+
+
+def test_chat_template_kwargs_switch_v31_thinking(tmp_path_factory):
+    tok = _tok_with(tmp_path_factory, HYBRID_TEMPLATE)
+    info = ModelInfo("v31", 256, 320, tok, reasoning_parser=choose_reasoning_parser(None, tok))
+    body = {"model": "v31", "messages": [{"role": "user", "content": "2+2?"}]}
+    thinking = parse_chat_request(dict(body, chat_template_kwargs={"thinking": True}), info)
+    plain = parse_chat_request(dict(body, chat_template_kwargs={"thinking": False}), info)
+    assert thinking.prompts[0][0].endswith("<think>") and thinking.reasoning is True
+    assert plain.prompts[0][0].endswith("</think>") and plain.reasoning is False
+    assert parse_chat_request(dict(body, chat_template_kwargs={"messages": 1}), info).prompts == plain.prompts
+    assert split_message(OUTPUT, thinking)[0]["reasoning_content"] == REASONING
+    assert split_message("4", plain)[0] == {"role": "assistant", "content": "4", "reasoning_content": None}

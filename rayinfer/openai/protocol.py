@@ -72,7 +72,7 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "pre
            "spaces_between_special_tokens", "include_stop_str_in_output", "structured_outputs"}
 _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-                              "tool_choice", "functions", "function_call", "response_format"}}
+                              "tool_choice", "functions", "function_call", "response_format", "chat_template_kwargs"}}
 # Accepted only at values that ask for nothing beyond plain text generation.
 _HARMLESS = {"echo": lambda v: v is False, "best_of": lambda v: v == 1 and not isinstance(v, bool),
              "suffix": lambda v: v == "", "functions": lambda v: v == [],
@@ -298,6 +298,24 @@ def _messages(messages) -> list[dict]:
     return out
 
 
+_MAX_TEMPLATE_KWARGS = 16
+
+
+def _template_kwargs(kw) -> dict | None:
+    """chat_template_kwargs (how DeepSeek-V3.1's thinking mode is switched: {"thinking": true}): a few named
+    scalars; the template's own variables (messages, tools, special tokens...) cannot be replaced."""
+    if kw is None:
+        return None
+    if not isinstance(kw, dict) or len(kw) > _MAX_TEMPLATE_KWARGS:
+        raise _bad("chat_template_kwargs", kw, f"must be an object of at most {_MAX_TEMPLATE_KWARGS} variables")
+    for key, value in kw.items():
+        if not key.isidentifier() or len(key) > 64:
+            raise _bad("chat_template_kwargs", key, "variable names must be identifiers")
+        if not (value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 1024)):
+            raise _bad(f"chat_template_kwargs.{key}", value, "must be a boolean, number or short string")
+    return kw
+
+
 def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     body = _check_envelope(body, "chat", info)
     n = _get_int(body, "n", 1, 16, default=1)
@@ -309,7 +327,8 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     _guard_length(sum(map(_text_chars, messages)), "messages", info)
     use = parse_tools(body, info.limits)
     try:
-        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=use.tools)
+        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=use.tools,
+                                                  extra=_template_kwargs(body.get("chat_template_kwargs")))
     except (jinja2.TemplateError, TypeError) as e:  # TypeError: a template adding None (a field it did not expect)
         raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
     ids = info.tokenizer.encode(text, add_special_tokens=False)  # the template already wrote BOS
