@@ -27,6 +27,7 @@ from rayinfer.actors.metrics import IngressMetrics
 from rayinfer.config import ModelConfig, ServeConfig
 from rayinfer.actors.resume import ChoiceRunner
 from rayinfer.messages import Delta, EngineRequest
+from rayinfer.openai.chat_output import StreamSplit, choose_reasoning_parser, split_message, tool_format_of
 from rayinfer.openai.limits import Admission, RequestLimits
 from rayinfer.openai.protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
                                       chat_response, completion_chunk, completion_logprobs, completion_response,
@@ -53,9 +54,11 @@ class Ingress:
         tok = load_tokenizer(path)
         longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=0) if tok else 0
         limits = RequestLimits(config.max_prompts_per_request, config.max_choices_per_request,
-                               config.max_stop_strings, config.max_stop_token_ids)
+                               config.max_stop_strings, config.max_stop_token_ids, max_tools=config.max_tools)
         self.info = ModelInfo(config.model_name, model.max_position_embeddings, model.vocab_size,
-                              tok, int(time.time()), max_token_chars=longest, limits=limits)
+                              tok, int(time.time()), max_token_chars=longest, limits=limits,
+                              reasoning_parser=choose_reasoning_parser(config.reasoning_parser, tok),
+                              tool_format=tool_format_of(tok))
         self.prefill, self.decode, self.mixed = prefill, decode, mixed
         self.runner = ChoiceRunner(prefill, decode, mixed, config.resume_deadline_s, config.max_resumes,
                                    config.quarantine_after)
@@ -178,7 +181,8 @@ class Ingress:
         self.metrics.request(endpoint, 200)
         usage, tok = usage_for(results, spec.n), self.info.tokenizer
         if kind == "chat":
-            body = chat_response(rid, int(time.time()), self.info.name, results, usage, tok, spec.top_logprobs)
+            body = chat_response(rid, int(time.time()), self.info.name, results, usage, tok, spec.top_logprobs,
+                                 message=lambda text: split_message(text, spec))
         else:
             body = completion_response(rid, int(time.time()), self.info.name, results, usage, tok)
         return JSONResponse(body)
@@ -245,6 +249,7 @@ class Ingress:
 
         tasks = [asyncio.create_task(pump(i)) for i in range(count)]
         results = [empty_choice(spec, i) for i in range(count)]
+        split = StreamSplit(rid, created, self.info.name, count, spec) if chat else None
         status = 200
         try:
             if chat:
@@ -263,7 +268,8 @@ class Ingress:
                     break
                 sent = len(results[index].text)
                 fold(results[index], d)
-                yield sse(self._chunk(spec, rid, created, index, d, sent))
+                for chunk in self._chunks(spec, rid, created, index, d, sent, split):
+                    yield sse(chunk)
             if status == 200 and spec.include_usage:
                 yield sse(usage_chunk(spec.kind, rid, created, self.info.name, usage_for(results, spec.n)))
             yield SSE_DONE
@@ -275,12 +281,12 @@ class Ingress:
             self._leave(ticket)
 
 
-    def _chunk(self, spec, rid: str, created: int, index: int, d: Delta, sent_chars: int) -> dict:
+    def _chunks(self, spec, rid: str, created: int, index: int, d: Delta, sent_chars: int, split) -> list[dict]:
         tok, lp = self.info.tokenizer, None
         if spec.kind == "chat":
             if d.logprobs is not None and spec.logprobs:
                 lp = chat_logprobs(tok, d.token_ids, d.logprobs, spec.top_logprobs)
-            return chat_chunk(rid, created, self.info.name, index, d.text, d.finish_reason, logprobs=lp)
+            return split.chunks(index, d.text, d.finish_reason, lp)
         if d.logprobs is not None and spec.logprobs is not None:
             lp = completion_logprobs(tok, d.token_ids, d.logprobs, sent_chars)
-        return completion_chunk(rid, created, self.info.name, index, d.text, d.finish_reason, logprobs=lp)
+        return [completion_chunk(rid, created, self.info.name, index, d.text, d.finish_reason, logprobs=lp)]

@@ -36,7 +36,8 @@ def _serve(args) -> int:
     overrides = dict(model=args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                      served_model_name=args.served_model_name, api_keys=tuple(k.strip() for k in keys) or None,
                      metrics_need_key=args.metrics_need_key or None, disk_cache_dir=args.disk_cache_dir,
-                     disk_cache_bytes=args.disk_cache_bytes, enforce_eager=args.enforce_eager or None)
+                     disk_cache_bytes=args.disk_cache_bytes, enforce_eager=args.enforce_eager or None,
+                     reasoning_parser=args.reasoning_parser)
     if args.colocated:
         overrides["disaggregated"] = False
     cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default=None, help="cpu | cuda [cpu]")
     s.add_argument("--enforce-eager", action="store_true",
                    help="run every decode step eagerly, never replayed from CUDA graphs")
+    s.add_argument("--reasoning-parser", default=None, choices=("deepseek_r1", "none"),
+                   help="split <think> output into reasoning_content [from the checkpoint's chat template]")
     s.add_argument("--served-model-name", default=None, help="model id clients send [the model's name]")
     s.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (repeat for several keys) "

@@ -139,7 +139,8 @@ class Tokenizer:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         return env.from_string(self.chat_template)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, extra: dict | None = None) -> str:
         """Renders a conversation; raises jinja2.TemplateError when the template rejects it.
 
         Content given as a list of text parts is joined with newlines first (vLLM's convention),
@@ -147,8 +148,9 @@ class Tokenizer:
         msgs = [dict(m, content="\n".join(p["text"] for p in m["content"]))
                 if isinstance(m.get("content"), list) else dict(m) for m in messages]
         specials = {k: self._token(k) for k in _SPECIAL_KEYS if self._token(k) is not None}
-        return self._compiled_template.render(messages=msgs, tools=None, documents=None,
-                                              add_generation_prompt=add_generation_prompt, **specials)
+        # `extra`: a request's chat_template_kwargs (V3.1's `thinking`); what the renderer sets itself wins
+        return self._compiled_template.render({**(extra or {}), **specials, "messages": msgs, "tools": tools,
+                                               "documents": None, "add_generation_prompt": add_generation_prompt})
 
 
 @cache

@@ -39,6 +39,9 @@ def info(tok) -> ModelInfo:
     return ModelInfo("tiny", MAX_LEN, VOCAB, tok, created=1700000000)
 
 
+_F = {"type": "function", "function": {"name": "f"}}
+
+
 def _chat(**kw):
     return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **kw}
 
@@ -121,9 +124,25 @@ BAD = {
     "echo": ("completion", _cmpl(echo=True), 400, "invalid_request_error", "echo", ["not supported"]),
     "best-of": ("completion", _cmpl(best_of=3), 400, "invalid_request_error", "best_of", ["3", "not supported"]),
     "suffix": ("completion", _cmpl(suffix="}"), 400, "invalid_request_error", "suffix", ["not supported"]),
-    "tools": ("chat", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "invalid_request_error",
-              "tools", ["not supported"]),
-    "tool-choice": ("chat", _chat(tool_choice="auto"), 400, "invalid_request_error", "tool_choice", ["auto"]),
+    "tool-choice-bad": ("chat", _chat(tools=[_F], tool_choice="always"), 400, "invalid_request_error",
+                        "tool_choice", ["always", "required"]),
+    "tool-choice-unknown-name": ("chat", _chat(tools=[_F], tool_choice={"type": "function", "function": {"name": "g"}}),
+                                 400, "invalid_request_error", "tool_choice.function.name", ["g", "no function"]),
+    "tool-choice-named-and-schema": ("chat", _chat(tools=[_F], tool_choice={"type": "function", "function": {"name": "f"}},
+                                                   response_format={"type": "json_object"}), 400,
+                                     "invalid_request_error", "tool_choice", ["cannot be combined"]),
+    "tool-choice-no-tools": ("chat", _chat(tool_choice="auto"), 400, "invalid_request_error", "tool_choice",
+                             ["auto", "only allowed when 'tools'"]),
+    "tools-too-many": ("chat", _chat(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]),
+                       400, "invalid_request_error", "tools", ["129", "at most 128", "max_tools"]),
+    "tools-too-big": ("chat", _chat(tools=[{"type": "function", "function": {
+                          "name": "f", "description": "d" * 70000}}]), 400, "invalid_request_error", "tools",
+                      ["at most 65536"]),
+    "tool-bad-name": ("chat", _chat(tools=[{"type": "function", "function": {"name": "a b"}}]), 400,
+                      "invalid_request_error", "tools[0].function.name", ["a b"]),
+    "tool-not-function": ("chat", _chat(tools=[{"type": "retrieval"}]), 400, "invalid_request_error", "tools[0]",
+                          ["retrieval"]),
+    "tool-names-repeat": ("chat", _chat(tools=[_F, _F]), 400, "invalid_request_error", "tools", ["unique"]),
     "functions": ("chat", _chat(functions=[{"name": "f"}]), 400, "invalid_request_error", "functions",
                   ["not supported"]),
     "response-format-type": ("chat", _chat(response_format={"type": "yaml"}), 400, "invalid_request_error",
@@ -157,8 +176,10 @@ BAD = {
     "guided-json": ("chat", _chat(guided_json={}), 400, "invalid_request_error", "guided_json", ["Unrecognized"]),
     "prompt-logprobs": ("completion", _cmpl(prompt_logprobs=1), 400, "invalid_request_error", "prompt_logprobs",
                         ["Unrecognized"]),
-    "chat-template-kwargs": ("chat", _chat(chat_template_kwargs={"thinking": True}), 400, "invalid_request_error",
-                             "chat_template_kwargs", ["Unrecognized"]),
+    "chat-template-kwargs-list": ("chat", _chat(chat_template_kwargs=["thinking"]), 400, "invalid_request_error",
+                                  "chat_template_kwargs", ["thinking", "object"]),
+    "chat-template-kwargs-nested": ("chat", _chat(chat_template_kwargs={"thinking": {"a": 1}}), 400,
+                                    "invalid_request_error", "chat_template_kwargs.thinking", ["boolean"]),
     "reasoning-effort": ("chat", _chat(reasoning_effort="low"), 400, "invalid_request_error", "reasoning_effort",
                          ["Unrecognized"]),
     "chat-prefix": ("chat", _chat(messages=[{"role": "user", "content": "hi"},
@@ -174,8 +195,8 @@ BAD = {
     "messages-empty": ("chat", _chat(messages=[]), 400, "invalid_request_error", "messages", ["non-empty"]),
     "messages-str": ("chat", _chat(messages="hi"), 400, "invalid_request_error", "messages", ['"hi"']),
     "message-not-object": ("chat", _chat(messages=[5]), 400, "invalid_request_error", "messages[0]", ["5"]),
-    "role-tool": ("chat", _chat(messages=[{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]), 400,
-                  "invalid_request_error", "messages[1].role", ['"tool"', "system, user, assistant"]),
+    "role-function": ("chat", _chat(messages=[{"role": "user", "content": "a"}, {"role": "function", "content": "b"}]),
+                      400, "invalid_request_error", "messages[1].role", ['"function"', "system, user, assistant, tool"]),
     "role-missing": ("chat", _chat(messages=[{"content": "a"}]), 400, "invalid_request_error", "messages[0].role",
                      ["null"]),
     "content-null": ("chat", _chat(messages=[{"role": "user", "content": None}]), 400, "invalid_request_error",
@@ -187,7 +208,9 @@ BAD = {
                              400, "invalid_request_error", "messages[0].content[0]", ["5"]),
     "message-tool-calls": ("chat", _chat(messages=[{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]},
                                                    {"role": "user", "content": "x"}]), 400, "invalid_request_error",
-                           "messages[0].tool_calls", ["not supported"]),
+                           "messages[0].tool_calls[0]", ["arguments"]),
+    "tool-message-no-id": ("chat", _chat(messages=[{"role": "tool", "content": "22C"}]), 400, "invalid_request_error",
+                           "messages[0].tool_call_id", ["tool_call_id"]),
 }
 
 

@@ -123,6 +123,37 @@ def test_structured_outputs_on_the_disaggregated_default(server):
         client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"structured_outputs": {"regex": "(a"}})
 
 
+def test_named_tool_choice_returns_arguments_that_match_the_schema(server):
+    """A named tool_choice constrains the output to the function's parameters, streamed and not; "required" to a
+    list of calls to the tools."""
+    import pydantic
+
+    class Args(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=5)
+        days: int = pydantic.Field(ge=1, le=9)
+
+    url, _ = server
+    client = _client(url)
+    tool = {"type": "function", "function": {"name": "forecast", "parameters": Args.model_json_schema()}}
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Paris?"}], tools=[tool], max_tokens=48,
+              tool_choice={"type": "function", "function": {"name": "forecast"}}, temperature=1.0, seed=3)
+    got = client.chat.completions.create(**kw).choices[0]
+    call = got.message.tool_calls[0]
+    assert (len(got.message.tool_calls), call.function.name, got.finish_reason) == (1, "forecast", "stop")
+    Args.model_validate_json(call.function.arguments)
+    args, names = "", []
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for d in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            names += [d.function.name] if d.function.name else []
+            args += d.function.arguments or ""
+    assert names == ["forecast"]
+    Args.model_validate_json(args)
+    kw.update(tool_choice="required", parallel_tool_calls=False, max_tokens=96)
+    got = client.chat.completions.create(**kw).choices[0]
+    assert (got.finish_reason, [c.function.name for c in got.message.tool_calls]) == ("tool_calls", ["forecast"])
+    Args.model_validate_json(got.message.tool_calls[0].function.arguments)
+
+
 def test_64_concurrent_streams_match_offline(server, offline):
     url, _ = server
     want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)]

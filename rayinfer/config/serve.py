@@ -113,8 +113,10 @@ class ServeConfig:
     max_choices_per_request: int = 256  # n x prompts of one request (more: 400)
     max_stop_strings: int = 4
     max_stop_token_ids: int = 64
+    max_tools: int = 128  # a chat request's tools (OpenAI's bound)
     max_resumes: int = 8  # a choice continued elsewhere at most this often (drains and rank failures together)
     quarantine_after: int = 2  # rank failures while serving one choice before it is refused (500), not resumed
+    reasoning_parser: str | None = None  # "deepseek_r1" | "none"; default: from the checkpoint's chat template
     max_request_bytes: int = 8 * 2**20  # larger request bodies get 413, refused while they arrive
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # any one of them, as a bearer token; none: open
     metrics_need_key: bool = False  # /metrics asks for an API key too (/health never does)
@@ -130,9 +132,11 @@ class ServeConfig:
     def __post_init__(self):
         check_field(isinstance(self.port, int) and 0 < self.port < 65536, "port", self.port, "must be in 1..65535")
         for name in ("max_queue", "max_queue_tokens", "max_prompts_per_request", "max_choices_per_request",
-                     "max_stop_strings", "max_stop_token_ids", "max_resumes", "quarantine_after"):
+                     "max_stop_strings", "max_stop_token_ids", "max_tools", "max_resumes", "quarantine_after"):
             v = getattr(self, name)
             check_field(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
+        check_field(self.reasoning_parser in (None, "none", "deepseek_r1"), "reasoning_parser",
+                    self.reasoning_parser, "must be 'deepseek_r1' or 'none'")
         check_field(isinstance(self.max_request_bytes, int) and self.max_request_bytes >= 1024,
                     "max_request_bytes", self.max_request_bytes, "must be at least 1024 bytes")
         keys = (self.api_keys,) if isinstance(self.api_keys, str) else tuple(self.api_keys or ())

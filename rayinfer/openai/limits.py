@@ -26,6 +26,7 @@ class RequestLimits:
     max_stop_strings: int = 4  # OpenAI's bound
     max_stop_token_ids: int = 64
     max_logit_bias: int = 300  # OpenAI's bound
+    max_tools: int = 128  # OpenAI's bound
 
 
 def _check_count(count: int, bound: int, param: str, what: str, field: str) -> None:

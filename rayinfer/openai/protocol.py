@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import jinja2
 
 from rayinfer.messages import SamplingParams
+from rayinfer.openai.chat_output import starts_in_reasoning
 from rayinfer.openai.errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
 from rayinfer.openai.limits import (RequestLimits, _guard_length, _max_tokens, check_logit_bias, check_prompt_count,
                                     check_stops, check_token_ids)
@@ -27,6 +28,7 @@ from rayinfer.openai.responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_
                                        completion_response, models_response, sse, usage_chunk,
                                        usage_dict, usage_for)
 from rayinfer.openai.structured import parse_structured
+from rayinfer.openai.tool_request import parse_tools
 from rayinfer.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class ModelInfo:
     kv_capacity_tokens: int = 0  # what the serving ranks' KV cache holds for one request; 0: not known
     max_token_chars: int = 0  # the longest token's length in characters; 0: no length guard before tokenizing
     limits: RequestLimits = RequestLimits()  # list sizes one request may send
+    reasoning_parser: str | None = None  # rayinfer.openai.chat_output.choose_reasoning_parser's choice
+    tool_format: str = "v3"  # DeepSeek's tool-call format in its output (rayinfer.openai.chat_output.tool_format_of)
 
 
 @dataclass
@@ -54,6 +58,10 @@ class RequestSpec:
     include_usage: bool = False
     logprobs: int | bool | None = None  # completions: top-k count or None; chat: bool
     top_logprobs: int = 0  # chat only
+    reasoning: bool | None = None  # chat: None without a reasoning parser, else whether the output starts reasoning
+    tool_format: str | None = None  # chat: the tool-call format its output is parsed for (None: not parsed)
+    forced_tool: str | None = None  # chat: tool_choice named this function, so the whole output is its arguments
+    tools_required: bool = False  # chat: tool_choice "required", so the whole output is a JSON list of calls
 
 
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
@@ -64,15 +72,15 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "pre
            "spaces_between_special_tokens", "include_stop_str_in_output", "structured_outputs"}
 _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-                              "tool_choice", "functions", "function_call", "response_format"}}
+                              "tool_choice", "functions", "function_call", "response_format", "chat_template_kwargs"}}
 # Accepted only at values that ask for nothing beyond plain text generation.
 _HARMLESS = {"echo": lambda v: v is False, "best_of": lambda v: v == 1 and not isinstance(v, bool),
-             "suffix": lambda v: v == "", "tools": lambda v: v == [], "functions": lambda v: v == [],
-             "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
+             "suffix": lambda v: v == "", "functions": lambda v: v == [],
+             "function_call": lambda v: v == "none",
              # output shaping rayinfer always does one way: special tokens skipped, stop strings cut off
              "skip_special_tokens": lambda v: v is True, "spaces_between_special_tokens": lambda v: v is True,
              "include_stop_str_in_output": lambda v: v is False}
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
@@ -134,7 +142,8 @@ def _check_envelope(body, kind: str, info: ModelInfo) -> dict:
     return body
 
 
-def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo,
+              structured: tuple[str, str] | None = None) -> SamplingParams:
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -160,7 +169,7 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo
             repetition_penalty=_get_num(body, "repetition_penalty", 0, 100, 1.0, lo_open=True),
             min_tokens=_get_int(body, "min_tokens", 0, max_tokens, default=0),
             logit_bias=check_logit_bias(body["logit_bias"], info) if body.get("logit_bias") is not None else (),
-            structured=parse_structured(body))
+            structured=structured or parse_structured(body))
     except ValueError as e:  # a constraint SamplingParams knows and this layer does not
         name = str(e).split("=", 1)[0].removeprefix("SamplingParams.")
         raise APIError(400, f"Invalid request: {e}", param=name) from e
@@ -229,6 +238,27 @@ def parse_completion_request(body, info: ModelInfo) -> RequestSpec:
                        logprobs=logprobs)
 
 
+def _history_calls(calls, at: str) -> list[dict] | None:
+    """An assistant turn's `tool_calls`, as the chat template reads them back."""
+    if calls in (None, []):
+        return None
+    shape = 'each must be {"id": ..., "type": "function", "function": {"name": ..., "arguments": "<JSON>"}}'
+    if not isinstance(calls, list):
+        raise _bad(f"{at}.tool_calls", calls, shape)
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise _bad(f"{at}.tool_calls[{j}]", c, shape)
+    return [{"id": c.get("id"), "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}} for c in calls]
+
+
+def _text_chars(m: dict) -> int:
+    content = m["content"]
+    chars = len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
+    return chars + sum(len(c["function"]["name"]) + len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+
+
 def _messages(messages) -> list[dict]:
     if messages is None:
         raise APIError(400, "Missing required parameter: 'messages'", param="messages")
@@ -242,6 +272,9 @@ def _messages(messages) -> list[dict]:
         if m.get("role") not in _ROLES:
             raise _bad(f"{at}.role", m.get("role"), f"must be one of {', '.join(_ROLES)}")
         content = m.get("content")
+        calls = _history_calls(m.get("tool_calls"), at) if m["role"] == "assistant" else None
+        if content is None and calls:
+            content = ""  # an assistant turn that only called tools
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -249,11 +282,38 @@ def _messages(messages) -> list[dict]:
         elif not isinstance(content, str):
             raise _bad(f"{at}.content", content, "must be a string or a list of text parts")
         for key, value in m.items():
-            # Clients echo assistant messages back with null fields (refusal, tool_calls, audio...).
-            if key not in ("role", "content", "name") and value not in (None, []):
+            # Clients echo assistant messages back with null fields (refusal, tool_calls, audio...); a previous
+            # turn's reasoning_content is dropped, as DeepSeek documents (never sent back into the prompt).
+            if key not in ("role", "content", "name", "reasoning_content", "tool_calls", "tool_call_id") \
+                    and value not in (None, []):
                 raise _bad(f"{at}.{key}", value, "not supported by this server")
-        out.append({"role": m["role"], "content": content})
+        msg = {"role": m["role"], "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        if m["role"] == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise _bad(f"{at}.tool_call_id", m.get("tool_call_id"), "a tool message must name its tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
     return out
+
+
+_MAX_TEMPLATE_KWARGS = 16
+
+
+def _template_kwargs(kw) -> dict | None:
+    """chat_template_kwargs (how DeepSeek-V3.1's thinking mode is switched: {"thinking": true}): a few named
+    scalars; the template's own variables (messages, tools, special tokens...) cannot be replaced."""
+    if kw is None:
+        return None
+    if not isinstance(kw, dict) or len(kw) > _MAX_TEMPLATE_KWARGS:
+        raise _bad("chat_template_kwargs", kw, f"must be an object of at most {_MAX_TEMPLATE_KWARGS} variables")
+    for key, value in kw.items():
+        if not key.isidentifier() or len(key) > 64:
+            raise _bad("chat_template_kwargs", key, "variable names must be identifiers")
+        if not (value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 1024)):
+            raise _bad(f"chat_template_kwargs.{key}", value, "must be a boolean, number or short string")
+    return kw
 
 
 def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
@@ -264,11 +324,12 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     if info.tokenizer is None:
         raise APIError(400, f"Model `{info.name}` has no tokenizer or chat template: use /v1/completions "
                             "with token-id prompts", param="messages")
-    _guard_length(sum(len(m["content"]) if isinstance(m["content"], str) else
-                      sum(len(p["text"]) for p in m["content"]) for m in messages), "messages", info)
+    _guard_length(sum(map(_text_chars, messages)), "messages", info)
+    use = parse_tools(body, info.limits)
     try:
-        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except jinja2.TemplateError as e:
+        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=use.tools,
+                                                  extra=_template_kwargs(body.get("chat_template_kwargs")))
+    except (jinja2.TemplateError, TypeError) as e:  # TypeError: a template adding None (a field it did not expect)
         raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
     ids = info.tokenizer.encode(text, add_special_tokens=False)  # the template already wrote BOS
     newer, legacy = _get_int(body, "max_completion_tokens", 1, None), _get_int(body, "max_tokens", 1, None)
@@ -280,6 +341,9 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
         raise _bad("top_logprobs", top, "requires 'logprobs' to be true")
     stream, include_usage = _stream_flags(body)
     return RequestSpec("chat", info.name, [(text, ids)],
-                       _sampling(body, max_tokens, (top or 0) if logprobs else None, info), n=n, stream=stream,
-                       include_usage=include_usage,
-                       logprobs=logprobs, top_logprobs=top or 0)
+                       _sampling(body, max_tokens, (top or 0) if logprobs else None, info, use.constraint), n=n,
+                       stream=stream,
+                       include_usage=include_usage, logprobs=logprobs, top_logprobs=top or 0,
+                       reasoning=None if info.reasoning_parser is None or use.constraint else starts_in_reasoning(text),
+                       tool_format=info.tool_format if use.parse else None, forced_tool=use.forced,
+                       tools_required=use.required)

@@ -36,13 +36,13 @@ class ChoiceResult:
     num_cached_tokens: int = 0
 
 
-def _final_reason(reason: str | None) -> str:
+def _final_reason(reason: str | None, called: bool = False) -> str:
     # "abort" means the client left, so nobody reads it; anything unexpected reads as a normal stop.
-    return "length" if reason == "length" else "stop"
+    return "length" if reason == "length" else "tool_calls" if called else "stop"
 
 
-def _chunk_reason(reason: str | None) -> str | None:
-    return None if reason is None else _final_reason(reason)
+def _chunk_reason(reason: str | None, called: bool = False) -> str | None:
+    return None if reason is None else _final_reason(reason, called)
 
 
 def _lp(x: float) -> float:
@@ -133,10 +133,13 @@ def completion_response(id: str, created: int, model: str, choices: list[ChoiceR
 
 
 def chat_response(id: str, created: int, model: str, choices: list[ChoiceResult], usage: dict,
-                  tokenizer=None, top_logprobs: int = 0) -> dict:
+                  tokenizer=None, top_logprobs: int = 0, message=None) -> dict:
+    """`message`: text -> (the assistant message, whether the model chose to call tools: finish reason
+    "tool_calls"); rayinfer.openai.chat_output splits out the reasoning and the calls."""
+    message = message or (lambda text: ({"role": "assistant", "content": text}, False))
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": _final_reason(c.finish_reason),
+            "choices": [{"index": c.index, "message": (m := message(c.text))[0],
+                         "finish_reason": _final_reason(c.finish_reason, m[1]),
                          "logprobs": None if c.logprobs is None else
                          chat_logprobs(tokenizer, c.token_ids, c.logprobs, top_logprobs)}
                         for c in sorted(choices, key=lambda c: c.index)],
@@ -157,12 +160,18 @@ def completion_chunk(id: str, created: int, model: str, index: int, text: str, f
 
 
 def chat_chunk(id: str, created: int, model: str, index: int, delta_text: str | None, finish_reason: str | None,
-               role: str | None = None, logprobs: dict | None = None) -> dict:
+               role: str | None = None, logprobs: dict | None = None, reasoning: str | None = None,
+               tool_calls: list[dict] | None = None, called: bool = False) -> dict:
     """`role` on a choice's first chunk (OpenAI sends role + empty content first); `logprobs`:
-    this chunk's tokens, already shaped by `chat_logprobs`."""
+    this chunk's tokens, already shaped by `chat_logprobs`; `reasoning`: a `reasoning_content` delta;
+    `tool_calls`: OpenAI tool-call deltas; `called`: the choice made tool calls (its finish reason says so)."""
     delta = {"role": role, "content": delta_text or ""} if role else ({"content": delta_text} if delta_text else {})
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": _chunk_reason(finish_reason),
+            "choices": [{"index": index, "delta": delta, "finish_reason": _chunk_reason(finish_reason, called),
                          "logprobs": logprobs}]}
 
 

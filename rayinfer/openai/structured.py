@@ -32,6 +32,11 @@ def _schema_text(schema, param: str) -> str:
     return json.dumps(schema, separators=(",", ":"))
 
 
+def json_schema_constraint(schema, param: str) -> tuple[str, str]:
+    """A JSON schema (object or text) as a checked constraint; `param` names it in the 400."""
+    return _checked("json", _schema_text(schema, param), param)
+
+
 def parse_structured(body: dict) -> tuple[str, str] | None:
     fmt, so = body.get("response_format"), body.get("structured_outputs")
     if fmt is not None and so is not None:

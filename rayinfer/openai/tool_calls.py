@@ -15,6 +15,10 @@ from rayinfer.openai.markers import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END
 FORMATS = ("v3", "v3.1")
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 class ToolCallParser:
     def __init__(self, fmt: str = "v3"):
         assert fmt in FORMATS, fmt
@@ -64,7 +68,7 @@ class ToolCallParser:
                 return False
             self.index += 1
             self.buf, self.state, self.ws = rest, "fence" if self.fmt == "v3" else "args", ""
-            deltas.append({"index": self.index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            deltas.append({"index": self.index, "id": new_call_id(), "type": "function",
                            "function": {"name": name.strip(), "arguments": ""}})
             return True
         if s == "fence":  # the line that opens V3's ```json block
