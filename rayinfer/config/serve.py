@@ -62,10 +62,6 @@ ROLE_ENGINE_OPTIONS = ((SchedulerConfig, "max_num_seqs"), (SchedulerConfig, "max
                        (ParallelConfig, "enable_overlap"), (ParallelConfig, "eplb_interval_s"))
 
 
-def _engine_default(section, name):
-    return next(f.default for f in fields(section) if f.name == name)
-
-
 @dataclass(frozen=True)
 class RoleConfig:
     """One role's gangs: `num_gangs` units of `ep_size` ranks, and their ranks' engine options
@@ -73,12 +69,12 @@ class RoleConfig:
 
     ep_size: int = 2
     num_gangs: int = 1
-    num_redundant_experts: int = _engine_default(ParallelConfig, "num_redundant_experts")
-    max_num_seqs: int = _engine_default(SchedulerConfig, "max_num_seqs")
-    max_num_batched_tokens: int = _engine_default(SchedulerConfig, "max_num_batched_tokens")
+    num_redundant_experts: int = ParallelConfig.num_redundant_experts
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
     kv_cache_memory: int | None = None  # None: the deployment's kv_cache_memory
-    enable_overlap: bool = _engine_default(ParallelConfig, "enable_overlap")
-    eplb_interval_s: float = _engine_default(ParallelConfig, "eplb_interval_s")  # live rebalancing period; 0: off
+    enable_overlap: bool = ParallelConfig.enable_overlap
+    eplb_interval_s: float = ParallelConfig.eplb_interval_s  # live rebalancing period; 0: off
     autoscaling: AutoscalingConfig | None = None  # None: `num_gangs` gangs, always
 
     def __post_init__(self):
