@@ -1,5 +1,5 @@
-"""Decode gangs autoscale on a real local server: a burst of streams, kept up until it does, brings a second gang of 2 CPU ranks,
-a quiet spell takes it away again, and the gang leaving drains: every stream, including those still running on
+"""Decode gangs autoscale on a real local server: a burst of streams, kept up until it does, brings a second gang
+of 2 CPU ranks, a quiet spell takes it away again, and the gang leaving drains: every stream, including those still running on
 it while it goes, ends whole, and `rayinfer_gangs{role="decode"}` follows."""
 import asyncio
 import time
