@@ -154,6 +154,37 @@ def test_named_tool_choice_returns_arguments_that_match_the_schema(server):
     Args.model_validate_json(got.message.tool_calls[0].function.arguments)
 
 
+def test_echo_logprobs_equal_the_offline_prompt_logprobs(server, offline):
+    """echo + logprobs (max_tokens 0 and 3, streamed and not) and vLLM's prompt_logprobs: the prefill rank computes
+    every prompt position (a cached prefix too) and its values are the offline engine's within 1e-4 (fp32)."""
+    url, _ = server
+    client = _client(url)
+    prompt = "Score this sentence token by token, please: the quick brown fox jumps over the lazy dog. " * 2
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=1)  # its pages are now in the prefix cache
+    want = offline.generate([prompt], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1),
+                            use_tqdm=False)[0]
+    ids = want.prompt_token_ids
+    ref = [e[t] for e, t in zip(want.prompt_logprobs[1:], ids[1:])]
+
+    def close(got):
+        assert got[0] is None and len(got) == len(ids) and max(abs(a - b) for a, b in zip(got[1:], ref)) < 1e-4
+
+    for max_tokens in (0, 3):
+        c = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, echo=True,
+                                      logprobs=1)
+        ch = c.choices[0]
+        assert ch.text == prompt + want.text[:len(ch.text) - len(prompt)] and c.usage.completion_tokens == max_tokens
+        assert len(ch.logprobs.tokens) == len(ids) + max_tokens and ch.logprobs.top_logprobs[0] is None
+        close(ch.logprobs.token_logprobs[:len(ids)])
+    assert ch.text == prompt + want.text
+    chunks = [x.choices[0] for x in client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0,
+                                                              echo=True, logprobs=1, stream=True)]
+    assert "".join(x.text for x in chunks) == ch.text
+    assert sum((x.logprobs.token_logprobs for x in chunks), []) == ch.logprobs.token_logprobs
+    c = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    close([e and e[str(t)]["logprob"] for e, t in zip(c.choices[0].model_extra["prompt_logprobs"], ids)])
+
+
 def test_64_concurrent_streams_match_offline(server, offline):
     url, _ = server
     want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)]
