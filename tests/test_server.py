@@ -185,6 +185,28 @@ def test_echo_logprobs_equal_the_offline_prompt_logprobs(server, offline):
     close([e and e[str(t)]["logprob"] for e, t in zip(c.choices[0].model_extra["prompt_logprobs"], ids)])
 
 
+def test_chat_prefix_completion_continues_the_text_and_fim_needs_fim_tokens(server, offline):
+    """DeepSeek's prefix completion: the reply continues the assistant text (the rendered turn left open), as the
+    offline engine continues that prompt, streamed and not. `suffix` on tiny (no FIM tokens): a 400 naming them."""
+    url, _ = server
+    client = _client(url)
+    ask = [{"role": "user", "content": "Write a loop"}]
+    tok = offline.tokenizer
+    ids = tok.encode(tok.apply_chat_template(ask + [{"role": "assistant", "content": "for i in"}],
+                                             add_generation_prompt=False).removesuffix("<｜end▁of▁sentence｜>"),
+                     add_special_tokens=False)
+    want = offline.generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    kw = dict(model="tiny", messages=ask + [{"role": "assistant", "content": "for i in", "prefix": True}],
+              max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    got = client.chat.completions.create(**kw)
+    assert got.choices[0].message.content == want.text and got.usage.prompt_tokens == len(ids)
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                   if c.choices) == want.text
+    with pytest.raises(openai.BadRequestError, match="FIM tokens") as e:
+        client.completions.create(model="tiny", prompt="def f(", suffix="):\n    pass", max_tokens=4)
+    assert e.value.param == "suffix"
+
+
 def test_64_concurrent_streams_match_offline(server, offline):
     url, _ = server
     want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)]

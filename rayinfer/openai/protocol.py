@@ -20,6 +20,7 @@ import jinja2
 
 from rayinfer.messages import SamplingParams
 from rayinfer.openai.chat_output import starts_in_reasoning
+from rayinfer.openai.continuation import cut_after_prefix, fim_prompts, prefix_message
 from rayinfer.openai.errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
 from rayinfer.openai.limits import (RequestLimits, _guard_length, _max_tokens, check_logit_bias, check_prompt_count,
                                     check_stops, check_token_ids)
@@ -85,7 +86,7 @@ _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "su
                               "tool_choice", "functions", "function_call", "response_format", "chat_template_kwargs"}}
 # Accepted only at values that ask for nothing beyond plain text generation.
 _HARMLESS = {"best_of": lambda v: v == 1 and not isinstance(v, bool),
-             "suffix": lambda v: v == "", "functions": lambda v: v == [],
+             "functions": lambda v: v == [],
              "function_call": lambda v: v == "none",
              # output shaping rayinfer always does one way: special tokens skipped, stop strings cut off
              "skip_special_tokens": lambda v: v is True, "spaces_between_special_tokens": lambda v: v is True,
@@ -237,8 +238,14 @@ def _completion_prompts(prompt, info: ModelInfo, n: int) -> list[tuple[str | Non
 def parse_completion_request(body, info: ModelInfo) -> RequestSpec:
     body = _check_envelope(body, "completion", info)
     n = _get_int(body, "n", 1, 16, default=1)
-    prompts = _completion_prompts(body.get("prompt"), info, n)
-    echo = _get_bool(body, "echo")
+    echo, prompt, suffix = _get_bool(body, "echo"), body.get("prompt"), body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise _bad("suffix", suffix, "must be a string")
+    if suffix and prompt is not None:  # DeepSeek's FIM completion: the model writes what goes between
+        if echo:
+            raise _bad("echo", echo, "cannot be combined with 'suffix'")
+        prompt = fim_prompts(prompt, suffix, info.tokenizer)
+    prompts = _completion_prompts(prompt, info, n)
     # OpenAI's default for completions; 0 with echo returns the prompt alone (how evaluation harnesses score text)
     requested = _get_int(body, "max_tokens", 0 if echo else 1, None, default=16)
     for _, ids in prompts:
@@ -303,7 +310,7 @@ def _messages(messages) -> list[dict]:
         for key, value in m.items():
             # Clients echo assistant messages back with null fields (refusal, tool_calls, audio...); a previous
             # turn's reasoning_content is dropped, as DeepSeek documents (never sent back into the prompt).
-            if key not in ("role", "content", "name", "reasoning_content", "tool_calls", "tool_call_id") \
+            if key not in ("role", "content", "name", "reasoning_content", "tool_calls", "tool_call_id", "prefix") \
                     and value not in (None, []):
                 raise _bad(f"{at}.{key}", value, "not supported by this server")
         msg = {"role": m["role"], "content": content}
@@ -340,14 +347,17 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     n = _get_int(body, "n", 1, 16, default=1)
     check_prompt_count(1, n, info.limits)
     messages = _messages(body.get("messages"))
+    prefix = prefix_message(body["messages"])  # DeepSeek's chat prefix completion: continue the last message
     if info.tokenizer is None:
         raise APIError(400, f"Model `{info.name}` has no tokenizer or chat template: use /v1/completions "
                             "with token-id prompts", param="messages")
     _guard_length(sum(map(_text_chars, messages)), "messages", info)
     use = parse_tools(body, info.limits)
     try:
-        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=use.tools,
+        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=prefix is None, tools=use.tools,
                                                   extra=_template_kwargs(body.get("chat_template_kwargs")))
+        if prefix is not None:
+            text = cut_after_prefix(text, messages[prefix]["content"])
     except (jinja2.TemplateError, TypeError) as e:  # TypeError: a template adding None (a field it did not expect)
         raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
     ids = info.tokenizer.encode(text, add_special_tokens=False)  # the template already wrote BOS
