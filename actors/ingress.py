@@ -54,7 +54,8 @@ class Ingress:
         tok = load_tokenizer(path)
         longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=0) if tok else 0
         limits = RequestLimits(config.max_prompts_per_request, config.max_choices_per_request,
-                               config.max_stop_strings, config.max_stop_token_ids, max_tools=config.max_tools)
+                               config.max_stop_strings, config.max_stop_token_ids, max_tools=config.max_tools,
+                               max_prompt_logprob_tokens=config.max_prompt_logprob_tokens)
         self.info = ModelInfo(config.model_name, model.max_position_embeddings, model.vocab_size,
                               tok, int(time.time()), max_token_chars=longest, limits=limits,
                               reasoning_parser=choose_reasoning_parser(config.reasoning_parser, tok),

@@ -23,7 +23,7 @@ from rayinfer.openai.chat_output import starts_in_reasoning
 from rayinfer.openai.continuation import cut_after_prefix, fim_prompts, prefix_message
 from rayinfer.openai.errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
 from rayinfer.openai.limits import (RequestLimits, _guard_length, _max_tokens, check_logit_bias, check_prompt_count,
-                                    check_stops, check_token_ids)
+                                    check_prompt_logprob_tokens, check_stops, check_token_ids)
 from rayinfer.openai.responses import (SSE_DONE, ChoiceResult, PromptView, chat_chunk, chat_logprobs,  # noqa: F401
                                        chat_response, completion_chunk, completion_delta_chunk, completion_logprobs,
                                        completion_response, models_response, sse, usage_chunk,
@@ -254,6 +254,9 @@ def parse_completion_request(body, info: ModelInfo) -> RequestSpec:
     asked = _get_int(body, "prompt_logprobs", 0, 20)
     # the engine computes one list per prompt, as wide as the widest of the two asks
     wide = max((k for k in (asked, logprobs if echo else None) if k is not None), default=None)
+    if wide is not None:
+        check_prompt_logprob_tokens([len(ids) for _, ids in prompts], n, "echo" if asked is None else "prompt_logprobs",
+                                    info.limits)
     if echo:  # the echoed text of a token-id prompt is its decoding
         prompts = [(text if text is not None else info.tokenizer.decode(ids) if info.tokenizer else "", ids)
                    for text, ids in prompts]
