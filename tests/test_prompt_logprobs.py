@@ -55,3 +55,29 @@ def test_a_continued_request_gets_none(llm):
     while eng.has_unfinished():
         deltas += eng.step()
     assert deltas and all(d.prompt_logprobs is None for d in deltas)
+
+
+def test_a_prompt_split_over_microbatches_fills_the_same_entries(llm):
+    """A gang step may split one sequence's chunk into two microbatches (and pad decode steps with dummies): each
+    piece's rows are its own, so the entries do not depend on the split."""
+    from rayinfer.engine import prompt_logprobs
+    from rayinfer.engine.decode_buckets import _Dummy
+    from rayinfer.engine.sequence import Sequence
+
+    model, ids = llm.engine.runner.model, PROMPT[:30]
+    with torch.inference_mode():
+        hidden = model.hidden_states(torch.tensor(ids), _dense_batch(len(ids)))  # [30, H]
+    whole, split = (Sequence(r, ids, SamplingParams(prompt_logprobs=3)) for r in ("a", "b"))
+    prompt_logprobs.record(model, [([(whole, 0, 30)], hidden)])
+    prompt_logprobs.record(model, [([(split, 0, 13), (_Dummy([0]), 0, 1)], torch.cat([hidden[:13], hidden[:1]])),
+                                   ([(split, 13, 17)], hidden[13:])])
+    assert whole.prompt_logprobs[0] is None and split.prompt_logprobs[0] is None
+    for a, b in zip(whole.prompt_logprobs[1:], split.prompt_logprobs[1:]):
+        assert a == {t: pytest.approx(v, abs=1e-5) for t, v in b.items()}
+    assert all(len(e) in (3, 4) for e in whole.prompt_logprobs[1:])
+
+
+def _dense_batch(t: int):
+    from rayinfer.model import ForwardBatch
+
+    return ForwardBatch.dense(1, t, "cpu")
