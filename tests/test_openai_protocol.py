@@ -180,8 +180,8 @@ BAD = {
                         ["[-100, 100]"]),
     # DeepSeek / vLLM fields not served yet: each a 400 naming the field (README's endpoint list)
     "guided-json": ("chat", _chat(guided_json={}), 400, "invalid_request_error", "guided_json", ["Unrecognized"]),
-    "chat-prompt-logprobs": ("chat", _chat(prompt_logprobs=1), 400, "invalid_request_error", "prompt_logprobs",
-                        ["Unrecognized"]),
+    "chat-prompt-logprobs-stream": ("chat", _chat(prompt_logprobs=1, stream=True), 400, "invalid_request_error",
+                                    "prompt_logprobs", ["not available", "stream"]),
     "chat-template-kwargs-list": ("chat", _chat(chat_template_kwargs=["thinking"]), 400, "invalid_request_error",
                                   "chat_template_kwargs", ["thinking", "object"]),
     "chat-template-kwargs-nested": ("chat", _chat(chat_template_kwargs={"thinking": {"a": 1}}), 400,

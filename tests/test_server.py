@@ -183,6 +183,12 @@ def test_echo_logprobs_equal_the_offline_prompt_logprobs(server, offline):
     assert sum((x.logprobs.token_logprobs for x in chunks), []) == ch.logprobs.token_logprobs
     c = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body={"prompt_logprobs": 0})
     close([e and e[str(t)]["logprob"] for e, t in zip(c.choices[0].model_extra["prompt_logprobs"], ids)])
+    messages = [{"role": "user", "content": prompt}]  # chat: vLLM returns them beside the choices
+    ids = offline.tokenizer.encode(offline.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    want = offline.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    ref = [e[t] for e, t in zip(want.prompt_logprobs[1:], ids[1:])]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    close([e and e[str(t)]["logprob"] for e, t in zip(r.model_extra["prompt_logprobs"], ids)])
 
 
 def test_chat_prefix_completion_continues_the_text_and_fim_needs_fim_tokens(server, offline):

@@ -83,7 +83,8 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "pre
            "spaces_between_special_tokens", "include_stop_str_in_output", "structured_outputs"}
 _FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix", "prompt_logprobs"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-                              "tool_choice", "functions", "function_call", "response_format", "chat_template_kwargs"}}
+                              "tool_choice", "functions", "function_call", "response_format", "chat_template_kwargs",
+                              "prompt_logprobs"}}
 # Accepted only at values that ask for nothing beyond plain text generation.
 _HARMLESS = {"best_of": lambda v: v == 1 and not isinstance(v, bool),
              "functions": lambda v: v == [],
@@ -372,9 +373,15 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     if top is not None and not logprobs:
         raise _bad("top_logprobs", top, "requires 'logprobs' to be true")
     stream, include_usage = _stream_flags(body)
+    asked = _get_int(body, "prompt_logprobs", 0, 20)
+    if asked is not None:  # vLLM's: in the response, beside the choices (a stream has no place for them)
+        if stream:
+            raise _bad("prompt_logprobs", asked, "not available when 'stream' is true")
+        check_prompt_logprob_tokens([len(ids)], n, "prompt_logprobs", info.limits)
     return RequestSpec("chat", info.name, [(text, ids)],
-                       _sampling(body, max_tokens, (top or 0) if logprobs else None, info, use.constraint), n=n,
-                       stream=stream,
+                       _sampling(body, max_tokens, (top or 0) if logprobs else None, info, use.constraint,
+                                 prompt_logprobs=asked), n=n,
+                       stream=stream, prompt_logprobs=asked,
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top or 0,
                        reasoning=None if info.reasoning_parser is None or use.constraint else starts_in_reasoning(text),
                        tool_format=info.tool_format if use.parse else None, forced_tool=use.forced,

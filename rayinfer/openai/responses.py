@@ -216,13 +216,17 @@ def chat_response(id: str, created: int, model: str, choices: list[ChoiceResult]
     """`message`: text -> (the assistant message, whether the model chose to call tools: finish reason
     "tool_calls"); rayinfer.openai.chat_output splits out the reasoning and the calls."""
     message = message or (lambda text: ({"role": "assistant", "content": text}, False))
-    return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "message": (m := message(c.text))[0],
-                         "finish_reason": _final_reason(c.finish_reason, m[1]),
-                         "logprobs": None if c.logprobs is None else
-                         chat_logprobs(tokenizer, c.token_ids, c.logprobs, top_logprobs)}
-                        for c in sorted(choices, key=lambda c: c.index)],
-            "usage": usage}
+    out = {"id": id, "object": "chat.completion", "created": created, "model": model,
+           "choices": [{"index": c.index, "message": (m := message(c.text))[0],
+                        "finish_reason": _final_reason(c.finish_reason, m[1]),
+                        "logprobs": None if c.logprobs is None else
+                        chat_logprobs(tokenizer, c.token_ids, c.logprobs, top_logprobs)}
+                       for c in sorted(choices, key=lambda c: c.index)],
+           "usage": usage}
+    first = min(choices, key=lambda c: c.index, default=None)  # a chat request has one prompt
+    if first is not None and first.prompt is not None and first.prompt.prompt_logprobs is not None:
+        out["prompt_logprobs"] = vllm_prompt_logprobs(tokenizer, first.prompt, first.prompt_logprobs)  # vLLM's place
+    return out
 
 
 # ---- streaming ----
