@@ -1,8 +1,9 @@
 """A DeepSeek-format test checkpoint, built from a few lines instead of downloaded: the tiny preset's weights and
 byte-level vocabulary plus DeepSeek's added tokens (reasoning, tool calls, FIM: ids 261 on, inside the tiny model's
-320-row embedding), with a chat template in the layout of DeepSeek-V3's or R1's published one (system text after
+320-row embedding), with a chat template in the layout of DeepSeek-V3's, R1's or V3.1's published one (system text after
 BOS, `<｜User｜>` / `<｜Assistant｜>` turns closed by `<｜end▁of▁sentence｜>`, tool calls and outputs in DeepSeek's
-tokens; R1 opens the reply with `<think>\\n` and keeps only what follows `</think>` of a past reply)."""
+tokens; R1 opens the reply with `<think>\\n` and keeps only what follows `</think>` of a past reply; V3.1 opens it
+with `<think>` when `thinking` is set, else closes the reasoning at once with `</think>`, as its past replies are)."""
 import json
 import os
 import shutil
@@ -17,17 +18,26 @@ OUTPUTS = ("<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<�
 ADDED = (FIM_HOLE, FIM_BEGIN, FIM_END, THINK_START, THINK_END, CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END,
          TOOL_SEP, *OUTPUTS)
 
-_TURNS = (
-    "{{ bos_token }}{% for m in messages if m['role'] == 'system' %}{{ m['content'] }}{% endfor %}"
-    "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{% set c = m['content'] or '' %}"
-    "{% if R1 and '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}<｜Assistant｜>{{ c }}"
-    "{% if m.get('tool_calls') %}" + CALLS_BEGIN + "{% for t in m['tool_calls'] %}" + CALL_BEGIN + "function"
-    + TOOL_SEP + "{{ t['function']['name'] }}\n```json\n{{ t['function']['arguments'] }}\n```" + CALL_END
-    + "{% endfor %}" + CALLS_END + "{% endif %}<｜end▁of▁sentence｜>"
-    "{% elif m['role'] == 'tool' %}" + OUTPUTS[0] + OUTPUTS[2] + "{{ m['content'] }}" + OUTPUTS[3] + OUTPUTS[1]
-    + "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% if R1 %}<think>\n{% endif %}{% endif %}")
-TEMPLATES = {"v3": "{% set R1 = false %}" + _TURNS, "r1": "{% set R1 = true %}" + _TURNS}
+def _template(style: str) -> str:
+    """The chat template of `style` (v3, r1, v31), composed so that each holds only its own markup (the served
+    parsers are chosen by what the template mentions: `</think>`, a ```json call block)."""
+    reasoning = style != "v3"
+    past = ("{% set c = m['content'] or '' %}" + ("{% set c = c.split('</think>')[-1] %}" if reasoning else "")
+            + "<｜Assistant｜>" + ("</think>" if style == "v31" else "") + "{{ c }}")
+    call = ("{{ t['function']['name'] }}" + TOOL_SEP + "{{ t['function']['arguments'] }}" if style == "v31" else
+            "function" + TOOL_SEP + "{{ t['function']['name'] }}\n```json\n{{ t['function']['arguments'] }}\n```")
+    reply = {"v3": "", "r1": "<think>\n",
+             "v31": "{% if thinking is defined and thinking %}<think>{% else %}</think>{% endif %}"}[style]
+    return ("{{ bos_token }}{% for m in messages if m['role'] == 'system' %}{{ m['content'] }}{% endfor %}"
+            "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+            "{% elif m['role'] == 'assistant' %}" + past + "{% if m.get('tool_calls') %}" + CALLS_BEGIN
+            + "{% for t in m['tool_calls'] %}" + CALL_BEGIN + call + CALL_END + "{% endfor %}" + CALLS_END
+            + "{% endif %}<｜end▁of▁sentence｜>{% elif m['role'] == 'tool' %}" + OUTPUTS[0] + OUTPUTS[2]
+            + "{{ m['content'] }}" + OUTPUTS[3] + OUTPUTS[1] + "{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<｜Assistant｜>" + reply + "{% endif %}")
+
+
+TEMPLATES = {style: _template(style) for style in ("v3", "r1", "v31")}
 
 
 def deepseek_checkpoint(path: str, template: str = "v3") -> str:

@@ -24,23 +24,24 @@ PREFIX = {"role": "assistant", "content": "```python\n", "prefix": True}
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    return {t: deepseek_checkpoint(str(tmp_path_factory.mktemp(t)), t) for t in ("v3", "r1")}
+    return {t: deepseek_checkpoint(str(tmp_path_factory.mktemp(t)), t) for t in ("v3", "r1", "v31")}
 
 
 def _info(path) -> ModelInfo:
     return ModelInfo("ds", 4096, 320, load_tokenizer(path))
 
 
-@pytest.mark.parametrize("template", ["v3", "r1"])
-def test_prefix_prompt_ends_with_the_assistant_text(ckpts, template):
+@pytest.mark.parametrize("template,opened", [("v3", ""), ("r1", "<think>\n"), ("v31", "</think>")])
+def test_prefix_prompt_ends_with_the_assistant_text(ckpts, template, opened):
     info = _info(ckpts[template])
     spec = parse_chat_request({"model": "ds", "messages": ASK + [PREFIX]}, info)
     text = spec.prompts[0][0]
-    # the turn is open: the template's end of turn after the prefix is gone (R1: no <think> is opened either)
-    assert text == "<｜begin▁of▁sentence｜>Be terse.<｜User｜>Quicksort?<｜Assistant｜>```python\n"
+    # the turn is open: the template's end of turn after the prefix is gone; the reply is rendered as a past one
+    # (R1: no <think> opened; V3.1: reasoning closed, as its past replies are)
+    start = "<｜begin▁of▁sentence｜>Be terse.<｜User｜>Quicksort?<｜Assistant｜>"
+    assert text == start + ("</think>" if template == "v31" else "") + "```python\n"
     assert spec.prompts[0][1] == info.tokenizer.encode(text, add_special_tokens=False)
-    plain = parse_chat_request({"model": "ds", "messages": ASK}, info).prompts[0][0]
-    assert plain.endswith("<｜Assistant｜><think>\n" if template == "r1" else "<｜Assistant｜>")
+    assert parse_chat_request({"model": "ds", "messages": ASK}, info).prompts[0][0] == start + opened
 
 
 def test_fim_prompt_uses_the_checkpoint_fim_tokens(ckpts):
@@ -88,3 +89,20 @@ def test_official_client_gets_the_continuations(ckpts):
     tok = info.tokenizer
     assert tok.decode(prompts[0], skip_special_tokens=False).endswith("<｜Assistant｜>```python\n")
     assert tok.decode(prompts[1], skip_special_tokens=False).endswith(f"{FIM_HOLE}\n    return y{FIM_END}")
+
+
+def test_the_checkpoints_choose_their_own_output_parsers(ckpts):
+    """What the served model's parsers are chosen from: the template (R1's and V3.1's mention </think>; V3.1 writes
+    a call as NAME<｜tool▁sep｜>ARGS) and the tokenizer, in which DeepSeek's added tokens are single tokens."""
+    from rayinfer.openai.chat_output import choose_reasoning_parser, tool_format_of
+
+    toks = {t: load_tokenizer(p) for t, p in ckpts.items()}
+    assert {t: choose_reasoning_parser(None, k) for t, k in toks.items()} == {"v3": None, "r1": "deepseek_r1",
+                                                                            "v31": "deepseek_r1"}
+    assert {t: tool_format_of(k) for t, k in toks.items()} == {"v3": "v3", "r1": "v3", "v31": "v3.1"}
+    assert len(toks["r1"].encode("<think></think><｜tool▁sep｜>", add_special_tokens=False)) == 3
+    calls = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+    assert "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{}<｜tool▁call▁end｜>" in parse_chat_request(
+        {"model": "ds", "messages": ASK + calls + [{"role": "tool", "tool_call_id": "1", "content": "ok"}]},
+        _info(ckpts["v31"])).prompts[0][0]
