@@ -299,7 +299,7 @@ HOSTILE = [  # (raw body or JSON-able object, path, status, fragment of the mess
     ({"model": "tiny", "prompt": "x", "seed": "abc"}, "completions", 400, "seed"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "completions", 400, "stream"),
     ({"model": "tiny", "prompt": "x", "frobnicate": 1}, "completions", 400, "frobnicate"),
-    ({"model": "tiny", "prompt": "x", "echo": True}, "completions", 400, "echo"),
+    ({"model": "tiny", "prompt": "x", "suffix": "y"}, "completions", 400, "FIM tokens"),
     ({"model": "tiny", "messages": []}, "chat/completions", 400, "messages"),
     ({"model": "tiny", "messages": "hello"}, "chat/completions", 400, "messages"),
     ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "chat/completions", 400, "role"),
