@@ -64,7 +64,7 @@ class RequestSpec:
     forced_tool: str | None = None  # chat: tool_choice named this function, so the whole output is its arguments
     tools_required: bool = False  # chat: tool_choice "required", so the whole output is a JSON list of calls
     echo: bool = False  # completions: the prompt's text (and, with logprobs, its tokens) before the output
-    prompt_logprobs: int | None = None  # completions: vLLM's prompt_logprobs, that many alternatives per prompt token
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: that many alternatives per prompt token
 
     def choice(self, index: int) -> ChoiceResult:
         """Choice `index` before any delta: it collects logprobs when asked, and knows what it shows of its prompt."""
