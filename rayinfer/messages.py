@@ -36,11 +36,14 @@ class SamplingParams:
     # OpenAI's logit_bias as sorted (token id, bias) pairs (a dict is accepted): added to the logits before sampling
     logit_bias: tuple[tuple[int, float], ...] = ()
     structured: tuple[str, str] | None = None  # (kind, text): ("json", schema or "" for any object), regex, choice, grammar
+    # vLLM's: logprobs of every prompt token (its own plus the top k; the first None), computed in the prefill
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         num = (int, float)
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise _err("max_tokens", self.max_tokens, "must be an integer >= 1")
+        # max_tokens 0 runs the prompt alone (for its prompt_logprobs, or to warm the prefix cache)
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
+            raise _err("max_tokens", self.max_tokens, "must be an integer >= 0")
         for name, lo, hi, lo_open in (("temperature", 0.0, math.inf, False), ("top_p", 0.0, 1.0, True),
                                       ("min_p", 0.0, 1.0, False), ("presence_penalty", -2.0, 2.0, False),
                                       ("frequency_penalty", -2.0, 2.0, False)):
@@ -66,9 +69,10 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", ids)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise _err("seed", self.seed, "must be an integer or None")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= 20):
-            raise _err("logprobs", self.logprobs, "must be None or an integer in [0, 20]")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
+                raise _err(name, k, "must be None or an integer in [0, 20]")
 
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
         try:
@@ -134,17 +138,20 @@ class Delta:
     finish_reason: str | None = None  # "stop" | "length" | "abort"; "handoff" leaves a prefill rank
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # in a request's first delta, when it asked
 
 
 def fold_delta(out, d: Delta) -> None:
     """Folds delta `d` into a result being accumulated (a merged `Delta`, the ingress's choice, an offline
     `RequestOutput`): tokens and text appended, logprobs too where `out` collects them (not None), the
-    cached-token count and finish reason taken."""
+    cached-token count, prompt logprobs and finish reason taken."""
     out.token_ids += d.token_ids
     out.text += d.text
     if d.logprobs is not None and out.logprobs is not None:
         out.logprobs += d.logprobs
     out.num_cached_tokens = d.num_cached_tokens
+    if d.prompt_logprobs is not None:
+        out.prompt_logprobs = d.prompt_logprobs
     if d.finish_reason:
         out.finish_reason = d.finish_reason
 
@@ -162,6 +169,7 @@ class RequestOutput:
     time_to_first_token: float | None = None  # seconds from submission
     latency: float | None = None  # seconds from submission to finish
     error: str | None = None  # why the engine failed this request alone (then finish_reason is "error")
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # SamplingParams.prompt_logprobs: one per prompt token
 
     @property
     def finished(self) -> bool:

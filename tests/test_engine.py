@@ -161,9 +161,10 @@ def test_streamed_text_never_leaks_a_stop_string(llm):
 
 
 @pytest.mark.parametrize("kw,name", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-                                     (dict(top_k=-5), "top_k"), (dict(max_tokens=0), "max_tokens"),
+                                     (dict(top_k=-5), "top_k"), (dict(max_tokens=-1), "max_tokens"),
                                      (dict(min_p=2), "min_p"), (dict(presence_penalty=3), "presence_penalty"),
                                      (dict(stop=[""]), "stop"), (dict(logprobs=99), "logprobs"),
+                                     (dict(prompt_logprobs=21), "prompt_logprobs"),
                                      (dict(seed="x"), "seed"), (dict(stop_token_ids=[-1]), "stop_token_ids")])
 def test_invalid_sampling_params_name_the_parameter(kw, name):
     with pytest.raises(ValueError, match=f"SamplingParams.{name}="):

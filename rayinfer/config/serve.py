@@ -110,6 +110,7 @@ class ServeConfig:
     max_stop_strings: int = 4
     max_stop_token_ids: int = 64
     max_tools: int = 128  # a chat request's tools (OpenAI's bound)
+    max_prompt_logprob_tokens: int = 2**17  # prompt tokens x n a completions request returns logprobs for (echo)
     max_resumes: int = 8  # a choice continued elsewhere at most this often (drains and rank failures together)
     quarantine_after: int = 2  # rank failures while serving one choice before it is refused (500), not resumed
     reasoning_parser: str | None = None  # "deepseek_r1" | "none"; default: from the checkpoint's chat template
@@ -128,7 +129,8 @@ class ServeConfig:
     def __post_init__(self):
         check_field(isinstance(self.port, int) and 0 < self.port < 65536, "port", self.port, "must be in 1..65535")
         for name in ("max_queue", "max_queue_tokens", "max_prompts_per_request", "max_choices_per_request",
-                     "max_stop_strings", "max_stop_token_ids", "max_tools", "max_resumes", "quarantine_after"):
+                     "max_stop_strings", "max_stop_token_ids", "max_tools", "max_prompt_logprob_tokens", "max_resumes",
+                     "quarantine_after"):
             v = getattr(self, name)
             check_field(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
         check_field(self.reasoning_parser in (None, "none", "deepseek_r1"), "reasoning_parser",

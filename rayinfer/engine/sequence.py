@@ -58,6 +58,9 @@ class Sequence:
         self.sample_seed: int | None = params.seed
         self.detokenizer = None
         self.pending_kv: PendingKV | None = None  # imported when admitted; dropped if preempted or aborted
+        # params.prompt_logprobs: entry p for prompt token p, filled by position as its chunks run (engine/prompt_logprobs)
+        self.prompt_logprobs: list[dict[int, float] | None] | None = \
+            [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +78,12 @@ class Sequence:
     def num_pending_tokens(self) -> int:
         """Tokens still to compute before the next sample."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether its prompt positions still need logits: asked, and no output yet (a resumed or handed-off
+        request had its prompt logprobs sent by the rank that produced its first token)."""
+        return self.prompt_logprobs is not None and self.num_output_tokens == 0
 
     @property
     def finished(self) -> bool:
