@@ -41,11 +41,16 @@ def rank_cpus(cpus_per_rank: float | None, gpu: bool) -> float:
     return cpus_per_rank if cpus_per_rank is not None else (1.0 if gpu else 0.5)
 
 
+SERVING_CORES = 2  # what the ingress and Serve's HTTP proxy keep busy under load (benchmarks/serve_path.py)
+
+
 def rank_threads(cpus: float, ranks: int, gpu: bool) -> int:
-    """A rank's torch intra-op threads: what its CPU share buys and, on CPU ranks, the machine's cores shared
-    among all the app's ranks when there are cores to spare (a lone colocated rank on a 2-core laptop: 2)."""
+    """A rank's torch intra-op threads: what its CPU share buys and, on CPU ranks, the cores the machine has
+    beyond the serving path's, shared among all the app's ranks (a lone rank on a 16-core node: 14). On 2 cores
+    there are none to spare: a second thread for a lone rank measured slower (1.5-1.6k tok/s against 1.3-2.7k,
+    the rank's CPU per token 2.8x, its OpenMP workers spinning against the ingress and the proxy)."""
     share = max(1, int(cpus))
-    return share if gpu else max(share, (os.cpu_count() or 1) // max(1, ranks))
+    return share if gpu else max(share, ((os.cpu_count() or 1) - SERVING_CORES) // max(1, ranks))
 
 
 def rank_gang(config: EngineConfig, name: str, role: str = "mixed", num_gangs: int = 1,

@@ -141,6 +141,8 @@ class ChoiceRunner:
                 call, deltas = self._run(self.mixed, "mixed", req, cost, attempt, deadline, "first_step", t0)
                 async with aclosing(deltas):  # closed at once when the choice stops: its queue goes with it
                     async for d in deltas:
+                        if d.finish_reason is not None:
+                            call = None  # the request ended on the rank: its call ends by itself, no cancel
                         yield d
                 return
             # A fresh choice starts on a prefill rank; one with output (or whose prefill role is down) goes
@@ -168,6 +170,8 @@ class ChoiceRunner:
             call, deltas = self._run(self.decode, "decode", req, cost, attempt, deadline, "first_decode", t0)
             async with aclosing(deltas):
                 async for d in deltas:
+                    if d.finish_reason is not None:
+                        call = None
                     yield d
         except (asyncio.CancelledError, GeneratorExit):
             if call is not None:  # the client left (or the choice moves on): the rank aborts it and frees its KV

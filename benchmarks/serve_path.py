@@ -161,6 +161,8 @@ def main(argv=None) -> None:
     ap.add_argument("--null-runner", action="store_true",
                     help="also serve colocated with ranks that sample at once without a model: the path's ceiling")
     ap.add_argument("--null-requests", type=int, default=256, help="concurrent streams of the null-runner row")
+    ap.add_argument("--null-output-len", type=int, default=1024,
+                    help="tokens per stream of the null-runner row (long: its streams' start-up does not dominate)")
     args = ap.parse_args(argv)
 
     from rayinfer.actors.server import start, stop
@@ -177,15 +179,17 @@ def main(argv=None) -> None:
     if args.null_runner:
         runs.append(("colocated", True, [prompts[i % len(prompts)] for i in range(args.null_requests)]))
     for topology, null, batch in runs:
+        output_len = args.null_output_len if null else args.output_len
         config = serve_config(args, topology, len(batch))
         if null:
             config = replace(config, null_runner=True, mixed=replace(config.mixed, max_num_seqs=len(batch)))
         url, started = start(config)
         try:
-            row = measure(url, config.model_name, batch, args.output_len)
+            row = measure(url, config.model_name, batch, output_len)
         finally:
             stop(started)
-        what = (f"null runner ({describe(config)}, {len(batch)} streams, no model): the path's ceiling" if null
+        what = (f"null runner ({describe(config)}, {len(batch)} streams x {output_len} tokens, no model): the path's "
+                f"ceiling" if null
                 else f"served {topology} ({describe(config)})")
         report(what, row, offline_tps)
 

@@ -65,10 +65,13 @@ def test_rank_threads_follow_the_cpu_share_and_the_cores_left_over(monkeypatch):
     from rayinfer.actors import deployments
 
     monkeypatch.setattr(deployments.os, "cpu_count", lambda: 8)
-    assert deployments.rank_threads(0.5, 1, gpu=False) == 8  # a lone CPU rank uses the machine, as vLLM's does
-    assert deployments.rank_threads(0.5, 4, gpu=False) == 2 and deployments.rank_threads(0.5, 16, gpu=False) == 1
+    spare = 8 - deployments.SERVING_CORES
+    assert deployments.rank_threads(0.5, 1, gpu=False) == spare  # a lone CPU rank uses the cores left over
+    assert deployments.rank_threads(0.5, 2, gpu=False) == spare // 2 and deployments.rank_threads(0.5, 16, False) == 1
     assert deployments.rank_threads(3.0, 4, gpu=False) == 3  # never below its share
     assert deployments.rank_threads(1.0, 1, gpu=True) == 1  # a GPU rank's threads only feed its device
     app = deployments.build_app(ServeConfig(disaggregated=False).with_ep(decode=1))
     mixed = app._bound_deployment.init_kwargs["mixed"]._bound_deployment
-    assert mixed.init_args[2] == 8  # RankReplica(config, role, threads, ...)
+    assert mixed.init_args[2] == spare  # RankReplica(config, role, threads, ...)
+    monkeypatch.setattr(deployments.os, "cpu_count", lambda: 2)
+    assert deployments.rank_threads(0.5, 1, gpu=False) == 1  # nothing to spare beside the serving path
