@@ -62,11 +62,13 @@ class Ingress:
                               tool_format=tool_format_of(tok))
         self.prefill, self.decode, self.mixed = prefill, decode, mixed
         self.runner = ChoiceRunner(prefill, decode, mixed, config.resume_deadline_s, config.max_resumes,
-                                   config.quarantine_after)
+                                   config.quarantine_after, phase=self._phase)
         self.max_request_bytes = config.max_request_bytes
         self.api_keys, self.metrics_need_key = config.api_keys, config.metrics_need_key
         self.admission = Admission(config.max_queue, config.max_queue_tokens)
         self.metrics = IngressMetrics(self.info.name, {"prefill": prefill, "decode": decode, "mixed": mixed})
+        self._phase_tags = {p: dict(self.metrics.tags, phase=p) for p in ("prefill", "kv_handoff", "first_decode",
+                                                                         "first_step")}
         self._warm = None
 
     async def _warm_up(self) -> None:
@@ -90,6 +92,9 @@ class Ingress:
     async def _rank_stats(self) -> list[dict]:
         return await asyncio.gather(*(h.stats.remote() for h in (self.prefill, self.decode, self.mixed)
                                       if h is not None))
+
+    def _phase(self, name: str, seconds: float) -> None:
+        self.metrics.ttft_phase.observe(seconds, self._phase_tags[name])
 
     def _authorize(self, request: Request) -> None:
         if self.api_keys and not key_matches(request.headers.get("authorization"), self.api_keys):

@@ -6,6 +6,7 @@ these into bytes and back; nested messages are packed positionally by field orde
 """
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -184,16 +185,23 @@ def _to_plain(obj):
     return obj
 
 
-def _from_plain(cls, data):
+@functools.cache
+def _layout(cls) -> tuple:
+    """(field name, nested message class or None, whether a list becomes a tuple) per field of `cls`, in order:
+    resolved once per class, since type hints are slow to evaluate and deltas unpack per token."""
     hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name] if hasattr(hints[f.name], "__dataclass_fields__") else None,
+                  typing.get_origin(hints[f.name]) is tuple) for f in fields(cls))
+
+
+def _from_plain(cls, data):
     kwargs = {}
-    for f, value in zip(fields(cls), data):
-        t = hints[f.name]
-        if hasattr(t, "__dataclass_fields__") and value is not None:
-            value = _from_plain(t, value)
-        elif isinstance(value, list) and typing.get_origin(t) is tuple:
+    for (name, nested, as_tuple), value in zip(_layout(cls), data):
+        if nested is not None and value is not None:
+            value = _from_plain(nested, value)
+        elif as_tuple and isinstance(value, list):
             value = tuple(value)
-        kwargs[f.name] = value
+        kwargs[name] = value
     return cls(**kwargs)
 
 
@@ -203,3 +211,8 @@ def pack(obj) -> bytes:
 
 def unpack(data: bytes, cls):
     return _from_plain(cls, msgpack.unpackb(data, raw=False, strict_map_key=False))
+
+
+def unpack_list(data: bytes, cls) -> list:
+    """The objects of a `pack`ed list of `cls` (one message carrying many, e.g. a step's deltas)."""
+    return [_from_plain(cls, x) for x in msgpack.unpackb(data, raw=False, strict_map_key=False)]

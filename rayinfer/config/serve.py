@@ -123,6 +123,7 @@ class ServeConfig:
     cpus_per_rank: float | None = None  # default: 0.5 on CPU machines, 1 per GPU rank
     seed: int = 0
     enforce_eager: bool = False  # decode ranks never replay CUDA graphs
+    null_runner: bool = False  # ranks sample at once without a model: the serving path's ceiling (benchmarks)
     disk_cache_dir: str | None = None  # the on-disk KV tier, shared by every rank (all nodes must mount it)
     disk_cache_bytes: int | None = None  # the tier's budget; default: the engine's
 
@@ -162,7 +163,7 @@ class ServeConfig:
         options = {"kv_cache_memory": self.kv_cache_memory, **r.engine_options()}
         return EngineConfig.from_options(
             self.model, dtype=self.dtype, device=self.device, seed=self.seed, enforce_eager=self.enforce_eager,
-            ep_size=r.ep_size, scheduler_mode=role, **options, disk_cache_dir=self.disk_cache_dir,
+            null_runner=self.null_runner, ep_size=r.ep_size, scheduler_mode=role, **options, disk_cache_dir=self.disk_cache_dir,
             disk_cache_bytes=self.disk_cache_bytes, collective_timeout_s=self.collective_timeout_s)
 
     @property

@@ -30,6 +30,8 @@ class Engine:
         if runner is None:
             from rayinfer.engine.model_runner import ModelRunner  # torch enters only here
 
+            if config.null_runner:
+                from rayinfer.engine.null_runner import NullRunner as ModelRunner
             runner = ModelRunner(config)
         self.runner = runner
         self.tokenizer = tokenizer or (load_tokenizer(runner.checkpoint_path) if runner.checkpoint_path else None)
