@@ -106,3 +106,45 @@ def test_the_checkpoints_choose_their_own_output_parsers(ckpts):
     assert "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{}<｜tool▁call▁end｜>" in parse_chat_request(
         {"model": "ds", "messages": ASK + calls + [{"role": "tool", "tool_call_id": "1", "content": "ok"}]},
         _info(ckpts["v31"])).prompts[0][0]
+
+
+def test_a_runner_emitting_fixed_tokens_reaches_the_client_as_reasoning_content_and_tool_calls(ckpts):
+    """End to end on the R1-format checkpoint with a runner that emits a fixed token sequence (the model's own
+    tokens for `<think>` … `</think>` and a V3-format call, then EOS): the engine detokenizes it, the front door
+    splits it, and the official client reads `reasoning_content`, `content` and a parsed tool call."""
+    from rayinfer.openai.chat_output import choose_reasoning_parser, split_message, tool_format_of
+    from rayinfer.openai.markers import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP
+
+    path = ckpts["r1"]
+    tok = load_tokenizer(path)
+    info = ModelInfo("ds", 4096, 320, tok, reasoning_parser=choose_reasoning_parser(None, tok),
+                     tool_format=tool_format_of(tok))
+    said = (f"Paris, so ask.</think>\n\nLet me check.{CALLS_BEGIN}{CALL_BEGIN}function{TOOL_SEP}get_weather\n"
+            f'```json\n{{"city": "Paris"}}\n```{CALL_END}{CALLS_END}')
+    llm = LLM(path)
+    script = tok.encode(said, add_special_tokens=False) + [min(llm.engine.runner.eos_token_ids)]
+    assert len(script) < len(said)  # the markers are single tokens: the runner emits the model's own ids
+
+    def scripted(sched):  # the runner's step: the script's next token for every sequence due one
+        return {s.seq.request_id: (script[s.seq.num_tokens - s.seq.num_prompt_tokens], None)
+                for s in sched.scheduled if s.samples}
+
+    llm.engine.runner.execute = scripted
+
+    def handler(request):
+        spec = parse_chat_request(json.loads(request.content), info)
+        o = llm.generate([spec.prompts[0][1]], spec.params, use_tqdm=False)[0]
+        c = [ChoiceResult(0, o.token_ids, o.text, None, o.finish_reason, len(o.prompt_token_ids))]
+        return httpx2.Response(200, json=chat_response("id", 1, "ds", c, usage_for(c), tok,
+                                                       message=lambda text: split_message(text, spec)))
+
+    client = openai.OpenAI(base_url="http://rayinfer.test/v1", api_key="x", max_retries=0,
+                           http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    choice = client.chat.completions.create(model="ds", messages=ASK, tools=[weather], max_tokens=200).choices[0]
+    msg = choice.message
+    assert choice.finish_reason == "tool_calls" and msg.model_extra["reasoning_content"].strip() == "Paris, so ask."
+    assert msg.content.strip() == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
