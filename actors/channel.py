@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from rayinfer.actors.choice import own_request_identity
@@ -31,12 +32,23 @@ log = logging.getLogger("rayinfer.ingress")
 END_GRACE_S = 10.0  # how long a choice waits for its last delta after its call ended (it is on the channel)
 
 
+async def _read_out(calls) -> None:
+    try:
+        async for _ in calls:
+            pass
+    except Exception:  # noqa: BLE001 - the choice already has everything; how its call ends changes nothing
+        pass
+
+
 class CallEnded(Exception):
     """Queued behind a choice's deltas when its rank call ended without an error."""
 
 
 class Channels:
-    def __init__(self):
+    def __init__(self, stream_interval_s: float = 0.0):
+        """`stream_interval_s`: a choice's deltas go out at most this often, the ones between merged into one
+        (several tokens per SSE chunk: fewer messages through the ingress and the proxy; 0: as they come)."""
+        self.interval_s = stream_interval_s
         self.id = uuid.uuid4().hex  # names this ingress replica's outbox on every rank
         self.queues: dict[str, asyncio.Queue] = {}  # request id -> its choice's queue
         self.replica_of: dict[str, str] = {}  # request id -> the rank replica that holds it
@@ -56,15 +68,24 @@ class Channels:
                 return
             if isinstance(head, bytes):  # the rank streams this one on the call
                 del self.queues[request_id]
-                yield unpack(head, Delta)
-                async for raw in calls:
-                    yield unpack(raw, Delta)
-                return
+                d = unpack(head, Delta)
+                while True:
+                    if d.finish_reason is not None:
+                        # read the call to its end, after the choice has its last delta: Serve's router counts
+                        # a stream as ongoing (for autoscaling) until its caller has read or cancelled it
+                        self._keep(asyncio.create_task(_read_out(calls)))
+                    yield d
+                    if d.finish_reason is not None:
+                        return
+                    try:
+                        d = unpack(await calls.__anext__(), Delta)
+                    except StopAsyncIteration:
+                        return
             replica = head
             self.replica_of[request_id] = replica
             self._read(handle, replica)
             self._watch(calls, q)
-            ended, pending = False, None
+            ended, pending, last = False, None, 0.0
             while True:
                 if pending is not None:
                     item, pending = pending, None
@@ -80,7 +101,14 @@ class Channels:
                     continue
                 if isinstance(item, BaseException):
                     raise item
+                if self.interval_s and item.finish_reason is None:
+                    wait = last + self.interval_s - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 item, pending = coalesce(item, q)
+                last = time.monotonic()
+                if item.finish_reason is not None:  # done on the rank: its channel need not stay open for it
+                    self.replica_of.pop(request_id, None)
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -114,6 +142,7 @@ class Channels:
 
     async def _reader(self, handle, replica: str) -> None:
         own_request_identity()  # not the HTTP request's: that one ending must not cancel the channel
+        stream = None
         try:
             while True:
                 stream = handle.options(stream=True).channel.remote(self.id, replica, cost={"replica": replica})
@@ -128,6 +157,8 @@ class Channels:
                     return  # the rank closed an idle channel; the next request here opens it again
         except Exception as e:  # noqa: BLE001 - the rank is gone: every choice it held resumes elsewhere
             log.warning("channel from rank replica %s failed: %r", replica, e)
+            if stream is not None:
+                stream.cancel()  # should the rank live on, its end of this channel stops too
             for rid, r in list(self.replica_of.items()):
                 if r == replica:
                     self.queues[rid].put_nowait(e)

@@ -62,7 +62,8 @@ class Ingress:
                               tool_format=tool_format_of(tok))
         self.prefill, self.decode, self.mixed = prefill, decode, mixed
         self.runner = ChoiceRunner(prefill, decode, mixed, config.resume_deadline_s, config.max_resumes,
-                                   config.quarantine_after, phase=self._phase)
+                                   config.quarantine_after, phase=self._phase,
+                                   stream_interval_s=config.stream_interval_s)
         self.max_request_bytes = config.max_request_bytes
         self.api_keys, self.metrics_need_key = config.api_keys, config.metrics_need_key
         self.admission = Admission(config.max_queue, config.max_queue_tokens)

@@ -184,15 +184,21 @@ class RankReplica:
         if replica != self.replica_id:  # the pinned replica was gone, and Serve routed the call elsewhere
             raise RuntimeError(f"channel for replica {replica} reached replica {self.replica_id}")
         box = self._outbox(channel)
+        me = box.reader = object()  # a newer call for this channel (the ingress reopened it) supersedes this one
         idle_since = time.monotonic()
-        while True:
+        while box.reader is me:
             deltas = await box.take(CHANNEL_IDLE_S / 4)
+            if box.reader is not me:
+                box.requeue(deltas)  # taken while being superseded: the newer call sends them
+                return
             if deltas:
                 yield pack(deltas)
                 idle_since = time.monotonic()
             elif box.live:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since >= CHANNEL_IDLE_S:
+                if box.empty and self.outboxes.get(channel) is box:
+                    del self.outboxes[channel]  # nothing left for that replica here: its next request makes a new one
                 return
 
     async def prefill(self, request: bytes, cost=None) -> tuple[bytes, KVHandoff | None]:

@@ -27,6 +27,7 @@ import gc
 import logging
 import time
 from contextlib import aclosing
+from dataclasses import replace
 
 from rayinfer.actors.channel import Channels
 from rayinfer.actors.choice import advance
@@ -63,6 +64,12 @@ def _collect_soon(delay_s: float = 1.0) -> None:
     asyncio.get_running_loop().call_later(delay_s, collect)
 
 
+def _wire(req: EngineRequest, attempt: str) -> bytes:
+    """`req` as one attempt sends it: under the attempt's own id, so nothing of an earlier attempt (a late delta,
+    its abort, its KV on a rank it may share with this one) can be taken for this one's."""
+    return pack(replace(req, request_id=attempt))
+
+
 class RankFailed(Exception):
     """A rank could not finish the call (or gave it back: `given_back`, a drain or shutdown, not a failure)."""
 
@@ -73,13 +80,13 @@ class RankFailed(Exception):
 
 class ChoiceRunner:
     def __init__(self, prefill=None, decode=None, mixed=None, deadline_s: float = 30.0, max_resumes: int = 8,
-                 quarantine_after: int = 2, phase=None):
+                 quarantine_after: int = 2, phase=None, stream_interval_s: float = 0.0):
         """`phase(name, seconds)`: told how long each stage before a choice's first decode took (metrics)."""
         self.prefill, self.decode, self.mixed, self.deadline_s = prefill, decode, mixed, deadline_s
         self.max_resumes, self.quarantine_after = max_resumes, quarantine_after
         self.resumed = 0  # choices continued elsewhere after a rank failed or gave them back
         self.quarantined = 0  # choices refused after their ranks failed `quarantine_after` times
-        self.channels = Channels()  # the ranks' deltas, a message per step (actors/channel.py)
+        self.channels = Channels(stream_interval_s)  # the ranks' deltas, a message per step (actors/channel.py)
         self.phase = phase or (lambda name, seconds: None)
 
     async def run(self, req: EngineRequest):
@@ -148,7 +155,7 @@ class ChoiceRunner:
             # A fresh choice starts on a prefill rank; one with output (or whose prefill role is down) goes
             # straight to a decode rank, which computes prompt + output as one prefill.
             if not req.output_token_ids and health.HEALTH.available("prefill"):
-                call = self.prefill.prefill.remote(pack(req), cost=cost)
+                call = self.prefill.prefill.remote(_wire(req, attempt), cost=cost)
                 raw, handoff = await self._bounded(call, attempt, deadline, "prefill")
                 self.phase("prefill", time.monotonic() - t0)
                 first = unpack(raw, Delta)
@@ -159,7 +166,7 @@ class ChoiceRunner:
                 # The KV goes to a decode rank in a call of its own, so the object store lets it go once that
                 # rank holds it (a stream would pin it to its end); the stream is then routed to the same rank.
                 # Sent before the first token is yielded: a client leaving there must not leave the KV held here.
-                call = self.decode.accept_kv.remote(req.request_id, len(ids), handoff, cost=cost)
+                call = self.decode.accept_kv.remote(attempt, len(ids), handoff, cost=cost)
                 del raw, handoff
                 t1 = time.monotonic()
                 yield first  # the caller folds it into req's progress before we go on
@@ -188,8 +195,8 @@ class ChoiceRunner:
     def _run(self, handle, role: str, req: EngineRequest, cost: dict, attempt: str, deadline: float | None,
              phase: str, t0: float):
         """A streaming call of `req` on a rank of `role` -> (the call, its deltas off this replica's channels)."""
-        call = handle.options(stream=True).run.remote(pack(req), self.channels.id, cost=cost)
-        deltas = self.channels.deltas(handle, call, req.request_id,
+        call = handle.options(stream=True).run.remote(_wire(req, attempt), self.channels.id, cost=cost)
+        deltas = self.channels.deltas(handle, call, attempt,
                                       lambda first: self._bounded(first, attempt, deadline, role))
         return call, self._timed(deltas, phase, t0)
 

@@ -76,7 +76,8 @@ def resumed(url: str) -> int:
 
 
 def failed(r: dict) -> bool:
-    return r["status"] != 200 or bool(r["errors"]) or r["finish"] != ["length"] or r["usage"] is None
+    """Not one whole stream: an error, no usage, or not exactly one finish reason of a whole output."""
+    return r["status"] != 200 or bool(r["errors"]) or r["finish"] not in (["length"], ["stop"]) or r["usage"] is None
 
 
 def _counts(usage: dict) -> tuple:

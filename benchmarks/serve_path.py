@@ -158,6 +158,8 @@ def main(argv=None) -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--topologies", type=parse_topologies, default=TOPOLOGIES,
                     help=f"comma-separated, run in this order: {','.join(TOPOLOGIES)} (default: both)")
+    ap.add_argument("--stream-interval", type=float, default=0.0,
+                    help="the served rows' stream_interval_s: chunks at most this often per stream [0: each step's]")
     ap.add_argument("--null-runner", action="store_true",
                     help="also serve colocated with ranks that sample at once without a model: the path's ceiling")
     ap.add_argument("--null-requests", type=int, default=256, help="concurrent streams of the null-runner row")
@@ -180,7 +182,7 @@ def main(argv=None) -> None:
         runs.append(("colocated", True, [prompts[i % len(prompts)] for i in range(args.null_requests)]))
     for topology, null, batch in runs:
         output_len = args.null_output_len if null else args.output_len
-        config = serve_config(args, topology, len(batch))
+        config = replace(serve_config(args, topology, len(batch)), stream_interval_s=args.stream_interval)
         if null:
             config = replace(config, null_runner=True, mixed=replace(config.mixed, max_num_seqs=len(batch)))
         url, started = start(config)

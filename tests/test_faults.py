@@ -3,6 +3,7 @@
 or of a prefill rank mid-prefill, as nothing at all: no failure, no error event, one finish reason, usage once,
 and the same text and tokens as a run without the fault. Afterwards no rank holds anything."""
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -57,8 +58,20 @@ def wait_clean(timeout_s: float = 60.0) -> None:
     assert not left, f"ranks still hold (role, rank, pid, exports, KV objects, accepted KV, pages, requests): {left}"
 
 
+# Every third stream is held to a JSON schema whose output spans the kill: a resumed one must stay valid JSON (the
+# grammar replays the tokens it already sent) and equal the no-fault run's.
+DIGITS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 24, "maxItems": 24}
+
+
+def constrained(i: int, payload: dict) -> dict:
+    if i % 3:
+        return payload
+    return dict({k: v for k, v in payload.items() if k != "ignore_eos"}, max_tokens=200,
+                structured_outputs={"json": DIGITS})
+
+
 def test_decode_rank_killed_mid_stream(server):
-    payloads = [F.body(i, p, 48) for i, p in enumerate(F.prompts(STREAMS, 40, tag=1))]
+    payloads = [constrained(i, F.body(i, p, 48)) for i, p in enumerate(F.prompts(STREAMS, 40, tag=1))]
     ref, _ = run(server, payloads)
 
     async def kill_busy_decode_rank(progress):
@@ -71,6 +84,9 @@ def test_decode_rank_killed_mid_stream(server):
     got, dead = run(server, payloads, kill_busy_decode_rank)
     assert F.resumed(server) > before, "the kill hit no stream: nothing was resumed"
     assert 0 < min(len(r["tokens"]) for r in got)
+    for r in got[::3]:
+        digits = json.loads(r["text"])
+        assert len(digits) == 24 and all(isinstance(d, int) and 0 <= d <= 9 for d in digits), r["text"]
     seeded = check_invisible(got, ref)
     wait_clean()
     check_seeded(seeded)

@@ -119,6 +119,7 @@ class ServeConfig:
     metrics_need_key: bool = False  # /metrics asks for an API key too (/health never does)
     kv_transfer_timeout_s: float = 10.0
     resume_deadline_s: float = 30.0  # after a rank fails, how long a request waits for a healthy gang before a 503
+    stream_interval_s: float = 0.0  # a stream's chunks at most this often, tokens between merged (0: each step's)
     collective_timeout_s: float = 30.0
     cpus_per_rank: float | None = None  # default: 0.5 on CPU machines, 1 per GPU rank
     seed: int = 0
@@ -145,6 +146,8 @@ class ServeConfig:
         check_field(self.kv_transfer_timeout_s > 0, "kv_transfer_timeout_s", self.kv_transfer_timeout_s, "must be > 0")
         check_field(isinstance(self.resume_deadline_s, (int, float)) and self.resume_deadline_s > 0,
                     "resume_deadline_s", self.resume_deadline_s, "must be a number of seconds > 0")
+        check_field(isinstance(self.stream_interval_s, (int, float)) and 0 <= self.stream_interval_s <= 1,
+                    "stream_interval_s", self.stream_interval_s, "must be a number of seconds in [0, 1]")
         self.engine_config(self.roles[0])  # validates model/dtype and the role's engine options
 
     @property

@@ -216,6 +216,7 @@ class Outbox:
         self._ready = asyncio.Event()
         self._woken = False
         self.live: dict[str, asyncio.Future] = {}  # request id -> done when it ends
+        self.reader = None  # which taker sends the batches now (RankReplica.channel)
 
     def expect(self, request_id: str) -> asyncio.Future:
         done = self.live[request_id] = self.loop.create_future()
@@ -244,6 +245,19 @@ class Outbox:
         done = self.live.get(rid)
         if done is not None and not done.done():
             done.set_result(None) if error is None else done.set_exception(error)
+
+    @property
+    def empty(self) -> bool:
+        """No request here and no delta waiting."""
+        with self._lock:
+            return not self.live and not self._items
+
+    def requeue(self, items: list[Delta]) -> None:
+        """Puts back deltas a taker could not send, ahead of any that came since."""
+        if items:
+            with self._lock:
+                self._items = items + self._items
+            self._ready.set()
 
     async def take(self, timeout_s: float) -> list[Delta]:
         """The deltas put since the last take (waiting up to `timeout_s` for some; [] if none came)."""
