@@ -134,6 +134,9 @@ class Delta:
     finish_reason: str | None = None  # "stop" | "length" | "abort"; "handoff" leaves a prefill rank
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # Speculative decoding, per draft position: drafts proposed and accepted in the steps this delta covers
+    spec_draft_tokens: list[int] | None = None
+    spec_accepted_tokens: list[int] | None = None
 
 
 def fold_delta(out, d: Delta) -> None:
@@ -147,6 +150,13 @@ def fold_delta(out, d: Delta) -> None:
     out.num_cached_tokens = d.num_cached_tokens
     if d.finish_reason:
         out.finish_reason = d.finish_reason
+    if d.spec_draft_tokens is not None and hasattr(out, "spec_draft_tokens"):
+        out.spec_draft_tokens = _add_counts(out.spec_draft_tokens, d.spec_draft_tokens)
+        out.spec_accepted_tokens = _add_counts(out.spec_accepted_tokens, d.spec_accepted_tokens)
+
+
+def _add_counts(a: list[int] | None, b: list[int]) -> list[int]:
+    return list(b) if a is None else [x + y for x, y in zip(a, b)]
 
 
 @dataclass
@@ -162,6 +172,9 @@ class RequestOutput:
     time_to_first_token: float | None = None  # seconds from submission
     latency: float | None = None  # seconds from submission to finish
     error: str | None = None  # why the engine failed this request alone (then finish_reason is "error")
+    # With speculative decoding: per draft position, how many drafts were proposed and how many the target accepted
+    spec_draft_tokens: list[int] | None = None
+    spec_accepted_tokens: list[int] | None = None
 
     @property
     def finished(self) -> bool:

@@ -49,7 +49,9 @@ class ModelRunner:
         self.config = config
         self.dtype = getattr(torch, config.dtype)
         self.device = torch.device(config.device)
-        self.model = model if model is not None else load_model(config.model, self.dtype, self.device)
+        # Drafts only where sequences decode: a prefill rank hands each one off after its first token.
+        spec = config.speculative.num_speculative_tokens if config.scheduler.mode != "prefill" else 0
+        self.model = model if model is not None else load_model(config.model, self.dtype, self.device, mtp=spec > 0)
         self.ctx = ctx  # expert-parallel context; None in a single-process engine
         cfg = self.model.cfg
         self.max_model_len = min(config.scheduler.max_model_len or cfg.max_position_embeddings,
@@ -72,6 +74,11 @@ class ModelRunner:
         # out-of-range token id in the sampler would (see `_sample`).
         self.fault = None
         self.checkpoint_path = self.model.checkpoint_path
+        self.drafter, self.num_speculative_tokens = None, spec  # the scheduler gives decoding sequences `spec` drafts
+        if spec:
+            from rayinfer.engine.drafter import MtpDrafter
+
+            self.drafter = MtpDrafter(self, spec)
 
     def use_graphs(self, capture) -> str | None:
         """Replays decode-only steps through `capture` (CUDA graphs, or a CPU stand-in); returns why not, if not."""
@@ -132,8 +139,9 @@ class ModelRunner:
         return (f"rayinfer-kv-page v2; config={m.cfg!r}; dtype={self.dtype}; layers={len(self.kv_caches)}; "
                 f"layout=[layers,{PAGE_SIZE},{self.kv_caches[0].shape[-1]}]; weights={weights_digest(m)}")
 
-    def prepare(self, items: list[tuple]) -> tuple[torch.Tensor, ForwardBatch]:
-        """items: (sequence, first position, number of tokens) -> (token ids [T], ForwardBatch)."""
+    def prepare(self, items: list[tuple], drafts: dict | None = None) -> tuple[torch.Tensor, ForwardBatch]:
+        """items: (sequence, first position, number of tokens) -> (token ids [T], ForwardBatch). `drafts`: request
+        id -> draft tokens that are the last of that sequence's tokens (they are not in its token_ids yet)."""
         dev = self.device
         if not items:  # an idle rank's share of a gang step
             empty = torch.zeros(0, dtype=torch.long, device=dev)
@@ -143,7 +151,9 @@ class ModelRunner:
         width = max(len(seq.block_ids) for seq, _, _ in items)
         tables = torch.zeros(len(items), width, dtype=torch.long)  # [B, max_pages], built on the host
         for i, (seq, start, n) in enumerate(items):
-            ids.extend(seq.token_ids[start:start + n])
+            extra = drafts.get(seq.request_id, ()) if drafts else ()
+            ids.extend(seq.token_ids[start:start + n - len(extra)])
+            ids.extend(extra)
             p = torch.arange(start, start + n)
             blocks = torch.tensor(seq.block_ids)
             tables[i, : len(seq.block_ids)] = blocks
@@ -173,6 +183,8 @@ class ModelRunner:
         this rank in their all-to-alls."""
         if not sched.scheduled and self.ctx is None:
             return {}
+        if self.drafter is not None:
+            return self.drafter.execute(sched)
         rows, seqs = [], []
         if self.ctx is None:
             items = [(s.seq, s.start, s.num_new_tokens) for s in sched.scheduled]

@@ -104,11 +104,12 @@ def verify_views(seqs: list, drafts: list[list[int]]) -> list:
     """Each sequence followed by its drafts, one view per verified position (k + 1 per sequence, row-major):
     view j holds the sequence's tokens plus drafts[:j], so penalties and min_tokens see at draft position j
     the history plain decoding would have had there. Views share params and sample_seed, not token lists."""
-    out = []
-    for seq, d in zip(seqs, drafts):
-        for j in range(len(d) + 1):
-            v = Sequence(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.params)
-            v.token_ids = seq.token_ids + list(d[:j])
-            v.sample_seed = seq.sample_seed
-            out.append(v)
-    return out
+    return [view(seq, d[:j]) for seq, d in zip(seqs, drafts) for j in range(len(d) + 1)]
+
+
+def view(seq: Sequence, drafts: list[int]) -> Sequence:
+    """`seq` as if `drafts` had been appended: what the filters see at the position after them."""
+    v = Sequence(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.params)
+    v.token_ids = seq.token_ids + list(drafts)
+    v.sample_seed = seq.sample_seed
+    return v

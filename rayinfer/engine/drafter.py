@@ -1,0 +1,184 @@
+"""MTP speculative decoding inside a single-rank step: the one owner of the MTP module's KV cache and of each
+sequence's drafting state (`Sequence.draft_state`).
+
+A step, for every sequence the scheduler gave k > 0 draft slots: the MTP module first catches up on the target's
+hidden states from the sequence's previous step (position p paired with the token at p + 1, which writes the
+module's own KV at p); its last row proposes draft 1, and drafts 2..k chain the module on its own hidden state and
+the draft before. Then one target forward runs every sequence's new tokens, a drafted sequence's being its last
+token and its drafts, and `speculative.verify` accepts against the target's filtered distribution (`Sampler.
+target_probs`). The target's hidden rows of the verified positions become the sequence's next `draft_state`, so
+the module only ever catches up on verified tokens; what its chain wrote at draft positions is rewritten before it
+is read. Sequences without drafts this step (prefill chunks, a first decode step after a KV import) sample as
+plain decoding does, and are caught up on too, so they can draft from their next step on.
+
+Crosses: a `SchedulerOutput` in; request id -> (token, logprobs), `Accepted` for a drafted sequence, or
+`RequestFailed` out, as `ModelRunner.execute` returns. MTP pages are the target's page ids in a cache of their
+own (not exported, not on disk): a prefix hit or an imported prompt reuses whatever they hold, which costs
+acceptance, never exactness.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from rayinfer.config import ConfigError
+from rayinfer.engine.sequence import Accepted
+from rayinfer.engine.speculative import Seeds, draft_tokens, verify, verify_views, view
+from rayinfer.kernels.transfer import to_device
+from rayinfer.messages import RequestFailed
+
+
+@dataclass
+class DraftState:
+    start: int  # position of hidden's first row
+    end: int  # first position after them
+    hidden: torch.Tensor  # [end - start, H] the target's hidden states there, before its final norm
+
+
+@dataclass
+class _Draft:
+    tokens: list[int]
+    q: list[torch.Tensor]  # [V] each: the distribution each draft was drawn from
+
+
+class MtpDrafter:
+    def __init__(self, runner, k: int):
+        model = runner.model
+        if runner.ctx is not None:
+            raise ConfigError("num_speculative_tokens: speculative decoding runs on a single-rank engine only so "
+                              "far (not in an expert-parallel gang)")
+        if not len(model.mtp):
+            raise ConfigError(f"num_speculative_tokens={k}: the checkpoint {model.checkpoint_path!r} has no MTP "
+                              f"module (model.layers.{model.cfg.num_hidden_layers}.*) to draft with")
+        self.runner, self.k, self.mtp = runner, k, model.mtp[0]
+        # Zeroed, not empty: a position the module never caught up on (a prefix hit, an imported prompt) must read
+        # as finite numbers, or a NaN draft distribution would reach verification.
+        self.kv = runner.kv_caches + [torch.zeros_like(runner.kv_caches[0])]
+
+    @torch.inference_mode()
+    def execute(self, sched) -> dict:
+        r = self.runner
+        if not sched.scheduled:
+            return {}
+        r.sampler.assign_seeds([s.seq for s in sched.scheduled if s.num_draft_tokens])
+        drafts = self._propose(sched)
+        items = [(s.seq, s.start, s.num_new_tokens + len(drafts[s.seq.request_id].tokens)
+                  if s.seq.request_id in drafts else s.num_new_tokens) for s in sched.scheduled]
+        ids, batch = r.prepare(items, {rid: d.tokens for rid, d in drafts.items()})
+        hidden = r.model.hidden_states(ids, batch)  # [T, H]
+        ends = batch.last_rows()
+        plain_rows, plain, by_k = [], [], defaultdict(list)
+        for s, end in zip(sched.scheduled, ends):
+            d = drafts.get(s.seq.request_id)
+            if d is not None:
+                by_k[len(d.tokens)].append((s.seq, d, end - len(d.tokens)))
+            elif s.samples:
+                plain_rows.append(end)
+                plain.append(s.seq)
+        out = {}
+        if plain:
+            out.update(r._sample(r.model.logits(hidden[to_device(torch.tensor(plain_rows), r.device)]), plain))
+        for group in by_k.values():
+            out.update(self._verify(hidden, group))
+        for s, (seq, start, n), end in zip(sched.scheduled, items, ends):
+            res = out.get(seq.request_id)
+            if isinstance(res, BaseException):
+                continue
+            rows = 1 + res.num_accepted if isinstance(res, Accepted) else s.num_new_tokens
+            first = end - n + 1
+            seq.draft_state = DraftState(start, start + rows, hidden[first:first + rows].clone())
+        return out
+
+    def _mtp(self, hidden: torch.Tensor, tokens: list[int], items: list[tuple]) -> torch.Tensor:
+        """The module over rows (sequence, first position, count): hidden [T, H] paired with the tokens [T] one
+        position on -> its hidden [T, H], its KV written at those positions."""
+        r = self.runner
+        _, batch = r.prepare(items)
+        batch.kv_caches = self.kv  # the module's block indexes the cache one past the target's layers
+        emb = r.model.embed_tokens(to_device(torch.tensor(tokens), r.device))
+        return self.mtp.propose(hidden, emb, batch)
+
+    def _propose(self, sched) -> dict[str, _Draft]:
+        catch = []
+        for s in sched.scheduled:
+            st, s.seq.draft_state = s.seq.draft_state, None
+            if st is not None and st.end == s.start:  # else stale (preempted, recomputed): never caught up on
+                catch.append((s, st))
+        if not catch:
+            return {}
+        r = self.runner
+        x = self._mtp(r.model.norm(torch.cat([st.hidden for _, st in catch])),
+                      [t for s, st in catch for t in s.seq.token_ids[st.start + 1:st.end + 1]],
+                      [(s.seq, st.start, st.end - st.start) for s, st in catch])
+        last = torch.tensor([st.end - st.start for _, st in catch]).cumsum(0) - 1
+        want = [i for i, (s, _) in enumerate(catch) if s.num_draft_tokens]
+        if not want:
+            return {}
+        seqs = [catch[i][0].seq for i in want]
+        ks = [catch[i][0].num_draft_tokens for i in want]
+        xs = x[to_device(last[want], r.device)]  # [B, H] the module's hidden at each sequence's last computed token
+        out = {seq.request_id: _Draft([], []) for seq in seqs}
+        live = list(range(len(seqs)))
+        for j in range(max(ks)):
+            live = [i for i in live if ks[i] > j]
+            idx = to_device(torch.tensor(live), r.device)
+            if j:  # chain: the module at draft j's position, on its own hidden state and draft j
+                xs[idx] = self._mtp(xs[idx], [out[seqs[i].request_id].tokens[-1] for i in live],
+                                    [(seqs[i], seqs[i].num_computed_tokens + j - 1, 1) for i in live])
+            views = [view(seqs[i], out[seqs[i].request_id].tokens) for i in live]
+            q = r.sampler.target_probs(torch.nan_to_num(self.mtp.head(xs[idx])), views)  # [B', V]
+            seeds = Seeds.of([seqs[i].sample_seed for i in live], [seqs[i].num_tokens for i in live], r.device)
+            greedy = torch.tensor([seqs[i].params.greedy for i in live], device=r.device)
+            tokens = draft_tokens(q, seeds, j, greedy).tolist()
+            for row, i in enumerate(live):
+                out[seqs[i].request_id].tokens.append(tokens[row])
+                out[seqs[i].request_id].q.append(q[row])
+        return out
+
+    def _verify(self, hidden: torch.Tensor, group: list[tuple]) -> dict:
+        """Sequences with the same number of drafts d, each (sequence, draft, row of its last token) -> request id
+        -> `Accepted`; one whose verification raises fails alone."""
+        r = self.runner
+        d = len(group[0][1].tokens)
+        rows = [first + j for _, _, first in group for j in range(d + 1)]
+        logits = r.model.logits(hidden[to_device(torch.tensor(rows), r.device)])  # [B * (d + 1), V]
+        try:
+            return self._accept(logits, group)
+        except Exception:  # noqa: BLE001 - find the rows it failed for
+            if len(group) == 1:
+                seq = group[0][0]
+                return {seq.request_id: RequestFailed(f"request {seq.request_id!r} failed in verifying its drafts")}
+        out = {}
+        for i, g in enumerate(group):
+            out.update(self._verify(hidden, [g]))
+        return out
+
+    def _accept(self, logits: torch.Tensor, group: list[tuple]) -> dict:
+        r = self.runner
+        seqs, drafts = [g[0] for g in group], [g[1] for g in group]
+        b, d = len(group), len(drafts[0].tokens)
+        p = r.sampler.target_probs(logits, verify_views(seqs, [x.tokens for x in drafts])).view(b, d + 1, -1)
+        q = torch.stack([torch.stack(x.q) for x in drafts])  # [B, d, V]
+        seeds = Seeds.of([s.sample_seed for s in seqs], [s.num_tokens for s in seqs], r.device)
+        tokens, n_emit = verify(p, q, to_device(torch.tensor([x.tokens for x in drafts]), r.device), seeds)
+        tokens, n_emit = tokens.tolist(), n_emit.tolist()
+        raw = torch.log_softmax(logits.float(), dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        out = {}
+        for i, seq in enumerate(seqs):
+            run = tokens[i][:n_emit[i]]
+            lps = [None] * len(run)
+            if raw is not None and seq.params.logprobs is not None:
+                lps = [_logprobs(raw[i * (d + 1) + j], t, seq.params.logprobs) for j, t in enumerate(run)]
+            out[seq.request_id] = Accepted(run, lps, d, n_emit[i] - 1)
+        return out
+
+
+def _logprobs(raw: torch.Tensor, token: int, k: int) -> dict[int, float]:
+    """The raw distribution's logprob of `token` and its top k, as `Sampler` reports them."""
+    lp = {token: float(raw[token])}
+    if k:
+        vals, ids = raw.topk(k)
+        lp.update(zip(ids.tolist(), vals.tolist()))
+    return lp

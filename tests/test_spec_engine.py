@@ -1,0 +1,134 @@
+"""MTP speculative decoding in the engine, on the tiny preset: greedy output token-identical to plain decoding for
+k = 1..3 (with drafts accepted, through an oracle that overrides the MTP module's proposals after they ran, and with
+the module's own), stops and max_tokens cut inside accepted runs, drafts equal to a cache-free recomputation of the
+MTP module, seeded sampling reproducible, acceptance counted per position, and a checkpoint without MTP refused."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rayinfer import LLM, SamplingParams
+from rayinfer.config import ConfigError
+from rayinfer.model import ForwardBatch
+from rayinfer.model.presets import resolve_model_path
+
+GREEDY = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+PROMPTS = [[0, 5, 6, 7], list(range(5, 70)), [0] + list(range(100, 190)), [9, 9, 9, 9, 9]]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return LLM("tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(plain):
+    return [o.token_ids for o in plain.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0.0,
+                                                                         ignore_eos=True), use_tqdm=False)]
+
+
+def with_oracle(llm, reference, miss_every=4, seen=None):
+    """Drafts replaced by the plain run's continuation (wrong at every `miss_every`-th output position), after
+    the MTP module proposed its own (recorded in `seen`: (verified tokens, drafts) per drafting sequence)."""
+    drafter = llm.engine.runner.drafter
+    real, cont = drafter._propose, {tuple(p): r for p, r in zip(PROMPTS, reference)}
+    vocab = llm.engine.runner.vocab_size
+
+    def propose(sched):
+        out = real(sched)
+        for s in sched.scheduled:
+            d, seq = out.get(s.seq.request_id), s.seq
+            if d is None:
+                continue
+            if seen is not None:
+                seen.append((list(seq.token_ids), list(d.tokens)))
+            ref = cont[tuple(seq.token_ids[:seq.num_prompt_tokens])]
+            for j in range(len(d.tokens)):
+                n = seq.num_output_tokens + j
+                t = ref[n] if (n + 1) % miss_every else (ref[n] + 1) % vocab
+                d.tokens[j], d.q[j] = t, torch.nn.functional.one_hot(torch.tensor(t), vocab).float()
+        return out
+
+    drafter._propose = propose
+    return llm
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_speculation_is_token_identical_to_plain_decoding(plain, reference, k):
+    llm = with_oracle(LLM("tiny", num_speculative_tokens=k), reference)
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (14, 9, 23, 1)]
+    want = [r[:p.max_tokens] for r, p in zip(reference, params)]
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == want  # max_tokens 9 and 23 land inside runs of k + 1
+    assert all(o.finish_reason == "length" for o in outs)
+    drafted, accepted = llm.stats()[0]["spec_draft_tokens"], llm.stats()[0]["spec_accepted_tokens"]
+    assert len(drafted) == k and accepted[0] > 0 and sum(accepted) < sum(drafted)  # accepted and rejected ones
+    assert all(a <= d for a, d in zip(accepted, drafted)) and accepted == sorted(accepted, reverse=True)
+    per_request = [sum(col) for col in zip(*[o.spec_accepted_tokens for o in outs if o.spec_accepted_tokens])]
+    assert per_request == accepted  # each request's counts add up to the engine's
+    assert outs[3].spec_draft_tokens is None  # one token: nothing to draft
+    assert llm.stats()[0]["generation_tokens"] == sum(p.max_tokens for p in params)  # usage: emitted tokens only
+    assert llm.engine.block_manager.num_allocated_blocks() == 0
+    # The MTP module's own drafts (random weights: almost none accepted) give the same tokens too.
+    own = LLM("tiny", num_speculative_tokens=k).generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in own] == [r[:GREEDY.max_tokens] for r in reference]
+
+
+def test_stops_cut_an_accepted_run_where_plain_decoding_stops(plain, reference):
+    base = plain.generate([PROMPTS[0]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                          use_tqdm=False)[0]
+    stop = next(base.text[i:i + 2] for i in range(5, 20) if "\ufffd" not in base.text[i:i + 2])
+    llm = with_oracle(LLM("tiny", num_speculative_tokens=3), reference, miss_every=1000)
+    for p in (SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop]),
+              SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[base.token_ids[6]]),
+              SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[base.token_ids[6]], min_tokens=8)):
+        want, got = (x.generate([PROMPTS[0]], p, use_tqdm=False)[0] for x in (plain, llm))
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        assert (want.finish_reason == "stop" and len(want.token_ids) < 40) if not p.min_tokens \
+            else len(want.token_ids) > 7  # min_tokens holds the stop token back
+        assert got.spec_accepted_tokens[0] > 0
+
+
+def test_drafts_equal_a_cache_free_recomputation_of_the_mtp_module(reference):
+    seen = []
+    llm = with_oracle(LLM("tiny", num_speculative_tokens=2), reference, seen=seen)
+    llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    model = llm.engine.runner.model
+    mtp = model.mtp[0]
+    assert len(seen) > 8
+    with torch.inference_mode():
+        for tokens, drafts in seen:
+            ids = torch.tensor(tokens)
+            t = len(tokens)
+            hid = model.norm(model.hidden_states(ids, ForwardBatch.dense(1, t)))[:t - 1]
+            nxt, want = ids[1:], []
+            for _ in drafts:  # position p: the target's hidden at p (the module's own past the last) and token p + 1
+                x = mtp.propose(hid, model.embed_tokens(nxt), ForwardBatch.dense(1, len(nxt)))
+                want.append(int(mtp.head(x[-1:]).argmax()))
+                hid, nxt = torch.cat([hid, x[-1:]]), torch.cat([nxt, torch.tensor(want[-1:])])
+            assert drafts == want, (len(tokens), drafts, want)
+
+
+def test_seeded_sampling_with_speculation_is_reproducible():
+    params = [SamplingParams(max_tokens=12, temperature=0.8, top_k=40, seed=s) for s in (1, 2)]
+    runs = [[o.token_ids for o in LLM("tiny", num_speculative_tokens=2).generate(PROMPTS[:2], params,
+                                                                                  use_tqdm=False)]
+            for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
+
+
+def test_a_checkpoint_without_mtp_is_refused(tmp_path):
+    src = resolve_model_path("tiny")
+    n = json.load(open(os.path.join(src, "config.json")))["num_hidden_layers"]
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(src, name), tmp_path / name)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith(f"model.layers.{n}.")},
+              tmp_path / "model.safetensors")
+    LLM(str(tmp_path))  # fine without speculation
+    with pytest.raises(ConfigError, match="no MTP module"):
+        LLM(str(tmp_path), num_speculative_tokens=1)
