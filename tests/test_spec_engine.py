@@ -30,11 +30,11 @@ def reference(plain):
                                                                          ignore_eos=True), use_tqdm=False)]
 
 
-def with_oracle(llm, reference, miss_every=4, seen=None):
+def with_oracle(llm, reference, miss_every=4, seen=None, prompts=PROMPTS):
     """Drafts replaced by the plain run's continuation (wrong at every `miss_every`-th output position), after
     the MTP module proposed its own (recorded in `seen`: (verified tokens, drafts) per drafting sequence)."""
     drafter = llm.engine.runner.drafter
-    real, cont = drafter._propose, {tuple(p): r for p, r in zip(PROMPTS, reference)}
+    real, cont = drafter._propose, {tuple(p): r for p, r in zip(prompts, reference)}
     vocab = llm.engine.runner.vocab_size
 
     def propose(sched):
@@ -75,6 +75,18 @@ def test_greedy_speculation_is_token_identical_to_plain_decoding(plain, referenc
     # The MTP module's own drafts (random weights: almost none accepted) give the same tokens too.
     own = LLM("tiny", num_speculative_tokens=k).generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in own] == [r[:GREEDY.max_tokens] for r in reference]
+
+
+def test_greedy_speculation_under_preemption_and_prefix_hits(plain):
+    prompts = [PROMPTS[1] + [8], PROMPTS[2][:40], PROMPTS[1] + [7]]  # a shared first page; each grows a page
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    reference = [o.token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    llm = with_oracle(LLM("tiny", num_speculative_tokens=2, kv_cache_tokens=256), reference, prompts=prompts)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.block_manager.hits > 0
+    assert llm.stats()[0]["spec_accepted_tokens"][0] > 0
+    assert llm.engine.block_manager.num_allocated_blocks() == 0
 
 
 def test_stops_cut_an_accepted_run_where_plain_decoding_stops(plain, reference):

@@ -146,14 +146,11 @@ class MtpDrafter:
         logits = r.model.logits(hidden[to_device(torch.tensor(rows), r.device)])  # [B * (d + 1), V]
         try:
             return self._accept(logits, group)
-        except Exception:  # noqa: BLE001 - find the rows it failed for
+        except Exception as e:  # noqa: BLE001 - find the rows it failed for (a lone row: that one)
             if len(group) == 1:
-                seq = group[0][0]
-                return {seq.request_id: RequestFailed(f"request {seq.request_id!r} failed in verifying its drafts")}
-        out = {}
-        for i, g in enumerate(group):
-            out.update(self._verify(hidden, [g]))
-        return out
+                rid = group[0][0].request_id
+                return {rid: RequestFailed(f"request {rid!r} failed in verifying its drafts: {type(e).__name__}: {e}")}
+        return {rid: res for g in group for rid, res in self._verify(hidden, [g]).items()}
 
     def _accept(self, logits: torch.Tensor, group: list[tuple]) -> dict:
         r = self.runner

@@ -65,7 +65,7 @@ class ModelRunner:
                                       device=self.device) for _ in range(cfg.num_hidden_layers)]
         # Decode-only steps of a single-rank CUDA engine replay from graphs over padded buckets (see cuda_graphs).
         self.decode_buckets = self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and not spec:  # verify steps are not graphed yet
             self.use_graphs(CudaGraphCapture())
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = set(cfg.eos_token_id)

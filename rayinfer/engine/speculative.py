@@ -1,6 +1,6 @@
-"""Speculative decoding math: drafting from the MTP module's distribution, verifying drafts against the
-target's, and cutting an accepted run where the plain engine would have stopped. Pure tensor code, no
-engine state; the runner-side orchestration (which forward produces which logits) lives elsewhere.
+"""Speculative decoding math: drafting from the MTP module's distribution and verifying drafts against the
+target's. Pure tensor code, no engine state: the step's orchestration is engine/drafter.py's, and an accepted
+run is cut where plain decoding stops by the engine appending it token by token (`Engine._append_run`).
 
 Verification is standard speculative sampling (Leviathan et al.; Chen et al.): draft token x drawn from q is
 kept with probability min(1, p(x) / q(x)); at the first rejection the token is drawn from the residual
@@ -86,18 +86,6 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, seeds: Seeds,
     tokens[:, k] = bonus
     n_emit += alive.long()
     return tokens, n_emit
-
-
-def cut_run(tokens: list[int], remaining: int, stop_ids: set[int]) -> tuple[list[int], bool]:
-    """An accepted run -> (the prefix the plain engine would have emitted, whether it stopped): at most
-    `remaining` tokens, ending at (and including) the first stop token. Stop strings are cut by the
-    detokenizer as for plain decoding, since it sees these tokens one by one."""
-    out = []
-    for t in tokens[:max(remaining, 0)]:
-        out.append(t)
-        if t in stop_ids:
-            return out, True
-    return out, len(out) >= remaining
 
 
 def verify_views(seqs: list, drafts: list[list[int]]) -> list:
