@@ -124,12 +124,14 @@ def test_drafts_equal_a_cache_free_recomputation_of_the_mtp_module(reference):
             assert drafts == want, (len(tokens), drafts, want)
 
 
-def test_seeded_sampling_with_speculation_is_reproducible():
+def test_seeded_sampling_with_speculation_is_reproducible(reference):
     params = [SamplingParams(max_tokens=12, temperature=0.8, top_k=40, seed=s) for s in (1, 2)]
-    runs = [[o.token_ids for o in LLM("tiny", num_speculative_tokens=2).generate(PROMPTS[:2], params,
+    params.append(SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))  # greedy in a sampled batch
+    runs = [[o.token_ids for o in LLM("tiny", num_speculative_tokens=2).generate(PROMPTS[:3], params,
                                                                                   use_tqdm=False)]
             for _ in range(2)]
     assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
+    assert runs[0][2] == reference[2][:12]
 
 
 def test_a_checkpoint_without_mtp_is_refused(tmp_path):

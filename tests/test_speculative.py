@@ -8,7 +8,7 @@ from scipy.stats import chisquare
 
 from rayinfer.engine.sampler import Sampler
 from rayinfer.engine.sequence import Sequence
-from rayinfer.engine.speculative import Seeds, draft_tokens, verify
+from rayinfer.engine.speculative import Seeds, draft_tokens, verify, verify_greedy
 from rayinfer.messages import SamplingParams
 
 V = 6
@@ -57,6 +57,9 @@ def test_greedy_rows_accept_while_the_argmax_matches():
     drafts = torch.where(torch.rand(b, k) < 0.6, target[:, :k].argmax(-1), torch.randint(0, V, (b, k)))
     tokens, n_emit = verify(p, q, drafts, Seeds.of(list(range(b)), [0] * b))
     best = target.argmax(-1)
+    fast, n_fast = verify_greedy(best, drafts)  # the engine's shortcut for all-greedy batches
+    assert torch.equal(n_fast, n_emit) and all(fast[r, :n].tolist() == tokens[r, :n].tolist()
+                                               for r, n in enumerate(n_emit.tolist()))
     for r in range(b):
         match = (drafts[r] == best[r, :k]).long().tolist() + [0]
         n = match.index(0) + 1

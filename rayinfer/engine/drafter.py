@@ -25,7 +25,7 @@ import torch
 
 from rayinfer.config import ConfigError
 from rayinfer.engine.sequence import Accepted
-from rayinfer.engine.speculative import Seeds, draft_tokens, verify, verify_views, view
+from rayinfer.engine.speculative import Seeds, draft_tokens, verify, verify_greedy, verify_views, view
 from rayinfer.kernels.transfer import to_device
 from rayinfer.messages import RequestFailed
 
@@ -40,7 +40,7 @@ class DraftState:
 @dataclass
 class _Draft:
     tokens: list[int]
-    q: list[torch.Tensor]  # [V] each: the distribution each draft was drawn from
+    q: list  # [V] each: the distribution each draft was drawn from (None: a greedy draft, the argmax)
 
 
 class MtpDrafter:
@@ -64,41 +64,54 @@ class MtpDrafter:
             return {}
         r.sampler.assign_seeds([s.seq for s in sched.scheduled if s.num_draft_tokens])
         drafts = self._propose(sched)
-        items = [(s.seq, s.start, s.num_new_tokens + len(drafts[s.seq.request_id].tokens)
-                  if s.seq.request_id in drafts else s.num_new_tokens) for s in sched.scheduled]
-        ids, batch = r.prepare(items, {rid: d.tokens for rid, d in drafts.items()})
+        items, firsts = [], []  # the step's forward items; each scheduled sequence's first item
+        for s in sched.scheduled:
+            firsts.append(len(items))
+            d = drafts.get(s.seq.request_id)
+            if d is None:
+                items.append((s.seq, s.start, s.num_new_tokens))
+            else:
+                items += self._rows(s.seq, s.start, [s.seq.token_ids[s.start], *d.tokens])
+        ids, batch = r.prepare(items)
         hidden = r.model.hidden_states(ids, batch)  # [T, H]
         ends = batch.last_rows()
+        first_rows = [ends[i] - items[i][2] + 1 for i in firsts]  # row of each sequence's first new token
         plain_rows, plain, by_k = [], [], defaultdict(list)
-        for s, end in zip(sched.scheduled, ends):
+        for s, row in zip(sched.scheduled, first_rows):
             d = drafts.get(s.seq.request_id)
             if d is not None:
-                by_k[len(d.tokens)].append((s.seq, d, end - len(d.tokens)))
+                by_k[len(d.tokens)].append((s.seq, d, row))
             elif s.samples:
-                plain_rows.append(end)
+                plain_rows.append(row + s.num_new_tokens - 1)
                 plain.append(s.seq)
         out = {}
         if plain:
             out.update(r._sample(r.model.logits(hidden[to_device(torch.tensor(plain_rows), r.device)]), plain))
         for group in by_k.values():
             out.update(self._verify(hidden, group))
-        for s, (seq, start, n), end in zip(sched.scheduled, items, ends):
-            res = out.get(seq.request_id)
+        for s, first in zip(sched.scheduled, first_rows):
+            res = out.get(s.seq.request_id)
             if isinstance(res, BaseException):
                 continue
             rows = 1 + res.num_accepted if isinstance(res, Accepted) else s.num_new_tokens
-            first = end - n + 1
-            seq.draft_state = DraftState(start, start + rows, hidden[first:first + rows].clone())
+            s.seq.draft_state = DraftState(s.start, s.start + rows, hidden[first:first + rows].clone())
         return out
 
-    def _mtp(self, hidden: torch.Tensor, tokens: list[int], items: list[tuple]) -> torch.Tensor:
-        """The module over rows (sequence, first position, count): hidden [T, H] paired with the tokens [T] one
-        position on -> its hidden [T, H], its KV written at those positions."""
+    def _rows(self, seq, start: int, tokens: list[int]) -> list[tuple]:
+        """Forward items for `tokens` at positions start.. of `seq`: a few (a verify step's, a decode step's
+        catch-up) each as a decode row of its own, so they run batched on plain decoding's attention path (as
+        plain decoding computes them, and one call for the batch); a prefill chunk's as one item."""
+        if len(tokens) > self.k + 1:
+            return [(seq, start, len(tokens), tokens)]
+        return [(seq, start + j, 1, tokens[j:j + 1]) for j in range(len(tokens))]
+
+    def _mtp(self, hidden: torch.Tensor, items: list[tuple]) -> torch.Tensor:
+        """The module over forward items whose tokens are each row's next token: hidden [T, H] -> its hidden
+        [T, H], its KV written at those positions."""
         r = self.runner
-        _, batch = r.prepare(items)
+        ids, batch = r.prepare(items)
         batch.kv_caches = self.kv  # the module's block indexes the cache one past the target's layers
-        emb = r.model.embed_tokens(to_device(torch.tensor(tokens), r.device))
-        return self.mtp.propose(hidden, emb, batch)
+        return self.mtp.propose(hidden, r.model.embed_tokens(ids), batch)
 
     def _propose(self, sched) -> dict[str, _Draft]:
         catch = []
@@ -110,8 +123,8 @@ class MtpDrafter:
             return {}
         r = self.runner
         x = self._mtp(r.model.norm(torch.cat([st.hidden for _, st in catch])),
-                      [t for s, st in catch for t in s.seq.token_ids[st.start + 1:st.end + 1]],
-                      [(s.seq, st.start, st.end - st.start) for s, st in catch])
+                      [it for s, st in catch for it in self._rows(s.seq, st.start, s.seq.token_ids[st.start + 1:
+                                                                                                   st.end + 1])])
         last = torch.tensor([st.end - st.start for _, st in catch]).cumsum(0) - 1
         want = [i for i, (s, _) in enumerate(catch) if s.num_draft_tokens]
         if not want:
@@ -125,13 +138,18 @@ class MtpDrafter:
             live = [i for i in live if ks[i] > j]
             idx = to_device(torch.tensor(live), r.device)
             if j:  # chain: the module at draft j's position, on its own hidden state and draft j
-                xs[idx] = self._mtp(xs[idx], [out[seqs[i].request_id].tokens[-1] for i in live],
-                                    [(seqs[i], seqs[i].num_computed_tokens + j - 1, 1) for i in live])
+                xs[idx] = self._mtp(xs[idx], [(seqs[i], seqs[i].num_computed_tokens + j - 1, 1,
+                                               out[seqs[i].request_id].tokens[-1:]) for i in live])
             views = [view(seqs[i], out[seqs[i].request_id].tokens) for i in live]
-            q = r.sampler.target_probs(torch.nan_to_num(self.mtp.head(xs[idx])), views)  # [B', V]
-            seeds = Seeds.of([seqs[i].sample_seed for i in live], [seqs[i].num_tokens for i in live], r.device)
-            greedy = torch.tensor([seqs[i].params.greedy for i in live], device=r.device)
-            tokens = draft_tokens(q, seeds, j, greedy).tolist()
+            logits = torch.nan_to_num(self.mtp.head(xs[idx]))  # [B', V]
+            if all(v.params.greedy for v in views):  # the argmax, and no distribution: greedy rows verify without
+                q = [None] * len(live)
+                tokens = r.sampler.filter_logits(logits.float(), views).argmax(dim=-1).tolist()
+            else:
+                q = r.sampler.target_probs(logits, views)  # [B', V]
+                seeds = Seeds.of([seqs[i].sample_seed for i in live], [seqs[i].num_tokens for i in live], r.device)
+                greedy = torch.tensor([v.params.greedy for v in views], device=r.device)
+                tokens = draft_tokens(q, seeds, j, greedy).tolist()
             for row, i in enumerate(live):
                 out[seqs[i].request_id].tokens.append(tokens[row])
                 out[seqs[i].request_id].q.append(q[row])
@@ -156,10 +174,18 @@ class MtpDrafter:
         r = self.runner
         seqs, drafts = [g[0] for g in group], [g[1] for g in group]
         b, d = len(group), len(drafts[0].tokens)
-        p = r.sampler.target_probs(logits, verify_views(seqs, [x.tokens for x in drafts])).view(b, d + 1, -1)
-        q = torch.stack([torch.stack(x.q) for x in drafts])  # [B, d, V]
-        seeds = Seeds.of([s.sample_seed for s in seqs], [s.num_tokens for s in seqs], r.device)
-        tokens, n_emit = verify(p, q, to_device(torch.tensor([x.tokens for x in drafts]), r.device), seeds)
+        views = verify_views(seqs, [x.tokens for x in drafts])
+        proposed = to_device(torch.tensor([x.tokens for x in drafts]), r.device)  # [B, d]
+        if all(s.params.greedy for s in seqs):
+            best = r.sampler.filter_logits(logits.float(), views).argmax(dim=-1).view(b, d + 1)
+            tokens, n_emit = verify_greedy(best, proposed)
+        else:
+            p = r.sampler.target_probs(logits, views).view(b, d + 1, -1)
+            v = p.shape[-1]
+            q = torch.stack([torch.stack([qj if qj is not None else _one_hot(t, v, p.device)
+                                          for qj, t in zip(x.q, x.tokens)]) for x in drafts])  # [B, d, V]
+            seeds = Seeds.of([s.sample_seed for s in seqs], [s.num_tokens for s in seqs], r.device)
+            tokens, n_emit = verify(p, q, proposed, seeds)
         tokens, n_emit = tokens.tolist(), n_emit.tolist()
         raw = torch.log_softmax(logits.float(), dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         out = {}
@@ -170,6 +196,11 @@ class MtpDrafter:
                 lps = [_logprobs(raw[i * (d + 1) + j], t, seq.params.logprobs) for j, t in enumerate(run)]
             out[seq.request_id] = Accepted(run, lps, d, n_emit[i] - 1)
         return out
+
+
+def _one_hot(token: int, v: int, device) -> torch.Tensor:
+    """A greedy draft's distribution, for a batch that verifies sampled rows too."""
+    return torch.nn.functional.one_hot(torch.tensor(token, device=device), v).float()
 
 
 def _logprobs(raw: torch.Tensor, token: int, k: int) -> dict[int, float]:

@@ -139,27 +139,25 @@ class ModelRunner:
         return (f"rayinfer-kv-page v2; config={m.cfg!r}; dtype={self.dtype}; layers={len(self.kv_caches)}; "
                 f"layout=[layers,{PAGE_SIZE},{self.kv_caches[0].shape[-1]}]; weights={weights_digest(m)}")
 
-    def prepare(self, items: list[tuple], drafts: dict | None = None) -> tuple[torch.Tensor, ForwardBatch]:
-        """items: (sequence, first position, number of tokens) -> (token ids [T], ForwardBatch). `drafts`: request
-        id -> draft tokens that are the last of that sequence's tokens (they are not in its token_ids yet)."""
+    def prepare(self, items: list[tuple]) -> tuple[torch.Tensor, ForwardBatch]:
+        """items: (sequence, first position, number of tokens[, their token ids]) -> (token ids [T], ForwardBatch).
+        Token ids default to the sequence's own; speculative drafts, not in them yet, are given."""
         dev = self.device
         if not items:  # an idle rank's share of a gang step
             empty = torch.zeros(0, dtype=torch.long, device=dev)
             return empty, ForwardBatch(empty, [], [], torch.zeros(0, 1, dtype=torch.long, device=dev), empty,
                                        self.kv_caches)
         ids, pos, slots = [], [], []
-        width = max(len(seq.block_ids) for seq, _, _ in items)
+        width = max(len(item[0].block_ids) for item in items)
         tables = torch.zeros(len(items), width, dtype=torch.long)  # [B, max_pages], built on the host
-        for i, (seq, start, n) in enumerate(items):
-            extra = drafts.get(seq.request_id, ()) if drafts else ()
-            ids.extend(seq.token_ids[start:start + n - len(extra)])
-            ids.extend(extra)
+        for i, (seq, start, n, *given) in enumerate(items):
+            ids.extend(given[0] if given else seq.token_ids[start:start + n])
             p = torch.arange(start, start + n)
             blocks = torch.tensor(seq.block_ids)
             tables[i, : len(seq.block_ids)] = blocks
             pos.append(p)
             slots.append(blocks[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE)
-        batch = ForwardBatch(to_device(torch.cat(pos), dev), [n for _, _, n in items], [s + n for _, s, n in items],
+        batch = ForwardBatch(to_device(torch.cat(pos), dev), [it[2] for it in items], [it[1] + it[2] for it in items],
                              to_device(tables, dev), to_device(torch.cat(slots), dev), self.kv_caches)
         return to_device(torch.tensor(ids), dev), batch
 

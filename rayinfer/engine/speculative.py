@@ -88,6 +88,14 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, seeds: Seeds,
     return tokens, n_emit
 
 
+def verify_greedy(best: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify` for greedy rows without distributions: best [B, k+1] the target's argmax at the k draft positions
+    and the one after, drafts [B, k] -> (tokens [B, k+1], n_emit [B]). Accepted drafts equal the argmax there, and
+    the corrected or bonus token is the argmax after them, so the emitted tokens are the argmax row itself."""
+    accepted = (best[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)  # [B] leading matches
+    return best, accepted + 1
+
+
 def verify_views(seqs: list, drafts: list[list[int]]) -> list:
     """Each sequence followed by its drafts, one view per verified position (k + 1 per sequence, row-major):
     view j holds the sequence's tokens plus drafts[:j], so penalties and min_tokens see at draft position j
