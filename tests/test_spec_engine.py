@@ -33,9 +33,9 @@ def reference(plain):
 def with_oracle(llm, reference, miss_every=4, seen=None, prompts=PROMPTS):
     """Drafts replaced by the plain run's continuation (wrong at every `miss_every`-th output position), after
     the MTP module proposed its own (recorded in `seen`: (verified tokens, drafts) per drafting sequence)."""
-    drafter = llm.engine.runner.drafter
+    drafter = getattr(llm, "engine", llm).runner.drafter  # an LLM or an Engine
     real, cont = drafter._propose, {tuple(p): r for p, r in zip(prompts, reference)}
-    vocab = llm.engine.runner.vocab_size
+    vocab = drafter.runner.vocab_size
 
     def propose(sched):
         out = real(sched)
@@ -146,3 +146,49 @@ def test_a_checkpoint_without_mtp_is_refused(tmp_path):
     LLM(str(tmp_path))  # fine without speculation
     with pytest.raises(ConfigError, match="no MTP module"):
         LLM(str(tmp_path), num_speculative_tokens=1)
+
+
+def test_logprobs_under_speculation_are_plain_decodings(plain, reference):
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+    want = plain.generate(PROMPTS[:2], params, use_tqdm=False)
+    got = with_oracle(LLM("tiny", num_speculative_tokens=2), reference).generate(PROMPTS[:2], params, use_tqdm=False)
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids and len(g.logprobs) == 10 and sum(g.spec_accepted_tokens) > 0
+        for lw, lg in zip(w.logprobs, g.logprobs):
+            assert lw.keys() == lg.keys() and all(abs(lw[t] - lg[t]) < 1e-4 for t in lw)
+
+
+def test_structured_output_under_speculation_is_plain_decodings(plain):
+    pytest.importorskip("xgrammar")
+    params = SamplingParams(max_tokens=16, temperature=0.0, structured=("regex", "[a-z]{4,10}, [0-9]+"))
+    want = plain.generate(["pick: "], params, use_tqdm=False)[0]
+    got = LLM("tiny", num_speculative_tokens=2).generate(["pick: "], params, use_tqdm=False)[0]
+    assert (got.text, got.finish_reason) == (want.text, want.finish_reason) and got.spec_draft_tokens[0] > 0
+
+
+def test_a_speculating_decode_engine_takes_handed_off_kv(reference):
+    """A prefill engine (no drafting there) hands off; the decode engine's first step is plain (the MTP module has
+    seen none of the prompt), then it drafts, and the tokens are those of one plain engine."""
+    from rayinfer.config import EngineConfig
+    from rayinfer.engine.engine import Engine
+    from rayinfer.messages import EngineRequest
+
+    prefill = Engine(EngineConfig.from_options("tiny", scheduler_mode="prefill", num_speculative_tokens=2))
+    decode = Engine(EngineConfig.from_options("tiny", scheduler_mode="decode", num_speculative_tokens=2))
+    assert prefill.runner.drafter is None and len(prefill.runner.model.mtp) == 0
+    with_oracle(decode, reference)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    got = {}
+    for i, p in enumerate(PROMPTS):
+        prefill.add_request(EngineRequest(str(i), p, params))
+    while prefill.has_unfinished():
+        for d in prefill.step():
+            got[d.request_id] = list(d.token_ids)
+    for i, p in enumerate(PROMPTS):
+        latents, _ = prefill.exports.pop(str(i))
+        decode.add_request(EngineRequest(str(i), p, params, output_token_ids=got[str(i)]), latents)
+    while decode.has_unfinished():
+        for d in decode.step():
+            got[d.request_id] += d.token_ids
+    assert [got[str(i)] for i in range(len(PROMPTS))] == [r[:20] for r in reference]
+    assert decode.counters["kv_imported_tokens"] > 0 and decode.stats()["spec_accepted_tokens"][0] > 0
