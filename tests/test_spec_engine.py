@@ -15,6 +15,8 @@ from rayinfer.config import ConfigError
 from rayinfer.model import ForwardBatch
 from rayinfer.model.presets import resolve_model_path
 
+from helpers import hand_off
+
 GREEDY = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
 PROMPTS = [[0, 5, 6, 7], list(range(5, 70)), [0] + list(range(100, 190)), [9, 9, 9, 9, 9]]
 
@@ -171,22 +173,12 @@ def test_a_speculating_decode_engine_takes_handed_off_kv(reference):
     seen none of the prompt), then it drafts, and the tokens are those of one plain engine."""
     from rayinfer.config import EngineConfig
     from rayinfer.engine.engine import Engine
-    from rayinfer.messages import EngineRequest
 
     prefill = Engine(EngineConfig.from_options("tiny", scheduler_mode="prefill", num_speculative_tokens=2))
     decode = Engine(EngineConfig.from_options("tiny", scheduler_mode="decode", num_speculative_tokens=2))
     assert prefill.runner.drafter is None and len(prefill.runner.model.mtp) == 0
     with_oracle(decode, reference)
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    got = {}
-    for i, p in enumerate(PROMPTS):
-        prefill.add_request(EngineRequest(str(i), p, params))
-    while prefill.has_unfinished():
-        for d in prefill.step():
-            got[d.request_id] = list(d.token_ids)
-    for i, p in enumerate(PROMPTS):
-        latents, _ = prefill.exports.pop(str(i))
-        decode.add_request(EngineRequest(str(i), p, params, output_token_ids=got[str(i)]), latents)
+    got = hand_off(prefill, decode, PROMPTS, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
     while decode.has_unfinished():
         for d in decode.step():
             got[d.request_id] += d.token_ids
