@@ -184,3 +184,21 @@ def test_a_speculating_decode_engine_takes_handed_off_kv(reference):
             got[d.request_id] += d.token_ids
     assert [got[str(i)] for i in range(len(PROMPTS))] == [r[:20] for r in reference]
     assert decode.counters["kv_imported_tokens"] > 0 and decode.stats()["spec_accepted_tokens"][0] > 0
+
+
+def test_a_request_failing_in_a_speculative_step_fails_alone(reference):
+    llm = with_oracle(LLM("tiny", num_speculative_tokens=2), reference)
+    sampler = llm.engine.runner.sampler
+    inner = sampler.filter_logits
+
+    def faulty(logits, seqs, f=None):  # this request's rows break wherever they are filtered (drafting, verifying)
+        if any(s.params.max_tokens == 13 and s.num_output_tokens >= 3 for s in seqs):
+            raise IndexError("injected")
+        return inner(logits, seqs, f)
+
+    sampler.filter_logits = faulty
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (14, 13, 14)]
+    outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    assert outs[1].finish_reason == "error" and "injected" in outs[1].error
+    assert [outs[0].token_ids, outs[2].token_ids] == [reference[0][:14], reference[2][:14]]
+    assert llm.engine.block_manager.num_allocated_blocks() == 0
