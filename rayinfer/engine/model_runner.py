@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(model: DeepseekV3, dtype: torch.dtype) -> int:
+    """Every layer's latent, and the MTP module's where it is loaded (the drafter runs module 0)."""
     cfg = model.cfg
-    return cfg.num_hidden_layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+    layers = cfg.num_hidden_layers + min(len(model.mtp), 1)
+    return layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def kv_cache_pages(config: EngineConfig, model: DeepseekV3, max_model_len: int) -> int:
