@@ -1,7 +1,8 @@
 """One rank's engine: requests in, token deltas out, one step at a time.
 
 `step()` is the whole loop body: schedule, run, postprocess. Postprocessing appends sampled
-tokens, detokenizes, applies stop conditions and releases finished sequences' pages. The engine
+tokens (a speculative step's accepted run one by one, so stops cut it where plain decoding would),
+detokenizes, applies stop conditions and releases finished sequences' and rejected drafts' pages. The engine
 is synchronous and single-threaded; `AsyncEngine` (async_engine.py) drives it from a thread for
 servers. Requests that cannot be served (too long, token ids outside the vocabulary, stop strings
 without a tokenizer) are rejected at `add_request` with a clear ValueError. A step that raises for one

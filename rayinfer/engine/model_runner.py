@@ -3,7 +3,8 @@
 Turns a `SchedulerOutput` into a `ForwardBatch` (flattened token ids, positions, block tables,
 cache slots), runs the forward over every token of the step at once (so each MoE layer runs
 once per step), and samples a next token for each sequence whose chunk reached its end. Decode-only
-steps replay from per-bucket graphs where `cuda_graphs` allows (one rank, CUDA, not `enforce_eager`).
+steps replay from per-bucket graphs where `cuda_graphs` allows (one rank, CUDA, not `enforce_eager`). With
+`num_speculative_tokens` a single-rank step runs through `drafter.MtpDrafter` instead (drafts, one verifying forward).
 """
 from __future__ import annotations
 
