@@ -230,12 +230,11 @@ class Engine:
                 fold_delta(delta, d)
             if seq.finish_reason is not None:
                 break
-        drafted, accepted = self.spec_counts["spec_draft_tokens"], self.spec_counts["spec_accepted_tokens"]
-        delta.spec_draft_tokens = [int(j < run.num_drafts) for j in range(len(drafted))]
-        delta.spec_accepted_tokens = [int(j < run.num_accepted) for j in range(len(drafted))]
-        for j in range(len(drafted)):
-            drafted[j] += delta.spec_draft_tokens[j]
-            accepted[j] += delta.spec_accepted_tokens[j]
+        k = len(self.spec_counts["spec_draft_tokens"])  # per draft position: drafted, accepted
+        delta.spec_draft_tokens = [int(j < run.num_drafts) for j in range(k)]
+        delta.spec_accepted_tokens = [int(j < run.num_accepted) for j in range(k)]
+        for key, counts in self.spec_counts.items():
+            self.spec_counts[key] = [a + b for a, b in zip(counts, getattr(delta, key))]
         if not seq.finished:
             seq.num_computed_tokens += run.num_accepted
             self.block_manager.commit(seq)
