@@ -39,8 +39,8 @@ def advance(req: EngineRequest, d: Delta) -> None:
 
 
 def empty_choice(spec, index: int) -> ChoiceResult:
-    """Choice `index` before any delta; it collects logprobs when the request asked for them."""
-    return ChoiceResult(index=index, token_ids=[], text="", logprobs=[] if spec.params.logprobs is not None else None)
+    """Choice `index` before any delta (see RequestSpec.choice)."""
+    return spec.choice(index)
 
 
 def fold(out: ChoiceResult, d: Delta) -> None:

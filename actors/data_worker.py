@@ -164,7 +164,8 @@ class EngineStage:
         ids = plan.prompts[index // plan.n]
         last = None
         for attempt in range(1, self.cfg.max_attempts + 1):
-            out = ChoiceResult(index, [], "", logprobs=[] if params.logprobs is not None else None)
+            out = plan.spec.choice(index) if plan.spec is not None else \
+                ChoiceResult(index, [], "", logprobs=[] if params.logprobs is not None else None)
             try:
                 async for d in self.engine.stream(EngineRequest(f"{rid}#{attempt}", ids, params, time.time())):
                     fold(out, d)

@@ -10,6 +10,8 @@ and its ranks keep stepping together until the whole gang is idle, up to the dra
 """
 from __future__ import annotations
 
+import os
+
 from ray import serve
 from ray.serve.config import GangRuntimeFailurePolicy, GangSchedulingConfig, RequestRouterConfig
 
@@ -34,14 +36,31 @@ def ingress_env(config: ServeConfig) -> dict:
     return dict(QUIET_REPLICA_ENV, RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S=str(min(10.0, min(windows) / 4)))
 
 
+def rank_cpus(cpus_per_rank: float | None, gpu: bool) -> float:
+    """A rank's CPU share: as configured, else a core per GPU rank and half a core per CPU rank."""
+    return cpus_per_rank if cpus_per_rank is not None else (1.0 if gpu else 0.5)
+
+
+SERVING_CORES = 2  # what the ingress and Serve's HTTP proxy keep busy under load (benchmarks/serve_path.py)
+
+
+def rank_threads(cpus: float, ranks: int, gpu: bool) -> int:
+    """A rank's torch intra-op threads: what its CPU share buys and, on CPU ranks, the cores the machine has
+    beyond the serving path's, shared among all the app's ranks (a lone rank on a 16-core node: 14). On 2 cores
+    there are none to spare: a second thread for a lone rank measured slower (1.5-1.6k tok/s against 1.3-2.7k,
+    the rank's CPU per token 2.8x, its OpenMP workers spinning against the ingress and the proxy)."""
+    share = max(1, int(cpus))
+    return share if gpu else max(share, ((os.cpu_count() or 1) - SERVING_CORES) // max(1, ranks))
+
+
 def rank_gang(config: EngineConfig, name: str, role: str = "mixed", num_gangs: int = 1,
               cpus_per_rank: float | None = None, router=RankRouter, stats_period_s: float = 2.0,
-              kv_timeout_s: float = 10.0, autoscaling: AutoscalingConfig | None = None):
+              kv_timeout_s: float = 10.0, autoscaling: AutoscalingConfig | None = None, threads: int | None = None):
     """A bound deployment of `num_gangs` gangs of `ep_size` rank replicas each, or of `autoscaling`'s
-    min..max gangs starting from `num_gangs`."""
+    min..max gangs starting from `num_gangs`; `threads`: each rank's torch threads (default: its CPU share)."""
     ep = config.parallel.ep_size
     gpu = config.device.startswith("cuda")
-    cpus = cpus_per_rank if cpus_per_rank is not None else (1.0 if gpu else 0.5)
+    cpus = rank_cpus(cpus_per_rank, gpu)
     actor = {"num_cpus": cpus, **({"num_gpus": 1} if gpu else {}), "runtime_env": {"env_vars": QUIET_REPLICA_ENV}}
     drain_s = autoscaling.drain_timeout_s if autoscaling else DRAIN_S_FIXED
     scale = dict(autoscaling_config=autoscaling.replicas(ep, num_gangs)) if autoscaling else dict(
@@ -57,7 +76,7 @@ def rank_gang(config: EngineConfig, name: str, role: str = "mixed", num_gangs: i
                                                   request_routing_stats_timeout_s=5.0),
         gang_scheduling_config=GangSchedulingConfig(
             gang_size=ep, runtime_failure_policy=GangRuntimeFailurePolicy.RESTART_GANG))
-    threads = max(1, int(cpus))
+    threads = threads or max(1, int(cpus))
     return serve.deployment(RankReplica).options(**options).bind(config, role, threads, kv_timeout_s, drain_s)
 
 
@@ -66,10 +85,12 @@ def build_app(config: ServeConfig):
     from rayinfer.actors.ingress import Ingress
 
     def gangs(role: str, router):
-        r = config.role(role)
-        return rank_gang(config.engine_config(role), role, role=role, num_gangs=r.num_gangs,
-                         cpus_per_rank=config.cpus_per_rank, router=router, kv_timeout_s=config.kv_transfer_timeout_s,
-                         autoscaling=r.autoscaling)
+        r, engine = config.role(role), config.engine_config(role)
+        gpu = engine.device.startswith("cuda")
+        cpus = rank_cpus(config.cpus_per_rank, gpu)
+        return rank_gang(engine, role, role=role, num_gangs=r.num_gangs,
+                         cpus_per_rank=cpus, router=router, kv_timeout_s=config.kv_transfer_timeout_s,
+                         autoscaling=r.autoscaling, threads=rank_threads(cpus, config.max_ranks, gpu))
 
     ingress = serve.deployment(Ingress).options(
         name="ingress", ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": ingress_env(config)}},

@@ -30,7 +30,7 @@ from rayinfer.messages import Delta, EngineRequest
 from rayinfer.openai.chat_output import StreamSplit, choose_reasoning_parser, split_message, tool_format_of
 from rayinfer.openai.limits import Admission, RequestLimits
 from rayinfer.openai.protocol import (SSE_DONE, APIError, ChoiceResult, ModelInfo, chat_chunk, chat_logprobs,
-                                      chat_response, completion_chunk, completion_logprobs, completion_response,
+                                      chat_response, completion_delta_chunk, completion_response,
                                       models_response, parse_chat_request, parse_completion_request, sse,
                                       usage_chunk, usage_for)
 from rayinfer.openai.http_input import key_matches, one_line, parse_body, read_body
@@ -54,18 +54,21 @@ class Ingress:
         tok = load_tokenizer(path)
         longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=0) if tok else 0
         limits = RequestLimits(config.max_prompts_per_request, config.max_choices_per_request,
-                               config.max_stop_strings, config.max_stop_token_ids, max_tools=config.max_tools)
+                               config.max_stop_strings, config.max_stop_token_ids, max_tools=config.max_tools,
+                               max_prompt_logprob_tokens=config.max_prompt_logprob_tokens)
         self.info = ModelInfo(config.model_name, model.max_position_embeddings, model.vocab_size,
                               tok, int(time.time()), max_token_chars=longest, limits=limits,
                               reasoning_parser=choose_reasoning_parser(config.reasoning_parser, tok),
                               tool_format=tool_format_of(tok))
         self.prefill, self.decode, self.mixed = prefill, decode, mixed
         self.runner = ChoiceRunner(prefill, decode, mixed, config.resume_deadline_s, config.max_resumes,
-                                   config.quarantine_after)
+                                   config.quarantine_after, phase=self._phase)
         self.max_request_bytes = config.max_request_bytes
         self.api_keys, self.metrics_need_key = config.api_keys, config.metrics_need_key
         self.admission = Admission(config.max_queue, config.max_queue_tokens)
         self.metrics = IngressMetrics(self.info.name, {"prefill": prefill, "decode": decode, "mixed": mixed})
+        self._phase_tags = {p: dict(self.metrics.tags, phase=p) for p in ("prefill", "kv_handoff", "first_decode",
+                                                                         "first_step")}
         self._warm = None
 
     async def _warm_up(self) -> None:
@@ -89,6 +92,9 @@ class Ingress:
     async def _rank_stats(self) -> list[dict]:
         return await asyncio.gather(*(h.stats.remote() for h in (self.prefill, self.decode, self.mixed)
                                       if h is not None))
+
+    def _phase(self, name: str, seconds: float) -> None:
+        self.metrics.ttft_phase.observe(seconds, self._phase_tags[name])
 
     def _authorize(self, request: Request) -> None:
         if self.api_keys and not key_matches(request.headers.get("authorization"), self.api_keys):
@@ -268,7 +274,7 @@ class Ingress:
                     break
                 sent = len(results[index].text)
                 fold(results[index], d)
-                for chunk in self._chunks(spec, rid, created, index, d, sent, split):
+                for chunk in self._chunks(spec, rid, created, results[index], d, sent, split):
                     yield sse(chunk)
             if status == 200 and spec.include_usage:
                 yield sse(usage_chunk(spec.kind, rid, created, self.info.name, usage_for(results, spec.n)))
@@ -281,12 +287,11 @@ class Ingress:
             self._leave(ticket)
 
 
-    def _chunks(self, spec, rid: str, created: int, index: int, d: Delta, sent_chars: int, split) -> list[dict]:
+    def _chunks(self, spec, rid: str, created: int, choice, d: Delta, sent_chars: int, split) -> list[dict]:
+        """`choice`: the choice's result with `d` folded in already."""
         tok, lp = self.info.tokenizer, None
         if spec.kind == "chat":
             if d.logprobs is not None and spec.logprobs:
                 lp = chat_logprobs(tok, d.token_ids, d.logprobs, spec.top_logprobs)
-            return split.chunks(index, d.text, d.finish_reason, lp)
-        if d.logprobs is not None and spec.logprobs is not None:
-            lp = completion_logprobs(tok, d.token_ids, d.logprobs, sent_chars)
-        return [completion_chunk(rid, created, self.info.name, index, d.text, d.finish_reason, logprobs=lp)]
+            return split.chunks(choice.index, d.text, d.finish_reason, lp)
+        return [completion_delta_chunk(rid, created, self.info.name, choice, d, sent_chars, tok)]

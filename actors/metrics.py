@@ -116,6 +116,12 @@ class IngressMetrics:
         self.tpot = _Tagged(Histogram("rayinfer_time_per_output_token_seconds", "per request: (last token - first "
                                       "token) / (output tokens - 1)", m, registry=r,
                                       buckets=[0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1]))
+        self.ttft_phase = _Tagged(Histogram(
+            "rayinfer_first_token_phase_seconds", "the stages of a choice up to its first decoded token: prefill "
+            "(the prefill call: routing, the rank's queue, the prompt, the first sample; what TTFT waits for), "
+            "kv_handoff (the decode rank pulling the KV), first_decode (from then to the first decoded token), "
+            "first_step (colocated: the call to its first token)", m + ("phase",), registry=r,
+            buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]))
         self.queue = _Tagged(Gauge("rayinfer_ingress_queue_depth", "requests in flight at this ingress replica", m,
                                    registry=r))
         self.start_time = time.time()

@@ -4,7 +4,10 @@ A thin shell over `rayinfer.engine`: the constructor finds its place in the gang
 context), forms the gang's process group, builds the rank's engine (its own scheduler and KV
 cache, the experts in its slots) and starts the engine loop thread. Requests arrive as packed
 `EngineRequest`s and leave as packed `Delta`s:
-  - mixed ranks: `generate` streams a request to the end;
+  - the ingress's path, any role that streams: `run` takes a request and holds it (its end or error comes back
+    through it, and closing it aborts the request), while the deltas of all the requests one ingress replica
+    runs here travel together, one message per step, on that replica's `channel` (async_engine.Outbox);
+  - mixed ranks: `generate` streams a request to the end (the offline driver's path);
   - prefill ranks: `prefill` runs to the first token and returns it with a `KVHandoff` whose
     latents wait in this node's object store;
   - decode ranks: `accept_kv` fetches those latents (pollable transfer with a deadline; on any
@@ -31,6 +34,9 @@ from ray import serve
 from rayinfer.actors.cluster import bind_replica_grpc_to_loopback
 from rayinfer.config import EngineConfig
 from rayinfer.messages import Delta, EngineRequest, KVHandoff, fold_delta, pack, unpack
+
+CHANNEL_IDLE_S = 2.0  # a channel with no request left here ends after this long (a stopping rank needs its calls over)
+CHANNEL_MIN_REQUESTS = 4  # an ingress replica's requests here beyond this many take its channel
 
 
 class RankReplica:
@@ -75,6 +81,8 @@ class RankReplica:
         self.handed_out: dict[str, float] = {}  # object id -> when: KV objects this rank put or received
         self.startup_s = time.time() - t0
         self._stats: dict = {}
+        self.outboxes: dict = {}  # channel id (one per ingress replica) -> its Outbox
+        self.calls_from: dict[str, int] = {}  # channel id -> `run` calls of that ingress replica here now
         self._publish()
 
     def _publish(self) -> None:
@@ -124,6 +132,68 @@ class RankReplica:
         async with aclosing(self.loop.stream(unpack(request, EngineRequest))) as deltas:
             async for delta in deltas:  # closing it on cancellation aborts the request at once
                 yield pack(delta)
+
+    def _outbox(self, channel: str):
+        from rayinfer.engine.async_engine import Outbox
+
+        box = self.outboxes.get(channel)
+        if box is None:
+            box = self.outboxes[channel] = Outbox()
+        return box
+
+    async def run(self, request: bytes, channel: str = "", cost=None):
+        """Takes a request of the ingress replica whose deltas travel on `channel` ("": none): once this rank
+        holds more than `CHANNEL_MIN_REQUESTS` of that replica's, yields its replica id and puts the request's
+        deltas on the channel, ending when the request does (raising its error, if it failed); below that
+        (actors/channel.py says why), yields the packed deltas itself. A decode rank continues the request
+        with the KV `accept_kv` took, or re-prefills. Closing it aborts the request."""
+        self.calls_from[channel] = self.calls_from.get(channel, 0) + 1
+        try:
+            if not channel or self.calls_from[channel] <= CHANNEL_MIN_REQUESTS:
+                async with aclosing(self.decode(request)) as deltas:
+                    async for raw in deltas:
+                        yield raw
+            else:
+                async with aclosing(self._run_on_channel(request, channel)) as head:
+                    async for replica in head:
+                        yield replica
+        finally:
+            self.calls_from[channel] -= 1
+            if not self.calls_from[channel]:
+                del self.calls_from[channel]
+
+    async def _run_on_channel(self, request: bytes, channel: str):
+        req = unpack(request, EngineRequest)
+        kv, rng, _ = self.arrived.pop(req.request_id, (None, None, 0))
+        req.rng_state = rng if rng is not None else req.rng_state
+        box = self._outbox(channel)
+        done = self.loop.submit(req, box, kv)
+        del kv  # the engine holds it until the scheduler imports it
+        try:
+            yield self.replica_id
+            await done
+        finally:
+            if not done.done():  # the caller left (or this rank is stopping): free the request's KV now
+                self.loop.abort(req.request_id)
+            box.forget(req.request_id)
+
+    async def channel(self, channel: str, replica: str, cost=None):
+        """One ingress replica's deltas from this rank, a packed list per step (or per wake-up, when it reads
+        slower). Ends once no request of that replica has been here for `CHANNEL_IDLE_S`; the ingress opens
+        it again when it sends another."""
+        if replica != self.replica_id:  # the pinned replica was gone, and Serve routed the call elsewhere
+            raise RuntimeError(f"channel for replica {replica} reached replica {self.replica_id}")
+        box = self._outbox(channel)
+        idle_since = time.monotonic()
+        while True:
+            deltas = await box.take(CHANNEL_IDLE_S / 4)
+            if deltas:
+                yield pack(deltas)
+                idle_since = time.monotonic()
+            elif box.live:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= CHANNEL_IDLE_S:
+                return
 
     async def prefill(self, request: bytes, cost=None) -> tuple[bytes, KVHandoff | None]:
         """Runs the prompt, samples the first token; -> (its delta, the KV handoff if decoding continues)."""

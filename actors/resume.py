@@ -17,7 +17,8 @@ request itself; cancellation (the client left) aborts the call. Resumes are boun
 quarantined (a 500 to its client): a request that kills every gang it reaches must not reach them all.
 A rank that must shed its requests (a drain) ends their streams with `finish_reason="migrate"`:
 `ChoiceRunner.run` continues each elsewhere, as after a failure (the drain keeps new calls away).
-Crossing it: packed `EngineRequest`s out to the ranks, `Delta`s in, `APIError`s up.
+Crossing it: packed `EngineRequest`s out to the ranks, `Delta`s in (over the channels of actors/channel.py, for the
+streaming calls), `APIError`s up.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import logging
 import time
 from contextlib import aclosing
 
+from rayinfer.actors.channel import Channels
 from rayinfer.actors.choice import advance
 from rayinfer.balance import health
 from rayinfer.balance.prefix_index import page_keys
@@ -71,11 +73,14 @@ class RankFailed(Exception):
 
 class ChoiceRunner:
     def __init__(self, prefill=None, decode=None, mixed=None, deadline_s: float = 30.0, max_resumes: int = 8,
-                 quarantine_after: int = 2):
+                 quarantine_after: int = 2, phase=None):
+        """`phase(name, seconds)`: told how long each stage before a choice's first decode took (metrics)."""
         self.prefill, self.decode, self.mixed, self.deadline_s = prefill, decode, mixed, deadline_s
         self.max_resumes, self.quarantine_after = max_resumes, quarantine_after
         self.resumed = 0  # choices continued elsewhere after a rank failed or gave them back
         self.quarantined = 0  # choices refused after their ranks failed `quarantine_after` times
+        self.channels = Channels()  # the ranks' deltas, a message per step (actors/channel.py)
+        self.phase = phase or (lambda name, seconds: None)
 
     async def run(self, req: EngineRequest):
         """The choice's deltas to the end, across as many ranks as it takes (within the bounds above)."""
@@ -131,16 +136,21 @@ class ChoiceRunner:
                 "pages": page_keys(ids), "attempt": attempt}
         call = None  # the rank call in flight: cancelled explicitly, as our fresh request id hides it from Serve
         try:
+            t0 = time.monotonic()
             if self.mixed is not None:
-                call = self.mixed.options(stream=True).generate.remote(pack(req), cost=cost)
-                async for raw in self._stream(call, attempt, deadline, "mixed"):
-                    yield unpack(raw, Delta)
+                call, deltas = self._run(self.mixed, "mixed", req, cost, attempt, deadline, "first_step", t0)
+                async with aclosing(deltas):  # closed at once when the choice stops: its queue goes with it
+                    async for d in deltas:
+                        if d.finish_reason is not None:
+                            call = None  # the request ended on the rank: its call ends by itself, no cancel
+                        yield d
                 return
             # A fresh choice starts on a prefill rank; one with output (or whose prefill role is down) goes
             # straight to a decode rank, which computes prompt + output as one prefill.
             if not req.output_token_ids and health.HEALTH.available("prefill"):
                 call = self.prefill.prefill.remote(pack(req), cost=cost)
                 raw, handoff = await self._bounded(call, attempt, deadline, "prefill")
+                self.phase("prefill", time.monotonic() - t0)
                 first = unpack(raw, Delta)
                 if first.finish_reason != "handoff":
                     yield first
@@ -151,12 +161,18 @@ class ChoiceRunner:
                 # Sent before the first token is yielded: a client leaving there must not leave the KV held here.
                 call = self.decode.accept_kv.remote(req.request_id, len(ids), handoff, cost=cost)
                 del raw, handoff
+                t1 = time.monotonic()
                 yield first  # the caller folds it into req's progress before we go on
                 replica = await call
+                t0 = time.monotonic()
+                self.phase("kv_handoff", t0 - t1)
                 cost = dict(cost, replica=replica)
-            call = self.decode.options(stream=True).decode.remote(pack(req), cost=cost)
-            async for raw in self._stream(call, attempt, deadline, "decode"):
-                yield unpack(raw, Delta)
+            call, deltas = self._run(self.decode, "decode", req, cost, attempt, deadline, "first_decode", t0)
+            async with aclosing(deltas):
+                async for d in deltas:
+                    if d.finish_reason is not None:
+                        call = None
+                    yield d
         except (asyncio.CancelledError, GeneratorExit):
             if call is not None:  # the client left (or the choice moves on): the rank aborts it and frees its KV
                 call.cancel()
@@ -169,16 +185,23 @@ class ChoiceRunner:
                 call = None
             raise
 
-    async def _stream(self, call, attempt: str, deadline: float | None, role: str):
-        it = call.__aiter__()
-        first = True
-        while True:
-            try:
-                item = await (self._bounded(it.__anext__(), attempt, deadline, role) if first else it.__anext__())
-            except StopAsyncIteration:
-                return
-            first = False
-            yield item
+    def _run(self, handle, role: str, req: EngineRequest, cost: dict, attempt: str, deadline: float | None,
+             phase: str, t0: float):
+        """A streaming call of `req` on a rank of `role` -> (the call, its deltas off this replica's channels)."""
+        call = handle.options(stream=True).run.remote(pack(req), self.channels.id, cost=cost)
+        deltas = self.channels.deltas(handle, call, req.request_id,
+                                      lambda first: self._bounded(first, attempt, deadline, role))
+        return call, self._timed(deltas, phase, t0)
+
+    async def _timed(self, deltas, phase: str, t0: float):
+        """`deltas`, telling `phase` how long the first one took from `t0`."""
+        async with aclosing(deltas):
+            first = True
+            async for d in deltas:
+                if first and d.token_ids:
+                    self.phase(phase, time.monotonic() - t0)
+                    first = False
+                yield d
 
     async def _bounded(self, awaitable, attempt: str, deadline: float | None, role: str):
         """Awaits a call's result (or first item); after a failure (`deadline` set), gives up with a 503

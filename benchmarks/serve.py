@@ -55,12 +55,12 @@ def parse_topologies(value: str) -> tuple[str, ...]:
     return names
 
 
-def serve_config(args, topology: str):
+def serve_config(args, topology: str, streams: int | None = None):
     from rayinfer.actors.cluster import free_port
     from rayinfer.config import ServeConfig
 
     config = ServeConfig(model=args.model, dtype=args.dtype, port=free_port(), disaggregated=topology != "colocated",
-                         max_queue=max(256, 2 * args.requests))
+                         max_queue=max(256, 2 * (streams or args.requests)))
     return config.with_ep(decode=1) if topology == "colocated" else config
 
 

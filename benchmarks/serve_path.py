@@ -5,10 +5,13 @@ and (c) the default disaggregated topology, N concurrent streaming /v1/completio
 send the same prompts; it prints output tok/s and its ratio to the offline engine, TTFT and inter-token latency
 (ITL, the gap between consecutive SSE chunks carrying text, divided by the tokens they carry) percentiles, and
 CPU seconds per 1,000 output tokens for each process kind (Serve's HTTP proxy, the ingress replica, the rank
-replicas, the rest of Ray, and this process: the clients), read from /proc over the measured window only (warm-up excluded).
+replicas, the rest of Ray, and this process: the clients), read from /proc over the measured window only
+(warm-up excluded), and the stages before each choice's first decoded token (rayinfer_first_token_phase_seconds:
+the prefill call, the KV handoff, the first decode step). With --null-runner, a last row serves colocated ranks
+that sample at once without a model: the path's own ceiling.
 Run (timings: under the shared lock on a shared machine):
     flock /tmp/rayinfer-ray.lock python benchmarks/serve_path.py --model tiny --requests 64 --prompt-len 32 \
-        --output-len 128
+        --output-len 128 --null-runner
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import os
 import random
 import statistics
 import time
+from dataclasses import replace
 
 from _stream import stream_completion
 from serve import TOPOLOGIES, _offline_tps, describe, parse_topologies, serve_config
@@ -90,8 +94,37 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+PHASE = "rayinfer_first_token_phase_seconds"
+
+
+def phase_totals(url: str) -> dict[str, list[float]]:
+    """phase -> [seconds summed, choices] from the ingress's /metrics."""
+    import httpx
+
+    from rayinfer.report import parse_prometheus
+
+    out: dict[str, list[float]] = {}
+    for key, value in parse_prometheus(httpx.get(url + "/metrics", timeout=30).text).items():
+        for part, slot in (("_sum{", 0), ("_count{", 1)):
+            if key.startswith(PHASE + part):
+                phase = key.split('phase="', 1)[1].split('"', 1)[0]
+                out.setdefault(phase, [0.0, 0.0])[slot] = value
+    return out
+
+
+def phase_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean seconds per choice of each phase between two `phase_totals`."""
+    means = {}
+    for phase, (total, n) in after.items():
+        t0, n0 = before.get(phase, [0.0, 0.0])
+        if n > n0:
+            means[phase] = (total - t0) / (n - n0)
+    return means
+
+
 def measure(url: str, model: str, prompts: list[str], max_tokens: int) -> dict:
     asyncio.run(_clients(url, model, prompts[:2], 4))  # warm-up
+    phases = phase_totals(url)
     before = cpu_snapshot()
     t0 = time.perf_counter()
     results = asyncio.run(_clients(url, model, prompts, max_tokens))
@@ -99,6 +132,7 @@ def measure(url: str, model: str, prompts: list[str], max_tokens: int) -> dict:
     cpu = cpu_by_kind(before, cpu_snapshot())
     tokens = sum(r["tokens"] for r in results)
     return {"tps": tokens / wall, "tokens": tokens, "ttft": [r["ttft"] for r in results],
+            "phases": phase_means(phases, phase_totals(url)),
             "itl": [g for r in results for g in r["itl"]], "cpu_per_1k": {k: 1e3 * v / tokens for k, v in cpu.items()}}
 
 
@@ -110,6 +144,9 @@ def report(label: str, row: dict, offline_tps: float) -> None:
     print(f"  ITL  p50 {1e3 * statistics.median(itl):7.1f} ms  p90 {1e3 * _pct(itl, 0.9):7.1f} ms  "
           f"p99 {1e3 * _pct(itl, 0.99):7.1f} ms")
     print("  CPU s / 1k tokens: " + "  ".join(f"{k} {v:.3f}" for k, v in row["cpu_per_1k"].items()))
+    if row["phases"]:
+        print("  to the first decoded token, mean per choice: " + "  ".join(
+            f"{k} {1e3 * v:.1f} ms" for k, v in row["phases"].items()))
 
 
 def main(argv=None) -> None:
@@ -121,6 +158,11 @@ def main(argv=None) -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--topologies", type=parse_topologies, default=TOPOLOGIES,
                     help=f"comma-separated, run in this order: {','.join(TOPOLOGIES)} (default: both)")
+    ap.add_argument("--null-runner", action="store_true",
+                    help="also serve colocated with ranks that sample at once without a model: the path's ceiling")
+    ap.add_argument("--null-requests", type=int, default=256, help="concurrent streams of the null-runner row")
+    ap.add_argument("--null-output-len", type=int, default=1024,
+                    help="tokens per stream of the null-runner row (long: its streams' start-up does not dominate)")
     args = ap.parse_args(argv)
 
     from rayinfer.actors.server import start, stop
@@ -133,14 +175,23 @@ def main(argv=None) -> None:
     print(f"model={args.model}; {args.requests} concurrent streams, prompt {args.prompt_len} -> {args.output_len} "
           f"tokens, greedy, ignore_eos")
     print(f"offline engine (LLM.generate, this process): {offline_tps:.1f} output tok/s")
-    for topology in args.topologies:
-        config = serve_config(args, topology)
+    runs = [(t, False, prompts) for t in args.topologies]
+    if args.null_runner:
+        runs.append(("colocated", True, [prompts[i % len(prompts)] for i in range(args.null_requests)]))
+    for topology, null, batch in runs:
+        output_len = args.null_output_len if null else args.output_len
+        config = serve_config(args, topology, len(batch))
+        if null:
+            config = replace(config, null_runner=True, mixed=replace(config.mixed, max_num_seqs=len(batch)))
         url, started = start(config)
         try:
-            row = measure(url, config.model_name, prompts, args.output_len)
+            row = measure(url, config.model_name, batch, output_len)
         finally:
             stop(started)
-        report(f"served {topology} ({describe(config)})", row, offline_tps)
+        what = (f"null runner ({describe(config)}, {len(batch)} streams x {output_len} tokens, no model): the path's "
+                f"ceiling" if null
+                else f"served {topology} ({describe(config)})")
+        report(what, row, offline_tps)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ these into bytes and back; nested messages are packed positionally by field orde
 """
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -36,11 +37,14 @@ class SamplingParams:
     # OpenAI's logit_bias as sorted (token id, bias) pairs (a dict is accepted): added to the logits before sampling
     logit_bias: tuple[tuple[int, float], ...] = ()
     structured: tuple[str, str] | None = None  # (kind, text): ("json", schema or "" for any object), regex, choice, grammar
+    # vLLM's: logprobs of every prompt token (its own plus the top k; the first None), computed in the prefill
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         num = (int, float)
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise _err("max_tokens", self.max_tokens, "must be an integer >= 1")
+        # max_tokens 0 runs the prompt alone (for its prompt_logprobs, or to warm the prefix cache)
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
+            raise _err("max_tokens", self.max_tokens, "must be an integer >= 0")
         for name, lo, hi, lo_open in (("temperature", 0.0, math.inf, False), ("top_p", 0.0, 1.0, True),
                                       ("min_p", 0.0, 1.0, False), ("presence_penalty", -2.0, 2.0, False),
                                       ("frequency_penalty", -2.0, 2.0, False)):
@@ -66,9 +70,10 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", ids)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise _err("seed", self.seed, "must be an integer or None")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= 20):
-            raise _err("logprobs", self.logprobs, "must be None or an integer in [0, 20]")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
+                raise _err(name, k, "must be None or an integer in [0, 20]")
 
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
         try:
@@ -134,6 +139,7 @@ class Delta:
     finish_reason: str | None = None  # "stop" | "length" | "abort"; "handoff" leaves a prefill rank
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # in a request's first delta, when it asked
     # Speculative decoding, per draft position: drafts proposed and accepted in the steps this delta covers
     spec_draft_tokens: list[int] | None = None
     spec_accepted_tokens: list[int] | None = None
@@ -142,12 +148,14 @@ class Delta:
 def fold_delta(out, d: Delta) -> None:
     """Folds delta `d` into a result being accumulated (a merged `Delta`, the ingress's choice, an offline
     `RequestOutput`): tokens and text appended, logprobs too where `out` collects them (not None), the
-    cached-token count and finish reason taken."""
+    cached-token count, prompt logprobs and finish reason taken."""
     out.token_ids += d.token_ids
     out.text += d.text
     if d.logprobs is not None and out.logprobs is not None:
         out.logprobs += d.logprobs
     out.num_cached_tokens = d.num_cached_tokens
+    if d.prompt_logprobs is not None:
+        out.prompt_logprobs = d.prompt_logprobs
     if d.finish_reason:
         out.finish_reason = d.finish_reason
     if d.spec_draft_tokens is not None and hasattr(out, "spec_draft_tokens"):
@@ -172,6 +180,7 @@ class RequestOutput:
     time_to_first_token: float | None = None  # seconds from submission
     latency: float | None = None  # seconds from submission to finish
     error: str | None = None  # why the engine failed this request alone (then finish_reason is "error")
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # SamplingParams.prompt_logprobs: one per prompt token
     # With speculative decoding: per draft position, how many drafts were proposed and how many the target accepted
     spec_draft_tokens: list[int] | None = None
     spec_accepted_tokens: list[int] | None = None
@@ -189,16 +198,23 @@ def _to_plain(obj):
     return obj
 
 
-def _from_plain(cls, data):
+@functools.cache
+def _layout(cls) -> tuple:
+    """(field name, nested message class or None, whether a list becomes a tuple) per field of `cls`, in order:
+    resolved once per class, since type hints are slow to evaluate and deltas unpack per token."""
     hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name] if hasattr(hints[f.name], "__dataclass_fields__") else None,
+                  typing.get_origin(hints[f.name]) is tuple) for f in fields(cls))
+
+
+def _from_plain(cls, data):
     kwargs = {}
-    for f, value in zip(fields(cls), data):
-        t = hints[f.name]
-        if hasattr(t, "__dataclass_fields__") and value is not None:
-            value = _from_plain(t, value)
-        elif isinstance(value, list) and typing.get_origin(t) is tuple:
+    for (name, nested, as_tuple), value in zip(_layout(cls), data):
+        if nested is not None and value is not None:
+            value = _from_plain(nested, value)
+        elif as_tuple and isinstance(value, list):
             value = tuple(value)
-        kwargs[f.name] = value
+        kwargs[name] = value
     return cls(**kwargs)
 
 
@@ -208,3 +224,8 @@ def pack(obj) -> bytes:
 
 def unpack(data: bytes, cls):
     return _from_plain(cls, msgpack.unpackb(data, raw=False, strict_map_key=False))
+
+
+def unpack_list(data: bytes, cls) -> list:
+    """The objects of a `pack`ed list of `cls` (one message carrying many, e.g. a step's deltas)."""
+    return [_from_plain(cls, x) for x in msgpack.unpackb(data, raw=False, strict_map_key=False)]

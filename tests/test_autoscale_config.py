@@ -59,3 +59,19 @@ def test_section_must_be_a_mapping():
 def test_max_ranks_counts_autoscaled_roles_at_their_max():
     cfg = _cfg(min_gangs=1, max_gangs=3)
     assert (cfg.num_ranks, cfg.max_ranks) == (2 + 4 * 2, 2 + 4 * 3)  # prefill: 1 gang of 2; decode: gangs of 4
+
+
+def test_rank_threads_follow_the_cpu_share_and_the_cores_left_over(monkeypatch):
+    from rayinfer.actors import deployments
+
+    monkeypatch.setattr(deployments.os, "cpu_count", lambda: 8)
+    spare = 8 - deployments.SERVING_CORES
+    assert deployments.rank_threads(0.5, 1, gpu=False) == spare  # a lone CPU rank uses the cores left over
+    assert deployments.rank_threads(0.5, 2, gpu=False) == spare // 2 and deployments.rank_threads(0.5, 16, False) == 1
+    assert deployments.rank_threads(3.0, 4, gpu=False) == 3  # never below its share
+    assert deployments.rank_threads(1.0, 1, gpu=True) == 1  # a GPU rank's threads only feed its device
+    app = deployments.build_app(ServeConfig(disaggregated=False).with_ep(decode=1))
+    mixed = app._bound_deployment.init_kwargs["mixed"]._bound_deployment
+    assert mixed.init_args[2] == spare  # RankReplica(config, role, threads, ...)
+    monkeypatch.setattr(deployments.os, "cpu_count", lambda: 2)
+    assert deployments.rank_threads(0.5, 1, gpu=False) == 1  # nothing to spare beside the serving path

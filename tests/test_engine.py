@@ -163,9 +163,10 @@ def test_streamed_text_never_leaks_a_stop_string(llm):
 
 
 @pytest.mark.parametrize("kw,name", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-                                     (dict(top_k=-5), "top_k"), (dict(max_tokens=0), "max_tokens"),
+                                     (dict(top_k=-5), "top_k"), (dict(max_tokens=-1), "max_tokens"),
                                      (dict(min_p=2), "min_p"), (dict(presence_penalty=3), "presence_penalty"),
                                      (dict(stop=[""]), "stop"), (dict(logprobs=99), "logprobs"),
+                                     (dict(prompt_logprobs=21), "prompt_logprobs"),
                                      (dict(seed="x"), "seed"), (dict(stop_token_ids=[-1]), "stop_token_ids")])
 def test_invalid_sampling_params_name_the_parameter(kw, name):
     with pytest.raises(ValueError, match=f"SamplingParams.{name}="):
@@ -211,3 +212,46 @@ def test_handoff_between_engines_decodes_like_one_engine(alone):
     assert [got[str(i)] for i in range(len(prompts))] == alone[:12]
     assert decode.counters["kv_imported_tokens"] + decode.counters["prefill_tokens_computed"] >= sum(map(len, prompts))
     assert decode.counters["kv_imported_tokens"] > 0 and decode.block_manager.num_allocated_blocks() == 0
+
+
+def test_outbox_carries_one_batch_per_step_for_all_its_requests(llm):
+    """Requests submitted into one Outbox (a rank's channel to one ingress replica) come out as batches, each with
+    what the steps since the last take made for all of them: every token of every request in order, each request's
+    end completing its future; a request the engine refuses fails its future alone and puts nothing in them."""
+    from rayinfer.engine.async_engine import Outbox
+
+    base = llm.generate(["ab", "cde", "f"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+
+    async def run():
+        engine, box = AsyncEngine(llm.engine), Outbox()
+        ids = [llm.tokenizer.encode(p) for p in ("ab", "cde", "f")]
+        done = [engine.submit(EngineRequest(f"o{i}", x, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)),
+                              box) for i, x in enumerate(ids)]
+        bad = engine.submit(EngineRequest("bad", [10**6], SamplingParams()), box)
+        batches = []
+        while not all(d.done() for d in done) or not batches or box._items:
+            batches.append(await box.take(5.0))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await bad
+        await asyncio.gather(*done)
+        engine.shutdown()
+        return batches
+
+    batches = [b for b in asyncio.run(run()) if b]
+    assert len(batches) < sum(len(b) for b in batches) and max(len({d.request_id for d in b}) for b in batches) == 3
+    for i, want in enumerate(base):
+        mine = [d for b in batches for d in b if d.request_id == f"o{i}"]
+        assert [t for d in mine for t in d.token_ids] == want.token_ids and mine[-1].finish_reason == "length"
+    assert not any(d.request_id == "bad" for b in batches for d in b)
+
+
+def test_null_runner_samples_printable_text_without_the_model_and_only_alone():
+    from rayinfer.config import ConfigError
+
+    out = LLM("tiny", null_runner=True).generate(["hi", "there"], SamplingParams(max_tokens=12, ignore_eos=True),
+                                                 use_tqdm=False)
+    assert [len(o.token_ids) for o in out] == [12, 12] and all(o.finish_reason == "length" for o in out)
+    assert all(len(o.text) == 12 and o.text.isprintable() for o in out)
+    with pytest.raises(ConfigError, match="null_runner"):
+        LLM("tiny", null_runner=True, ep_size=2)

@@ -121,9 +121,15 @@ BAD = {
     "stream-options-unknown": ("chat", _chat(stream=True, stream_options={"chunk": 1}), 400,
                                "invalid_request_error", "stream_options.chunk", ["unknown"]),
     "ignore-eos-int": ("completion", _cmpl(ignore_eos=1), 400, "invalid_request_error", "ignore_eos", ["1"]),
-    "echo": ("completion", _cmpl(echo=True), 400, "invalid_request_error", "echo", ["not supported"]),
+    "echo-int": ("completion", _cmpl(echo=1), 400, "invalid_request_error", "echo", ["1", "true or false"]),
+    "max-tokens-0-no-echo": ("completion", _cmpl(max_tokens=0), 400, "invalid_request_error", "max_tokens",
+                             ["0", ">= 1"]),
+    "prompt-logprobs-high": ("completion", _cmpl(prompt_logprobs=21), 400, "invalid_request_error",
+                             "prompt_logprobs", ["21", "[0, 20]"]),
     "best-of": ("completion", _cmpl(best_of=3), 400, "invalid_request_error", "best_of", ["3", "not supported"]),
-    "suffix": ("completion", _cmpl(suffix="}"), 400, "invalid_request_error", "suffix", ["not supported"]),
+    "suffix-no-fim-tokens": ("completion", _cmpl(suffix="}"), 400, "invalid_request_error", "suffix",
+                             ["fill-in-the-middle", "<｜fim▁hole｜>", "lacks"]),
+    "suffix-int": ("completion", _cmpl(suffix=5), 400, "invalid_request_error", "suffix", ["5", "string"]),
     "tool-choice-bad": ("chat", _chat(tools=[_F], tool_choice="always"), 400, "invalid_request_error",
                         "tool_choice", ["always", "required"]),
     "tool-choice-unknown-name": ("chat", _chat(tools=[_F], tool_choice={"type": "function", "function": {"name": "g"}}),
@@ -174,17 +180,25 @@ BAD = {
                         ["[-100, 100]"]),
     # DeepSeek / vLLM fields not served yet: each a 400 naming the field (README's endpoint list)
     "guided-json": ("chat", _chat(guided_json={}), 400, "invalid_request_error", "guided_json", ["Unrecognized"]),
-    "prompt-logprobs": ("completion", _cmpl(prompt_logprobs=1), 400, "invalid_request_error", "prompt_logprobs",
-                        ["Unrecognized"]),
+    "chat-prompt-logprobs-stream": ("chat", _chat(prompt_logprobs=1, stream=True), 400, "invalid_request_error",
+                                    "prompt_logprobs", ["not available", "stream"]),
     "chat-template-kwargs-list": ("chat", _chat(chat_template_kwargs=["thinking"]), 400, "invalid_request_error",
                                   "chat_template_kwargs", ["thinking", "object"]),
     "chat-template-kwargs-nested": ("chat", _chat(chat_template_kwargs={"thinking": {"a": 1}}), 400,
                                     "invalid_request_error", "chat_template_kwargs.thinking", ["boolean"]),
     "reasoning-effort": ("chat", _chat(reasoning_effort="low"), 400, "invalid_request_error", "reasoning_effort",
                          ["Unrecognized"]),
-    "chat-prefix": ("chat", _chat(messages=[{"role": "user", "content": "hi"},
-                                            {"role": "assistant", "content": "x", "prefix": True}]), 400,
-                    "invalid_request_error", "messages[1].prefix", ["not supported"]),
+    "chat-prefix-not-last": ("chat", _chat(messages=[{"role": "assistant", "content": "x", "prefix": True},
+                                                     {"role": "user", "content": "hi"}]), 400,
+                             "invalid_request_error", "messages[0].prefix", ["only the last message"]),
+    "chat-prefix-user": ("chat", _chat(messages=[{"role": "user", "content": "hi", "prefix": True}]), 400,
+                         "invalid_request_error", "messages[0].prefix", ["an assistant's"]),
+    "chat-prefix-empty": ("chat", _chat(messages=[{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": "", "prefix": True}]), 400,
+                          "invalid_request_error", "messages[1].content", ["non-empty"]),
+    "chat-prefix-str": ("chat", _chat(messages=[{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "x", "prefix": "yes"}]), 400,
+                        "invalid_request_error", "messages[1].prefix", ["true or false"]),
     "unknown-field": ("chat", _chat(frobnicate=1), 400, "invalid_request_error", "frobnicate",
                       ["Unrecognized request argument supplied: frobnicate"]),
     "chat-field-in-cmpl": ("completion", _cmpl(messages=[]), 400, "invalid_request_error", "messages",
@@ -560,3 +574,38 @@ def test_structured_output_without_xgrammar_is_a_clear_400(info, monkeypatch):
     with pytest.raises(APIError) as e:
         parse_chat_request(_chat(response_format={"type": "json_object"}), info)
     assert e.value.status == 400 and "rayinfer[structured]" in str(e.value.to_dict()["error"]["message"])
+
+
+def test_echo_and_prompt_logprobs_shapes(info, tok):
+    """echo + logprobs 1 + vLLM's prompt_logprobs 2: the prompt's text and tokens lead the choice (first logprob
+    null, as OpenAI returns it: the client's types are built without validation, so they carry the null), cut to 1
+    alternative there and 2 in prompt_logprobs; streamed, they ride on the first chunk only."""
+    from rayinfer.messages import Delta, fold_delta
+
+    spec = parse_completion_request(_cmpl(prompt="hi", max_tokens=2, logprobs=1, echo=True, prompt_logprobs=2), info)
+    assert spec.echo and spec.params.prompt_logprobs == 2 and spec.params.logprobs == 1
+    ids = spec.prompts[0][1]  # BOS h i
+    plp = [None] + [{t: -3.0, 7: -1.0, 8: -2.0} for t in ids[1:]]  # own token + the engine's top 2
+    first = Delta("r", [5 + 33], "!", [{5 + 33: -0.1, 9: -0.2}], None, len(ids), 0, plp)
+    last = Delta("r", [5 + 63], "?", [{5 + 63: -0.3}], "length", len(ids), 0)
+    c = spec.choice(0)
+    fold_delta(c, first)
+    chunk1 = proto.completion_delta_chunk("cmpl", 1, "tiny", c, first, 0, tok)["choices"][0]
+    fold_delta(c, last)
+    chunk2 = proto.completion_delta_chunk("cmpl", 1, "tiny", c, last, 1, tok)["choices"][0]
+    whole = completion_response("cmpl", 1, "tiny", [c], usage_for([c]), tok)["choices"][0]
+    assert whole["text"] == "hi!?" and chunk1["text"] + chunk2["text"] == "hi!?"
+    lp = whole["logprobs"]
+    assert lp["tokens"] == ["<｜begin▁of▁sentence｜>", "h", "i", "!", "?"] and lp["text_offset"] == [0, 0, 1, 2, 3]
+    assert lp["token_logprobs"] == [None, -3.0, -3.0, -0.1, -0.3] and lp["top_logprobs"][0] is None
+    assert lp["top_logprobs"][1] == {"h": -3.0, "\x02": -1.0}  # the prompt token plus the best 1
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert chunk1["logprobs"][key] + chunk2["logprobs"][key] == lp[key]
+    vllm = whole["prompt_logprobs"]
+    assert vllm[0] is None and vllm[1] == {"7": {"logprob": -1.0, "rank": 1, "decoded_token": "\x02"},
+                                           "8": {"logprob": -2.0, "rank": 2, "decoded_token": "\x03"},
+                                           str(ids[1]): {"logprob": -3.0, "rank": None, "decoded_token": "h"}}
+    assert chunk1["prompt_logprobs"] == vllm and "prompt_logprobs" not in chunk2
+    only = parse_completion_request(_cmpl(prompt=[5, 6], max_tokens=0, echo=True), info)
+    assert only.params.max_tokens == 0 and only.params.prompt_logprobs is None  # no logprobs asked: none computed
+    assert only.choice(0).prompt.text == tok.decode([5, 6])

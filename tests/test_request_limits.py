@@ -1,5 +1,5 @@
 """The bounds a request meets at the ingress before any rank sees it (rayinfer.openai.limits): every token id it
-sends inside the vocabulary, its lists (prompts, choices, stop strings and ids) within `RequestLimits`, counted
+sends inside the vocabulary, its lists (prompts, choices, stop strings and ids, prompt tokens returned with logprobs) within `RequestLimits`, counted
 before any prompt is tokenized; and admission by choices and tokens, not by HTTP requests."""
 import time
 
@@ -17,7 +17,7 @@ VOCAB = 320
 def info() -> ModelInfo:
     return ModelInfo("tiny", 4096, VOCAB, load_tokenizer(resolve_model_path("tiny")),
                      limits=RequestLimits(max_prompts_per_request=8, max_choices_per_request=12,
-                                          max_stop_strings=3, max_stop_token_ids=5))
+                                          max_stop_strings=3, max_stop_token_ids=5, max_prompt_logprob_tokens=20))
 
 
 def _refused(parse, body, info, param: str, *words: str) -> APIError:
@@ -46,6 +46,12 @@ def test_list_sizes_are_bounded_by_the_limits(info):
     _refused(parse_completion_request, dict(base, prompt=[[5, 6]] * 4, n=4), info, "n", "16 choices", "at most 12")
     _refused(parse_chat_request, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 13},
              info, "n", "at most 12")
+    # prompt logprobs: returned per prompt token and choice (echo with logprobs, or prompt_logprobs)
+    _refused(parse_completion_request, dict(base, prompt=[[5] * 6] * 2, n=2, echo=True, logprobs=0), info, "echo",
+             "24 prompt tokens", "at most 20", "max_prompt_logprob_tokens")
+    _refused(parse_completion_request, dict(base, prompt=[5] * 21, prompt_logprobs=1), info, "prompt_logprobs",
+             "at most 20")
+    assert parse_completion_request(dict(base, prompt=[5] * 21, echo=True), info).params.prompt_logprobs is None
     spec = parse_completion_request(dict(base, prompt=[[5, 6]] * 4, n=3, stop=["a", "b", "c"],
                                          stop_token_ids=[0, 319, 1, 2, 3]), info)
     assert len(spec.prompts) * spec.n == 12 and spec.params.stop_token_ids == (0, 319, 1, 2, 3)

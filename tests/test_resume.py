@@ -53,15 +53,38 @@ class Call:
                 raise self.error
             await asyncio.sleep(0)
             yield item
+        if self.fail_after is not None and self.fail_after >= len(self.items):
+            raise self.error
+
+
+class Channel:
+    """A rank replica's channel to the ingress: the packed delta lists its calls put, then the error that ended it."""
+
+    def __init__(self, box: asyncio.Queue):
+        self.box = box
+
+    def cancel(self):
+        pass
+
+    async def __aiter__(self):
+        while True:
+            item = await self.box.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 class Role:
     """A role's handle: each call goes to the next replica in `replicas` (gang id, replica id) and does what
     `plan` says for that call number: "ok", "fail" (after a token), "refuse", "blame" (the rank fails this request
-    alone, after a token), "migrate", "stuck"."""
+    alone, after a token), "migrate", "stuck". A `run` call yields the replica's id and ends with the request;
+    its deltas go on that replica's `channel`, as RankReplica's do (or, with `via_channel` false, on the call)."""
+
+    via_channel = True
 
     def __init__(self, role, replicas, plan):
         self.role, self.replicas, self.plan, self.calls = role, replicas, list(plan), []
+        self.boxes: dict[str, asyncio.Queue] = {}
         for gang, rid in replicas:
             HEALTH.saw(role, rid, gang)
 
@@ -77,6 +100,8 @@ class Role:
         return Method()
 
     def call(self, method, args, cost):
+        if method == "channel":  # pinned to the replica in `cost`, as the routers pin it
+            return Channel(self.boxes.setdefault(cost["replica"], asyncio.Queue()))
         what = self.plan.pop(0) if self.plan else "ok"
         usable = [rid for _, rid in self.replicas if HEALTH.usable(rid)]
         self.calls.append((method, what, usable[0] if usable else None))
@@ -96,14 +121,36 @@ class Role:
                 return Call(error=RuntimeError("The actor died unexpectedly"))
             first = Delta(req.request_id, [token(0)], text="t0 ", finish_reason="handoff", num_prompt_tokens=3)
             return Call(result=(pack(first), KVHandoff([], 3, 0.0, "g/0", None)))
-        items = [pack(Delta(req.request_id, [token(p)], text=f"t{p} ", num_prompt_tokens=3,
-                            finish_reason="length" if p == MAX - 1 else None)) for p in range(start, MAX)]
+        assert method == "run"
+        items = [Delta(req.request_id, [token(p)], text=f"t{p} ", num_prompt_tokens=3,
+                       finish_reason="length" if p == MAX - 1 else None) for p in range(start, MAX)]
         if what == "migrate":
-            items = items[:1] + [pack(Delta(req.request_id, [], finish_reason="migrate"))]
-        if what == "blame":
-            return Call(items=items, fail_after=1, error=RequestFailed("request 'r-0' failed in sampling: IndexError"))
-        return Call(items=items, fail_after=2 if what == "fail" else None,
-                    error=RuntimeError("ActorDiedError: the actor died unexpectedly") if what == "fail" else None)
+            items = items[:1] + [Delta(req.request_id, [], finish_reason="migrate")]
+        died = RuntimeError("ActorDiedError: the actor died unexpectedly")
+        blamed = RequestFailed("request 'r-0' failed in sampling: IndexError")
+        if not self.via_channel:  # the rank streams the deltas on the call itself
+            packed = [pack(d) for d in items]
+            if what == "blame":
+                return Call(items=packed, fail_after=1, error=blamed)
+            return Call(items=packed, fail_after=2 if what == "fail" else None, error=died if what == "fail" else None)
+        box = self.boxes.setdefault(usable[0], asyncio.Queue())
+        if what == "blame":  # the rank goes on; only this request's call fails
+            box.put_nowait(pack(items[:1]))
+            return Call(items=[usable[0]], fail_after=1, error=blamed)
+        if what == "fail":  # the rank dies: its channel and its calls fail
+            for d in items[:2]:
+                box.put_nowait(pack([d]))
+            box.put_nowait(died)
+            return Call(items=[usable[0]], fail_after=1, error=died)
+        box.put_nowait(pack(items))  # one batch: the consumer takes them as they come
+        return Call(items=[usable[0]])
+
+
+@pytest.fixture(autouse=True, params=["channel", "per-call"])
+def delta_path(request, monkeypatch):
+    """Every test both ways a rank can send a choice's deltas: on the ingress's channel, or on the choice's call."""
+    monkeypatch.setattr(Role, "via_channel", request.param == "channel")
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -142,6 +189,7 @@ def test_decode_failure_resumes_on_the_other_gang_from_the_emitted_tokens():
     assert decode.calls[-1][2] == "b0" and not HEALTH.usable("a0") and not HEALTH.usable("a1")
     assert HEALTH.usable("b1") and HEALTH.available("decode")
     assert req.output_token_ids == expected() and req.emitted_chars == len("".join(f"t{p} " for p in range(MAX)))
+    assert not runner.channels.queues and not runner.channels.replica_of  # each attempt let go of its queue
 
 
 def test_prefill_failure_goes_to_a_decode_rank_that_prefills():
@@ -150,7 +198,7 @@ def test_prefill_failure_goes_to_a_decode_rank_that_prefills():
     runner = ChoiceRunner(prefill, decode, deadline_s=5)
     check_whole(run(runner, request()))
     assert not HEALTH.available("prefill")  # its only gang is down: later choices start on decode ranks
-    assert [c[0] for c in prefill.calls] == ["prefill"] and [c[0] for c in decode.calls] == ["decode"]
+    assert [c[0] for c in prefill.calls] == ["prefill"] and [c[0] for c in decode.calls] == ["run"]
     check_whole(run(runner, EngineRequest("r-1", PROMPT, request().params)))
     assert len(prefill.calls) == 1
 
@@ -200,7 +248,7 @@ def test_a_request_the_rank_failed_alone_is_a_500_and_not_resumed():
     with pytest.raises(APIError) as e:
         run(runner, request())
     assert e.value.status == 500 and "failed in sampling" in e.value.message and "not retried" in e.value.message
-    assert [c[0] for c in decode.calls] == ["accept_kv", "decode"] and runner.resumed == 0
+    assert [c[0] for c in decode.calls] == ["accept_kv", "run"] and runner.resumed == 0
     assert HEALTH.usable("a0") and HEALTH.usable("b0")  # the rank blamed the request, not itself
 
 

@@ -154,6 +154,65 @@ def test_named_tool_choice_returns_arguments_that_match_the_schema(server):
     Args.model_validate_json(got.message.tool_calls[0].function.arguments)
 
 
+def test_echo_logprobs_equal_the_offline_prompt_logprobs(server, offline):
+    """echo + logprobs (max_tokens 0 and 3, streamed and not) and vLLM's prompt_logprobs: the prefill rank computes
+    every prompt position (a cached prefix too) and its values are the offline engine's within 1e-4 (fp32)."""
+    url, _ = server
+    client = _client(url)
+    prompt = "Score this sentence token by token, please: the quick brown fox jumps over the lazy dog. " * 2
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=1)  # its pages are now in the prefix cache
+    want = offline.generate([prompt], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1),
+                            use_tqdm=False)[0]
+    ids = want.prompt_token_ids
+    ref = [e[t] for e, t in zip(want.prompt_logprobs[1:], ids[1:])]
+
+    def close(got):
+        assert got[0] is None and len(got) == len(ids) and max(abs(a - b) for a, b in zip(got[1:], ref)) < 1e-4
+
+    for max_tokens in (0, 3):
+        c = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, echo=True,
+                                      logprobs=1)
+        ch = c.choices[0]
+        assert ch.text == prompt + want.text[:len(ch.text) - len(prompt)] and c.usage.completion_tokens == max_tokens
+        assert len(ch.logprobs.tokens) == len(ids) + max_tokens and ch.logprobs.top_logprobs[0] is None
+        close(ch.logprobs.token_logprobs[:len(ids)])
+    assert ch.text == prompt + want.text
+    chunks = [x.choices[0] for x in client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0,
+                                                              echo=True, logprobs=1, stream=True)]
+    assert "".join(x.text for x in chunks) == ch.text
+    assert sum((x.logprobs.token_logprobs for x in chunks), []) == ch.logprobs.token_logprobs
+    c = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    close([e and e[str(t)]["logprob"] for e, t in zip(c.choices[0].model_extra["prompt_logprobs"], ids)])
+    messages = [{"role": "user", "content": prompt}]  # chat: vLLM returns them beside the choices
+    ids = offline.tokenizer.encode(offline.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    want = offline.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    ref = [e[t] for e, t in zip(want.prompt_logprobs[1:], ids[1:])]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    close([e and e[str(t)]["logprob"] for e, t in zip(r.model_extra["prompt_logprobs"], ids)])
+
+
+def test_chat_prefix_completion_continues_the_text_and_fim_needs_fim_tokens(server, offline):
+    """DeepSeek's prefix completion: the reply continues the assistant text (the rendered turn left open), as the
+    offline engine continues that prompt, streamed and not. `suffix` on tiny (no FIM tokens): a 400 naming them."""
+    url, _ = server
+    client = _client(url)
+    ask = [{"role": "user", "content": "Write a loop"}]
+    tok = offline.tokenizer
+    ids = tok.encode(tok.apply_chat_template(ask + [{"role": "assistant", "content": "for i in"}],
+                                             add_generation_prompt=False).removesuffix("<｜end▁of▁sentence｜>"),
+                     add_special_tokens=False)
+    want = offline.generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    kw = dict(model="tiny", messages=ask + [{"role": "assistant", "content": "for i in", "prefix": True}],
+              max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    got = client.chat.completions.create(**kw)
+    assert got.choices[0].message.content == want.text and got.usage.prompt_tokens == len(ids)
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                   if c.choices) == want.text
+    with pytest.raises(openai.BadRequestError, match="FIM tokens") as e:
+        client.completions.create(model="tiny", prompt="def f(", suffix="):\n    pass", max_tokens=4)
+    assert e.value.param == "suffix"
+
+
 def test_64_concurrent_streams_match_offline(server, offline):
     url, _ = server
     want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)]
@@ -240,7 +299,7 @@ HOSTILE = [  # (raw body or JSON-able object, path, status, fragment of the mess
     ({"model": "tiny", "prompt": "x", "seed": "abc"}, "completions", 400, "seed"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "completions", 400, "stream"),
     ({"model": "tiny", "prompt": "x", "frobnicate": 1}, "completions", 400, "frobnicate"),
-    ({"model": "tiny", "prompt": "x", "echo": True}, "completions", 400, "echo"),
+    ({"model": "tiny", "prompt": "x", "suffix": "y"}, "completions", 400, "FIM tokens"),
     ({"model": "tiny", "messages": []}, "chat/completions", 400, "messages"),
     ({"model": "tiny", "messages": "hello"}, "chat/completions", 400, "messages"),
     ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "chat/completions", 400, "role"),

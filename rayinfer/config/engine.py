@@ -106,6 +106,9 @@ class ParallelConfig:
         _positive_int("eplb_window_steps", self.eplb_window_steps)
 
 
+_TOP_OPTIONS = ("dtype", "device", "seed", "enforce_eager", "null_runner")  # EngineConfig's own, not a section's
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """MTP speculative decoding: `num_speculative_tokens` drafts per decode step from the checkpoint's MTP module
@@ -129,6 +132,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     enforce_eager: bool = False  # never replay decode steps from CUDA graphs (vLLM's --enforce-eager)
+    null_runner: bool = False  # steps sample at once, no forward: the serving path's own ceiling (benchmarks)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -139,6 +143,9 @@ class EngineConfig:
         check_field(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {', '.join(_DTYPES)}")
         check_field(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
         check_field(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager, "must be true or false")
+        check_field(isinstance(self.null_runner, bool), "null_runner", self.null_runner, "must be true or false")
+        check_field(not (self.null_runner and self.parallel.ep_size > 1), "null_runner", self.null_runner,
+                    "runs single-rank engines only (a gang's ranks must run their collectives)")
 
     @staticmethod
     def from_options(model: str, **options) -> "EngineConfig":
@@ -160,10 +167,10 @@ class EngineConfig:
                     kw[target] = value
                     break
             else:
-                if key in ("dtype", "device", "seed", "enforce_eager"):
+                if key in _TOP_OPTIONS:
                     top[key] = value
                 else:
-                    valid = sorted(["dtype", "device", "seed", "enforce_eager", "scheduler_mode"] + [
+                    valid = sorted([*_TOP_OPTIONS, "scheduler_mode"] + [
                         f.name for cls, _ in groups.values() for f in fields(cls) if f.name != "mode"])
                     raise ConfigError(f"unknown engine option {key!r}; valid options: {', '.join(valid)}")
         return EngineConfig(model=model, **top, **{name: cls(**kw) for name, (cls, kw) in groups.items()})

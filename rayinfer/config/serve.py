@@ -117,6 +117,7 @@ class ServeConfig:
     max_stop_strings: int = 4
     max_stop_token_ids: int = 64
     max_tools: int = 128  # a chat request's tools (OpenAI's bound)
+    max_prompt_logprob_tokens: int = 2**17  # prompt tokens x n a completions request returns logprobs for (echo)
     max_resumes: int = 8  # a choice continued elsewhere at most this often (drains and rank failures together)
     quarantine_after: int = 2  # rank failures while serving one choice before it is refused (500), not resumed
     reasoning_parser: str | None = None  # "deepseek_r1" | "none"; default: from the checkpoint's chat template
@@ -129,13 +130,15 @@ class ServeConfig:
     cpus_per_rank: float | None = None  # default: 0.5 on CPU machines, 1 per GPU rank
     seed: int = 0
     enforce_eager: bool = False  # decode ranks never replay CUDA graphs
+    null_runner: bool = False  # ranks sample at once without a model: the serving path's ceiling (benchmarks)
     disk_cache_dir: str | None = None  # the on-disk KV tier, shared by every rank (all nodes must mount it)
     disk_cache_bytes: int | None = None  # the tier's budget; default: the engine's
 
     def __post_init__(self):
         check_field(isinstance(self.port, int) and 0 < self.port < 65536, "port", self.port, "must be in 1..65535")
         for name in ("max_queue", "max_queue_tokens", "max_prompts_per_request", "max_choices_per_request",
-                     "max_stop_strings", "max_stop_token_ids", "max_tools", "max_resumes", "quarantine_after"):
+                     "max_stop_strings", "max_stop_token_ids", "max_tools", "max_prompt_logprob_tokens", "max_resumes",
+                     "quarantine_after"):
             v = getattr(self, name)
             check_field(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
         check_field(self.reasoning_parser in (None, "none", "deepseek_r1"), "reasoning_parser",
@@ -167,7 +170,7 @@ class ServeConfig:
         options = {"kv_cache_memory": self.kv_cache_memory, **r.engine_options()}
         return EngineConfig.from_options(
             self.model, dtype=self.dtype, device=self.device, seed=self.seed, enforce_eager=self.enforce_eager,
-            ep_size=r.ep_size, scheduler_mode=role, **options, disk_cache_dir=self.disk_cache_dir,
+            null_runner=self.null_runner, ep_size=r.ep_size, scheduler_mode=role, **options, disk_cache_dir=self.disk_cache_dir,
             disk_cache_bytes=self.disk_cache_bytes, collective_timeout_s=self.collective_timeout_s)
 
     @property

@@ -11,6 +11,10 @@ its doorbell until a rank that receives work rings it. A failed collective (a pe
 rank's process group: every open stream gets the error and the loop stops, so the health check
 can have the gang restarted. A request the engine failed alone (`Engine.take_failures`) gets its
 `RequestFailed`; the loop goes on.
+
+Deltas leave the loop thread through sinks: a stream's own queue (`stream`, one thread hop per delta), or an
+`Outbox` that many requests share (`submit`): the deltas a step makes for all of them are taken as one batch
+by one coroutine, so a rank replica sends an ingress one message per step, not one per token per request.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ class AsyncEngine:
         self.on_step = on_step
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, object] = {}  # request id -> its sink (`_QueueSink` or `Outbox`)
+        self._touched: set = set()  # sinks given deltas since they were last flushed
         self._stopped = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="rayinfer-engine", daemon=True)
@@ -42,7 +47,7 @@ class AsyncEngine:
     async def stream(self, request: EngineRequest, kv=None) -> AsyncIterator[Delta]:
         """Deltas of `request` as steps produce them; `kv`: latents handed off by a prefill rank."""
         q: asyncio.Queue = asyncio.Queue()
-        self._submit(("add", request, asyncio.get_running_loop(), q, kv))
+        self._submit(("add", request, _QueueSink(asyncio.get_running_loop(), q), kv))
         del kv  # the engine keeps it until the request is admitted; this frame lives as long as the stream
         finished, pending = False, None
         try:
@@ -51,7 +56,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                item, pending = _coalesce(item, q)
+                item, pending = coalesce(item, q)
                 finished = item.finish_reason is not None
                 yield item
                 if finished:
@@ -59,6 +64,13 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._submit(("abort", request.request_id))
+
+    def submit(self, request: EngineRequest, outbox: "Outbox", kv=None) -> asyncio.Future:
+        """Adds `request`, its deltas going to `outbox`; -> a future of this loop that is done when the request
+        ends (its error, if it failed). Whoever gives up on it first must `abort` it."""
+        done = outbox.expect(request.request_id)
+        self._submit(("add", request, outbox, kv))
+        return done
 
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
@@ -70,7 +82,8 @@ class AsyncEngine:
 
     def _submit(self, cmd) -> None:
         if self._stopped and cmd[0] == "add":  # a dead loop would never answer
-            cmd[2].call_soon_threadsafe(cmd[3].put_nowait, RuntimeError(f"engine is down: {self.error!r}"))
+            cmd[2].put(cmd[1].request_id, RuntimeError(f"engine is down: {self.error!r}"))
+            cmd[2].flush()
             return
         self._commands.put(cmd)
         self._wake.set()
@@ -78,12 +91,17 @@ class AsyncEngine:
             self.gang.ring()
 
     def _deliver(self, rid: str, item) -> None:
-        target = self._streams.get(rid)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+        sink = self._streams.get(rid)
+        if sink is not None:
+            sink.put(rid, item)
+            self._touched.add(sink)
             if isinstance(item, BaseException) or item.finish_reason is not None:
                 del self._streams[rid]
+
+    def _flush(self) -> None:
+        for sink in self._touched:
+            sink.flush()
+        self._touched.clear()
 
     def _drain(self) -> None:
         handled = False
@@ -91,13 +109,14 @@ class AsyncEngine:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
+                self._flush()
                 if handled and self.on_step is not None:
                     self.on_step()  # aborts and admissions change what the published stats say
                 return
             handled = True
             if cmd[0] == "add":
-                _, req, loop, q, kv = cmd
-                self._streams[req.request_id] = (loop, q)
+                _, req, sink, kv = cmd
+                self._streams[req.request_id] = sink
                 try:
                     self.engine.add_request(req, kv)
                 except Exception as e:  # a bad request fails alone; the loop goes on
@@ -128,6 +147,7 @@ class AsyncEngine:
                 self._deliver(d.request_id, d)
             for rid, err in self.engine.take_failures().items():  # failed alone: the others step on
                 self._deliver(rid, err)
+            self._flush()
             if self.on_step is not None:
                 self.on_step()
 
@@ -145,6 +165,7 @@ class AsyncEngine:
         for rid in list(self._streams):
             self.engine.abort(rid)
             self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
+        self._flush()
         # Requests submitted after the failure must not wait for a loop that is gone.
         if self.gang is not None:
             self._stopped = True
@@ -154,7 +175,8 @@ class AsyncEngine:
                 except queue.Empty:
                     break
                 if cmd[0] == "add":
-                    cmd[2].call_soon_threadsafe(cmd[3].put_nowait, RuntimeError(f"rank is down: {e!r}"))
+                    cmd[2].put(cmd[1].request_id, RuntimeError(f"rank is down: {e!r}"))
+                    cmd[2].flush()
 
     @property
     def native_id(self) -> int | None:
@@ -166,7 +188,77 @@ class AsyncEngine:
         return self._thread.is_alive() and self.error is None
 
 
-def _coalesce(delta: Delta, q: asyncio.Queue) -> tuple[Delta, object]:
+class _QueueSink:
+    """One stream's sink: each delta crosses to the stream's event loop as it comes."""
+    __slots__ = ("loop", "q")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
+        self.loop, self.q = loop, q
+
+    def put(self, rid: str, item) -> None:
+        self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+
+    def flush(self) -> None:
+        pass
+
+
+class Outbox:
+    """The deltas of many requests (one subscriber's), gathered on the loop thread and taken as one batch.
+
+    `put` and `flush` run on the engine's thread; `take` and everything else on the event loop that made it. A
+    request's end (its last delta, or its error) also completes the future `expect` gave for it; errors go
+    only there, deltas (the last one included) only into the batches."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self.loop = loop or asyncio.get_running_loop()
+        self._items: list[Delta] = []
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._woken = False
+        self.live: dict[str, asyncio.Future] = {}  # request id -> done when it ends
+
+    def expect(self, request_id: str) -> asyncio.Future:
+        done = self.live[request_id] = self.loop.create_future()
+        return done
+
+    def forget(self, request_id: str) -> None:
+        self.live.pop(request_id, None)
+
+    def put(self, rid: str, item) -> None:
+        if isinstance(item, BaseException):
+            self.loop.call_soon_threadsafe(self._end, rid, item)
+            return
+        with self._lock:
+            self._items.append(item)
+        if item.finish_reason is not None:
+            self.loop.call_soon_threadsafe(self._end, rid, None)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._items or self._woken:
+                return
+            self._woken = True
+        self.loop.call_soon_threadsafe(self._ready.set)
+
+    def _end(self, rid: str, error: BaseException | None) -> None:
+        done = self.live.get(rid)
+        if done is not None and not done.done():
+            done.set_result(None) if error is None else done.set_exception(error)
+
+    async def take(self, timeout_s: float) -> list[Delta]:
+        """The deltas put since the last take (waiting up to `timeout_s` for some; [] if none came)."""
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return []
+        self._ready.clear()
+        with self._lock:
+            items, self._items, self._woken = self._items, [], False
+        return items
+
+
+def coalesce(delta: Delta, q: asyncio.Queue) -> tuple[Delta, object]:
     """`delta` with the deltas already queued behind it folded in, so a consumer slower than the engine gets
     one message per wake-up instead of one per step (several tokens per message; text, logprobs, finish kept).
     -> (the merged delta, an error that was queued behind it, to be raised next, or None)."""

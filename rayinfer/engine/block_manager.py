@@ -63,7 +63,7 @@ class BlockManager:
 
         The last token is always left to compute, so the sequence has a row to sample from."""
         assert not seq.block_ids and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:  # those compute every prompt position
             return 0
         hits = []
         for h in prefix_hashes(seq.token_ids, self.block_size, self.num_matchable_blocks(seq)):

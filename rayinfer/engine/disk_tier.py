@@ -30,6 +30,8 @@ class DiskTier:
 
     def admit(self, seq: Sequence) -> bool:
         """Starts loading the pages of `seq`'s prefix that are on disk but not on the device; True: it must wait."""
+        if seq.needs_prompt_logprobs:  # it computes every prompt position (engine/prompt_logprobs)
+            return False
         hashes = prefix_hashes(seq.token_ids, self.bm.block_size, self.bm.num_matchable_blocks(seq))
         k = 0
         while k < len(hashes) and hashes[k] in self.bm.cached:

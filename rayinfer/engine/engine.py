@@ -31,6 +31,8 @@ class Engine:
         if runner is None:
             from rayinfer.engine.model_runner import ModelRunner  # torch enters only here
 
+            if config.null_runner:
+                from rayinfer.engine.null_runner import NullRunner as ModelRunner
             runner = ModelRunner(config)
         self.runner = runner
         self.tokenizer = tokenizer or (load_tokenizer(runner.checkpoint_path) if runner.checkpoint_path else None)
@@ -243,6 +245,8 @@ class Engine:
         return delta
 
     def _append(self, seq: Sequence, token: int, logprobs) -> Delta:
+        if seq.params.max_tokens == 0:
+            return self._prompt_only(seq)
         first = seq.num_output_tokens == 0
         seq.token_ids.append(token)
         p = seq.params
@@ -265,10 +269,20 @@ class Engine:
             self.counters["prompt_tokens"] += seq.num_prompt_tokens
             self.counters["cached_tokens"] += seq.num_cached_tokens
         delta = Delta(seq.request_id, [token], text, [logprobs] if logprobs is not None else None,
-                      seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens)
+                      seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens,
+                      prompt_logprobs=seq.prompt_logprobs if first else None)
         if seq.finish_reason:
             self._finish(seq)
         return delta
+
+    def _prompt_only(self, seq: Sequence) -> Delta:
+        """max_tokens 0: the prompt ran (its logprobs, its pages cached); the token sampled after it is dropped."""
+        seq.finish_reason = "length"
+        self.counters["prompt_tokens"] += seq.num_prompt_tokens
+        self.counters["cached_tokens"] += seq.num_cached_tokens
+        self._finish(seq)
+        return Delta(seq.request_id, [], "", [] if seq.params.logprobs is not None else None, "length",
+                     seq.num_prompt_tokens, seq.num_cached_tokens, prompt_logprobs=seq.prompt_logprobs)
 
     def _hand_off(self, seq: Sequence) -> None:
         """A prefill rank's job ends at the first token: keep the prompt's latents for the decode rank."""

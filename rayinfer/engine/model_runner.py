@@ -17,6 +17,7 @@ import torch
 from rayinfer.config import EngineConfig
 from rayinfer.engine.cuda_graphs import CudaGraphCapture, DecodeGraphs, graphs_blocker
 from rayinfer.engine.decode_buckets import bucket_sizes, is_decode_step, pad_decode
+from rayinfer.engine import prompt_logprobs
 from rayinfer.engine.overlap import balanced_split, microbatch, run_interleaved
 from rayinfer.engine.sampler import Sampler
 from rayinfer.engine.scheduler import SchedulerOutput
@@ -219,6 +220,8 @@ class ModelRunner:
                         rows.append(offset + end)
                         seqs.append(seq)
                 offset += h.shape[0]
+        if any(s.seq.needs_prompt_logprobs for s in sched.scheduled):  # all prompt rows' logits, for those asking
+            prompt_logprobs.record(self.model, [(items, hiddens[0])] if self.ctx is None else zip(parts, hiddens))
         if not seqs:
             return {}
         # One gather of the sampling rows, whatever the batch size.

@@ -72,6 +72,9 @@ class Sequence:
         # The drafter's state (engine/drafter.py): the target's hidden rows of the last positions computed, which
         # the MTP module has not seen yet; `end` is the first position after them.
         self.draft_state = None
+        # params.prompt_logprobs: entry p for prompt token p, filled by position as its chunks run (engine/prompt_logprobs)
+        self.prompt_logprobs: list[dict[int, float] | None] | None = \
+            [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +99,12 @@ class Sequence:
         target's hidden states up to its last computed token (not so after a KV import or a preemption)."""
         st = self.draft_state
         return st is not None and st.end == self.num_computed_tokens and self.num_pending_tokens == 1
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether its prompt positions still need logits: asked, and no output yet (a resumed or handed-off
+        request had its prompt logprobs sent by the rank that produced its first token)."""
+        return self.prompt_logprobs is not None and self.num_output_tokens == 0
 
     @property
     def finished(self) -> bool:

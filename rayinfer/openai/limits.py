@@ -3,8 +3,8 @@ length before any tokenizing, and the sizes of its lists (`RequestLimits`).
 
 Owns the 400s (`context_length_exceeded`) for prompts and completions that cannot fit, the default
 `max_tokens` when a chat request sends none (what both the context and the ranks' cache leave for it),
-the bounds on how many prompts, choices (n x prompts), stop strings and stop token ids one request
-carries, and the vocabulary check every client-sent token id passes (prompt ids, `stop_token_ids`,
+the bounds on how many prompts, choices (n x prompts), stop strings, stop token ids and prompt-logprob tokens one
+request carries, and the vocabulary check every client-sent token id passes (prompt ids, `stop_token_ids`,
 `logit_bias` keys), so that nothing a rank would index with is out of range. Crossing it: token counts,
 lists and a `ModelInfo` in; a `max_tokens` or an `APIError` out.
 """
@@ -27,6 +27,9 @@ class RequestLimits:
     max_stop_token_ids: int = 64
     max_logit_bias: int = 300  # OpenAI's bound
     max_tools: int = 128  # OpenAI's bound
+    # prompt tokens x choices whose logprobs one request returns (echo with logprobs, prompt_logprobs): each is a
+    # JSON entry of up to 21 alternatives, so this bounds the response a small body can ask for (~0.3 GB at 2**17)
+    max_prompt_logprob_tokens: int = 2**17
 
 
 def _check_count(count: int, bound: int, param: str, what: str, field: str) -> None:
@@ -43,6 +46,12 @@ def check_prompt_count(count: int, n: int, limits: RequestLimits) -> None:
                             f"choices; this server takes at most {limits.max_choices_per_request} in one request "
                             f"(max_choices_per_request in the serve config)",
                        param="n")
+
+
+def check_prompt_logprob_tokens(prompt_lens: list[int], n: int, param: str, limits: RequestLimits) -> None:
+    """The prompt tokens whose logprobs a request returns, over all its choices."""
+    _check_count(n * sum(prompt_lens), limits.max_prompt_logprob_tokens, param,
+                 "prompt tokens (x n) to return logprobs for", "max_prompt_logprob_tokens")
 
 
 def check_token_ids(ids, param: str, vocab_size: int) -> None:

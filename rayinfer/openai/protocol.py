@@ -20,11 +20,12 @@ import jinja2
 
 from rayinfer.messages import SamplingParams
 from rayinfer.openai.chat_output import starts_in_reasoning
+from rayinfer.openai.continuation import cut_after_prefix, fim_prompts, prefix_message
 from rayinfer.openai.errors import APIError, _bad, _show  # noqa: F401 - APIError is used and re-exported
 from rayinfer.openai.limits import (RequestLimits, _guard_length, _max_tokens, check_logit_bias, check_prompt_count,
-                                    check_stops, check_token_ids)
-from rayinfer.openai.responses import (SSE_DONE, ChoiceResult, chat_chunk, chat_logprobs,  # noqa: F401
-                                       chat_response, completion_chunk, completion_logprobs,
+                                    check_prompt_logprob_tokens, check_stops, check_token_ids)
+from rayinfer.openai.responses import (SSE_DONE, ChoiceResult, PromptView, chat_chunk, chat_logprobs,  # noqa: F401
+                                       chat_response, completion_chunk, completion_delta_chunk, completion_logprobs,
                                        completion_response, models_response, sse, usage_chunk,
                                        usage_dict, usage_for)
 from rayinfer.openai.structured import parse_structured
@@ -62,6 +63,16 @@ class RequestSpec:
     tool_format: str | None = None  # chat: the tool-call format its output is parsed for (None: not parsed)
     forced_tool: str | None = None  # chat: tool_choice named this function, so the whole output is its arguments
     tools_required: bool = False  # chat: tool_choice "required", so the whole output is a JSON list of calls
+    echo: bool = False  # completions: the prompt's text (and, with logprobs, its tokens) before the output
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: that many alternatives per prompt token
+
+    def choice(self, index: int) -> ChoiceResult:
+        """Choice `index` before any delta: it collects logprobs when asked, and knows what it shows of its prompt."""
+        text, ids = self.prompts[index // self.n]
+        view = PromptView(text or "", ids, self.echo, self.logprobs, self.prompt_logprobs) \
+            if self.echo or self.prompt_logprobs is not None else None
+        return ChoiceResult(index=index, token_ids=[], text="",
+                            logprobs=[] if self.params.logprobs is not None else None, prompt=view)
 
 
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
@@ -70,12 +81,13 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "pre
            # vLLM's extensions, which its benchmark and many ecosystem clients send
            "repetition_penalty", "min_tokens", "stop_token_ids", "skip_special_tokens",
            "spaces_between_special_tokens", "include_stop_str_in_output", "structured_outputs"}
-_FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"},
+_FIELDS = {"completion": _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix", "prompt_logprobs"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-                              "tool_choice", "functions", "function_call", "response_format", "chat_template_kwargs"}}
+                              "tool_choice", "functions", "function_call", "response_format", "chat_template_kwargs",
+                              "prompt_logprobs"}}
 # Accepted only at values that ask for nothing beyond plain text generation.
-_HARMLESS = {"echo": lambda v: v is False, "best_of": lambda v: v == 1 and not isinstance(v, bool),
-             "suffix": lambda v: v == "", "functions": lambda v: v == [],
+_HARMLESS = {"best_of": lambda v: v == 1 and not isinstance(v, bool),
+             "functions": lambda v: v == [],
              "function_call": lambda v: v == "none",
              # output shaping rayinfer always does one way: special tokens skipped, stop strings cut off
              "skip_special_tokens": lambda v: v is True, "spaces_between_special_tokens": lambda v: v is True,
@@ -143,7 +155,7 @@ def _check_envelope(body, kind: str, info: ModelInfo) -> dict:
 
 
 def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo,
-              structured: tuple[str, str] | None = None) -> SamplingParams:
+              structured: tuple[str, str] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -169,7 +181,7 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, info: ModelInfo
             repetition_penalty=_get_num(body, "repetition_penalty", 0, 100, 1.0, lo_open=True),
             min_tokens=_get_int(body, "min_tokens", 0, max_tokens, default=0),
             logit_bias=check_logit_bias(body["logit_bias"], info) if body.get("logit_bias") is not None else (),
-            structured=structured or parse_structured(body))
+            structured=structured or parse_structured(body), prompt_logprobs=prompt_logprobs)
     except ValueError as e:  # a constraint SamplingParams knows and this layer does not
         name = str(e).split("=", 1)[0].removeprefix("SamplingParams.")
         raise APIError(400, f"Invalid request: {e}", param=name) from e
@@ -227,15 +239,33 @@ def _completion_prompts(prompt, info: ModelInfo, n: int) -> list[tuple[str | Non
 def parse_completion_request(body, info: ModelInfo) -> RequestSpec:
     body = _check_envelope(body, "completion", info)
     n = _get_int(body, "n", 1, 16, default=1)
-    prompts = _completion_prompts(body.get("prompt"), info, n)
-    requested = _get_int(body, "max_tokens", 1, None, default=16)  # OpenAI's default for completions
+    echo, prompt, suffix = _get_bool(body, "echo"), body.get("prompt"), body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise _bad("suffix", suffix, "must be a string")
+    if suffix and prompt is not None:  # DeepSeek's FIM completion: the model writes what goes between
+        if echo:
+            raise _bad("echo", echo, "cannot be combined with 'suffix'")
+        prompt = fim_prompts(prompt, suffix, info.tokenizer)
+    prompts = _completion_prompts(prompt, info, n)
+    # OpenAI's default for completions; 0 with echo returns the prompt alone (how evaluation harnesses score text)
+    requested = _get_int(body, "max_tokens", 0 if echo else 1, None, default=16)
     for _, ids in prompts:
         _max_tokens(requested, len(ids), info, "prompt")
     logprobs = _get_int(body, "logprobs", 0, 5)
+    asked = _get_int(body, "prompt_logprobs", 0, 20)
+    # the engine computes one list per prompt, as wide as the widest of the two asks
+    wide = max((k for k in (asked, logprobs if echo else None) if k is not None), default=None)
+    if wide is not None:
+        check_prompt_logprob_tokens([len(ids) for _, ids in prompts], n, "echo" if asked is None else "prompt_logprobs",
+                                    info.limits)
+    if echo:  # the echoed text of a token-id prompt is its decoding
+        prompts = [(text if text is not None else info.tokenizer.decode(ids) if info.tokenizer else "", ids)
+                   for text, ids in prompts]
     stream, include_usage = _stream_flags(body)
-    return RequestSpec("completion", info.name, prompts, _sampling(body, requested, logprobs, info),
+    return RequestSpec("completion", info.name, prompts,
+                       _sampling(body, requested, logprobs, info, prompt_logprobs=wide),
                        n=n, stream=stream, include_usage=include_usage,
-                       logprobs=logprobs)
+                       logprobs=logprobs, echo=echo, prompt_logprobs=asked)
 
 
 def _history_calls(calls, at: str) -> list[dict] | None:
@@ -284,7 +314,7 @@ def _messages(messages) -> list[dict]:
         for key, value in m.items():
             # Clients echo assistant messages back with null fields (refusal, tool_calls, audio...); a previous
             # turn's reasoning_content is dropped, as DeepSeek documents (never sent back into the prompt).
-            if key not in ("role", "content", "name", "reasoning_content", "tool_calls", "tool_call_id") \
+            if key not in ("role", "content", "name", "reasoning_content", "tool_calls", "tool_call_id", "prefix") \
                     and value not in (None, []):
                 raise _bad(f"{at}.{key}", value, "not supported by this server")
         msg = {"role": m["role"], "content": content}
@@ -321,14 +351,17 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     n = _get_int(body, "n", 1, 16, default=1)
     check_prompt_count(1, n, info.limits)
     messages = _messages(body.get("messages"))
+    prefix = prefix_message(body["messages"])  # DeepSeek's chat prefix completion: continue the last message
     if info.tokenizer is None:
         raise APIError(400, f"Model `{info.name}` has no tokenizer or chat template: use /v1/completions "
                             "with token-id prompts", param="messages")
     _guard_length(sum(map(_text_chars, messages)), "messages", info)
     use = parse_tools(body, info.limits)
     try:
-        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=use.tools,
+        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=prefix is None, tools=use.tools,
                                                   extra=_template_kwargs(body.get("chat_template_kwargs")))
+        if prefix is not None:
+            text = cut_after_prefix(text, messages[prefix]["content"])
     except (jinja2.TemplateError, TypeError) as e:  # TypeError: a template adding None (a field it did not expect)
         raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
     ids = info.tokenizer.encode(text, add_special_tokens=False)  # the template already wrote BOS
@@ -340,9 +373,15 @@ def parse_chat_request(body, info: ModelInfo) -> RequestSpec:
     if top is not None and not logprobs:
         raise _bad("top_logprobs", top, "requires 'logprobs' to be true")
     stream, include_usage = _stream_flags(body)
+    asked = _get_int(body, "prompt_logprobs", 0, 20)
+    if asked is not None:  # vLLM's: in the response, beside the choices (a stream has no place for them)
+        if stream:
+            raise _bad("prompt_logprobs", asked, "not available when 'stream' is true")
+        check_prompt_logprob_tokens([len(ids)], n, "prompt_logprobs", info.limits)
     return RequestSpec("chat", info.name, [(text, ids)],
-                       _sampling(body, max_tokens, (top or 0) if logprobs else None, info, use.constraint), n=n,
-                       stream=stream,
+                       _sampling(body, max_tokens, (top or 0) if logprobs else None, info, use.constraint,
+                                 prompt_logprobs=asked), n=n,
+                       stream=stream, prompt_logprobs=asked,
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top or 0,
                        reasoning=None if info.reasoning_parser is None or use.constraint else starts_in_reasoning(text),
                        tool_format=info.tool_format if use.parse else None, forced_tool=use.forced,

@@ -23,6 +23,19 @@ SSE_DONE = b"data: [DONE]\n\n"
 _UNLIKELY = -9999.0  # OpenAI's stand-in for a logprob too small to report (JSON has no -inf)
 
 
+@dataclass(frozen=True)
+class PromptView:
+    """What a completion choice shows of its prompt: with `echo`, its text before the output (and its tokens in
+    the legacy logprobs, with `top` alternatives, when logprobs were asked); with `prompt_logprobs` (vLLM's),
+    that many alternatives per prompt token in the choice's own `prompt_logprobs` list."""
+
+    text: str
+    token_ids: list[int]
+    echo: bool = False
+    top: int | None = None  # the request's `logprobs`: None, no logprobs object
+    prompt_logprobs: int | None = None
+
+
 @dataclass
 class ChoiceResult:
     """One finished (or, for streaming, in-progress) choice, as the ingress hands it over."""
@@ -34,6 +47,8 @@ class ChoiceResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt: PromptView | None = None  # completions asking for echo or prompt_logprobs
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # the engine's, one per prompt token (first None)
 
 
 def _final_reason(reason: str | None, called: bool = False) -> str:
@@ -104,10 +119,56 @@ def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int
     tokens, chosen, tops = [], [], []
     for t, lps in zip(token_ids, logprobs):
         tokens.append(token_text(tokenizer, t)[0])
+        if lps is None:  # an echoed prompt's first token: nothing predicts it
+            chosen.append(None)
+            tops.append(None)
+            continue
         chosen.append(_lp(lps[t]))
         tops.append({token_text(tokenizer, i)[0]: _lp(v) for i, v in sorted(lps.items(), key=lambda kv: -kv[1])})
     return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops,
             "text_offset": _text_offsets(tokenizer, token_ids, text_offset)}
+
+
+def _top(lps: dict[int, float] | None, own: int, k: int) -> dict[int, float] | None:
+    """A prompt entry cut to its k best plus the prompt's own token (the engine computed max(k) of a request's asks)."""
+    if lps is None:
+        return None
+    best = dict(sorted(lps.items(), key=lambda kv: -kv[1])[:k])
+    best[own] = lps[own]
+    return best
+
+
+def _prompt_entries(view: PromptView, lps, k: int) -> list[dict[int, float] | None]:
+    lps = lps if lps is not None else [None] * len(view.token_ids)
+    return [_top(e, t, k) for t, e in zip(view.token_ids, lps)]
+
+
+def vllm_prompt_logprobs(tokenizer, view: PromptView, lps) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (first None) {token id: {logprob, rank, decoded_token}}; rank is
+    1-based among the best entries, None for a prompt token outside them (its rank is not computed)."""
+    out = []
+    for entry in _prompt_entries(view, lps, view.prompt_logprobs):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+        out.append({str(i): {"logprob": _lp(v), "rank": r + 1 if r < view.prompt_logprobs else None,
+                             "decoded_token": token_text(tokenizer, i)[0]} for r, (i, v) in enumerate(ranked)})
+    return out
+
+
+def _echoed(c: ChoiceResult, token_ids, logprobs, text: str, first: bool, sent_chars: int = 0):
+    """(text, token ids, logprobs, text offset) of a completion's (part of a) choice, its prompt echoed in front
+    on the `first` part."""
+    view = c.prompt
+    if view is None or not view.echo:
+        return text, token_ids, logprobs, sent_chars
+    if not first:
+        return text, token_ids, logprobs, sent_chars + len(view.text)
+    if logprobs is not None:
+        token_ids = view.token_ids + token_ids
+        logprobs = _prompt_entries(view, c.prompt_logprobs, view.top) + logprobs
+    return view.text + text, token_ids, logprobs, 0
 
 
 def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]], top_logprobs: int) -> dict:
@@ -125,11 +186,29 @@ def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, floa
 def completion_response(id: str, created: int, model: str, choices: list[ChoiceResult], usage: dict,
                         tokenizer=None) -> dict:
     return {"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "text": c.text, "finish_reason": _final_reason(c.finish_reason),
-                         "logprobs": None if c.logprobs is None else
-                         completion_logprobs(tokenizer, c.token_ids, c.logprobs)}
-                        for c in sorted(choices, key=lambda c: c.index)],
+            "choices": [_completion_choice(c, tokenizer) for c in sorted(choices, key=lambda c: c.index)],
             "usage": usage}
+
+
+def _completion_choice(c: ChoiceResult, tokenizer, part=None, sent_chars: int = 0) -> dict:
+    """A whole choice, or (`part`: this chunk's delta, already folded into `c`) one streamed chunk's choice."""
+    first = part is None or len(c.token_ids) == len(part.token_ids)
+    text, ids, lps = (c.text, c.token_ids, c.logprobs) if part is None else (part.text, part.token_ids, part.logprobs)
+    text, ids, lps, offset = _echoed(c, ids, lps, text, first, sent_chars)
+    out = {"index": c.index, "text": text,
+           "finish_reason": _final_reason(c.finish_reason) if part is None else _chunk_reason(part.finish_reason),
+           "logprobs": None if lps is None else completion_logprobs(tokenizer, ids, lps, offset)}
+    if first and c.prompt is not None and c.prompt.prompt_logprobs is not None:
+        out["prompt_logprobs"] = vllm_prompt_logprobs(tokenizer, c.prompt, c.prompt_logprobs)
+    return out
+
+
+def completion_delta_chunk(id: str, created: int, model: str, c: ChoiceResult, d, sent_chars: int,
+                           tokenizer=None) -> dict:
+    """The streamed chunk of delta `d` of choice `c` (`d` folded into it already; `sent_chars` of its output text
+    sent before `d`): the echoed prompt and vLLM's prompt_logprobs ride on the choice's first chunk."""
+    return {"id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [_completion_choice(c, tokenizer, d, sent_chars)]}
 
 
 def chat_response(id: str, created: int, model: str, choices: list[ChoiceResult], usage: dict,
@@ -137,13 +216,17 @@ def chat_response(id: str, created: int, model: str, choices: list[ChoiceResult]
     """`message`: text -> (the assistant message, whether the model chose to call tools: finish reason
     "tool_calls"); rayinfer.openai.chat_output splits out the reasoning and the calls."""
     message = message or (lambda text: ({"role": "assistant", "content": text}, False))
-    return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "message": (m := message(c.text))[0],
-                         "finish_reason": _final_reason(c.finish_reason, m[1]),
-                         "logprobs": None if c.logprobs is None else
-                         chat_logprobs(tokenizer, c.token_ids, c.logprobs, top_logprobs)}
-                        for c in sorted(choices, key=lambda c: c.index)],
-            "usage": usage}
+    out = {"id": id, "object": "chat.completion", "created": created, "model": model,
+           "choices": [{"index": c.index, "message": (m := message(c.text))[0],
+                        "finish_reason": _final_reason(c.finish_reason, m[1]),
+                        "logprobs": None if c.logprobs is None else
+                        chat_logprobs(tokenizer, c.token_ids, c.logprobs, top_logprobs)}
+                       for c in sorted(choices, key=lambda c: c.index)],
+           "usage": usage}
+    first = min(choices, key=lambda c: c.index, default=None)  # a chat request has one prompt
+    if first is not None and first.prompt is not None and first.prompt.prompt_logprobs is not None:
+        out["prompt_logprobs"] = vllm_prompt_logprobs(tokenizer, first.prompt, first.prompt_logprobs)  # vLLM's place
+    return out
 
 
 # ---- streaming ----
