@@ -41,7 +41,8 @@ def _serve(args) -> int:
     if args.colocated:
         overrides["disaggregated"] = False
     cfg = ServeConfig.from_file(args.config, **overrides) if args.config else ServeConfig.from_dict({}, **overrides)
-    serve_forever(cfg.with_ep(args.prefill_ep, args.decode_ep), args.address, ready=lambda m: print(m, flush=True))
+    cfg = cfg.with_ep(args.prefill_ep, args.decode_ep).with_speculation(args.num_speculative_tokens)
+    serve_forever(cfg, args.address, ready=lambda m: print(m, flush=True))
     return 0
 
 
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--colocated", action="store_true", help="mixed ranks, no prefill/decode disaggregation")
     s.add_argument("--prefill-ep", type=int, default=None, help="ranks per prefill gang [2]")
     s.add_argument("--decode-ep", type=int, default=None, help="ranks per decode (or mixed) gang [2]")
+    s.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="MTP drafts per decode step on decode/mixed ranks (needs their ep_size 1) [0: off]")
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 [float32]")
     s.add_argument("--device", default=None, help="cpu | cuda [cpu]")
     s.add_argument("--enforce-eager", action="store_true",

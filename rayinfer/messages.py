@@ -140,6 +140,9 @@ class Delta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     prompt_logprobs: list[dict[int, float] | None] | None = None  # in a request's first delta, when it asked
+    # Speculative decoding, per draft position: drafts proposed and accepted in the steps this delta covers
+    spec_draft_tokens: list[int] | None = None
+    spec_accepted_tokens: list[int] | None = None
 
 
 def fold_delta(out, d: Delta) -> None:
@@ -155,6 +158,13 @@ def fold_delta(out, d: Delta) -> None:
         out.prompt_logprobs = d.prompt_logprobs
     if d.finish_reason:
         out.finish_reason = d.finish_reason
+    if d.spec_draft_tokens is not None and hasattr(out, "spec_draft_tokens"):
+        out.spec_draft_tokens = _add_counts(out.spec_draft_tokens, d.spec_draft_tokens)
+        out.spec_accepted_tokens = _add_counts(out.spec_accepted_tokens, d.spec_accepted_tokens)
+
+
+def _add_counts(a: list[int] | None, b: list[int]) -> list[int]:
+    return list(b) if a is None else [x + y for x, y in zip(a, b)]
 
 
 @dataclass
@@ -171,6 +181,9 @@ class RequestOutput:
     latency: float | None = None  # seconds from submission to finish
     error: str | None = None  # why the engine failed this request alone (then finish_reason is "error")
     prompt_logprobs: list[dict[int, float] | None] | None = None  # SamplingParams.prompt_logprobs: one per prompt token
+    # With speculative decoding: per draft position, how many drafts were proposed and how many the target accepted
+    spec_draft_tokens: list[int] | None = None
+    spec_accepted_tokens: list[int] | None = None
 
     @property
     def finished(self) -> bool:

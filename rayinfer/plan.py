@@ -64,7 +64,8 @@ def plan(serve: ServeConfig, gpu_memory: int | None = None) -> list[RolePlan]:
         r, engine = serve.role(role), serve.engine_config(role)
         placement = ExpertPlacement.initial(cfg.moe_layers, cfg.n_routed_experts, r.num_redundant_experts, r.ep_size)
         # Every rank holds slots_per_rank slots and the same replicated weights, so rank 0 is the largest.
-        model = rank_model(path, dtype, serve.device, placement.local_experts(0))
+        drafts = role != "prefill" and engine.speculative.num_speculative_tokens > 0  # the MTP module and its cache
+        model = rank_model(path, dtype, serve.device, placement.local_experts(0), mtp=drafts)
         max_len = min(engine.scheduler.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         tokens = kv_cache_pages(engine, model, max_len) * PAGE_SIZE
         kv = tokens * kv_bytes_per_token(model, dtype)

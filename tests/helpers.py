@@ -62,3 +62,20 @@ class PagedCache:
                            for i, (s, n) in enumerate(zip(starts, lens))])
         return ForwardBatch(pos, list(lens), [s + n for s, n in zip(starts, lens)], table, slots, self.kv,
                             prefill_attention)
+
+
+def hand_off(prefill, decode, prompts: list[list[int]], params) -> dict[str, list[int]]:
+    """Runs `prompts` (request ids "0", "1", ...) on a prefill engine and queues each on a decode engine with its
+    first token and handed-off KV -> request id -> tokens so far (the decode engine has not stepped yet)."""
+    from rayinfer.messages import EngineRequest
+
+    got = {}
+    for i, p in enumerate(prompts):
+        prefill.add_request(EngineRequest(str(i), p, params))
+    while prefill.has_unfinished():
+        for d in prefill.step():
+            got[d.request_id] = list(d.token_ids)
+    for i, p in enumerate(prompts):
+        latents, _ = prefill.exports.pop(str(i))
+        decode.add_request(EngineRequest(str(i), p, params, output_token_ids=got[str(i)]), latents)
+    return got

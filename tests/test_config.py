@@ -76,7 +76,8 @@ def test_role_options_are_the_engines_own():
     default = ServeConfig().engine_config("decode")
     role = RoleConfig()
     for section, name in ROLE_ENGINE_OPTIONS:
-        group = next(g for g in (default.cache, default.scheduler, default.parallel) if isinstance(g, section))
+        group = next(g for g in (default.cache, default.scheduler, default.parallel, default.speculative)
+                     if isinstance(g, section))
         assert getattr(role, name) in (None, getattr(group, name)), name  # the engine's default, or left to it
     with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         ServeConfig.from_dict({"decode": {"max_num_batched_tokens": 0}})
@@ -86,3 +87,19 @@ def test_role_options_are_the_engines_own():
     assert tuned.engine_config("decode").scheduler.max_num_seqs == 8
     assert tuned.engine_config("decode").cache.kv_cache_memory == 2**20
     assert tuned.engine_config("prefill").cache.kv_cache_memory == tuned.kv_cache_memory
+
+
+def test_speculative_decoding_options():
+    from rayinfer.config import EngineConfig, ServeConfig
+
+    assert EngineConfig.from_options("tiny", num_speculative_tokens=3).speculative.num_speculative_tokens == 3
+    for bad in (-1, 9, 1.5, True):
+        with pytest.raises(ConfigError, match="num_speculative_tokens"):
+            EngineConfig.from_options("tiny", num_speculative_tokens=bad)
+    served = ServeConfig.from_dict({"decode": {"ep_size": 1, "num_speculative_tokens": 2}})
+    assert served.engine_config("decode").speculative.num_speculative_tokens == 2
+    with pytest.raises(ConfigError, match="needs ep_size 1"):  # not in expert-parallel gangs yet
+        ServeConfig.from_dict({"decode": {"ep_size": 2, "num_speculative_tokens": 2}})
+    flagged = ServeConfig(disaggregated=False).with_ep(decode=1).with_speculation(1)
+    assert flagged.engine_config("mixed").speculative.num_speculative_tokens == 1
+    assert flagged.engine_config("prefill").speculative.num_speculative_tokens == 0

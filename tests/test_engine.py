@@ -8,6 +8,8 @@ from rayinfer import LLM, SamplingParams
 from rayinfer.engine.async_engine import AsyncEngine
 from rayinfer.messages import EngineRequest
 
+from helpers import hand_off
+
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
@@ -202,15 +204,7 @@ def test_handoff_between_engines_decodes_like_one_engine(alone):
     prefill = Engine(EngineConfig.from_options("tiny", scheduler_mode="prefill"))
     decode = Engine(EngineConfig.from_options("tiny", scheduler_mode="decode", kv_cache_tokens=640))
     prompts = _prompts()[:12]
-    got = {}
-    for i, p in enumerate(prompts):
-        prefill.add_request(EngineRequest(str(i), p, GREEDY))
-    while prefill.has_unfinished():
-        for d in prefill.step():
-            got[d.request_id] = list(d.token_ids)
-    for i, p in enumerate(prompts):
-        latents, _ = prefill.exports.pop(str(i))
-        decode.add_request(EngineRequest(str(i), p, GREEDY, output_token_ids=got[str(i)]), latents)
+    got = hand_off(prefill, decode, prompts, GREEDY)
     assert decode.block_manager.num_allocated_blocks() == 0  # waiting requests hold no pages
     while decode.has_unfinished():
         for d in decode.step():

@@ -60,3 +60,16 @@ def test_uneven_slots_name_the_values(ep, redundant):
     serve = ServeConfig.from_dict({"prefill": {"ep_size": ep, "num_redundant_experts": redundant}}, model=V3)
     with pytest.raises(ValueError, match=f"ep_size={ep}"):
         plan(serve)
+
+
+def test_a_drafting_role_plans_the_mtp_module_and_its_cache():
+    roles = {"prefill": {"ep_size": 1}, "decode": {"ep_size": 1}}
+    plain = {r.role: r for r in plan(ServeConfig.from_dict(roles, model=V3))}
+    roles["decode"]["num_speculative_tokens"] = 2
+    spec = {r.role: r for r in plan(ServeConfig.from_dict(roles, model=V3))}
+    assert spec["prefill"] == plain["prefill"]  # a prefill rank never drafts
+    d, p = spec["decode"], plain["decode"]
+    assert d.weight_bytes_per_rank > p.weight_bytes_per_rank  # layer 61: a full MoE block and its norms/projection
+    per_layer = 576 * 4  # a token's fp32 latent in one layer
+    assert (d.kv_bytes_per_rank / d.kv_tokens_per_rank, p.kv_bytes_per_rank / p.kv_tokens_per_rank) == \
+        (62 * per_layer, 61 * per_layer)

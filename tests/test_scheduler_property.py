@@ -2,12 +2,14 @@
 invariants checked after every operation: the kind of test that finds admission livelocks and page leaks."""
 import random
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
 from rayinfer.config import CacheConfig, EngineConfig, SchedulerConfig
 from rayinfer.engine.block_manager import block_hash
 from rayinfer.engine.engine import Engine
+from rayinfer.engine.sequence import Accepted
 from rayinfer.messages import EngineRequest, SamplingParams
 
 from fake_runner import FakeKV, FakeRunner
@@ -36,12 +38,13 @@ class PageWritingRunner(FakeRunner):
         self.pages = [[None] * BS for _ in range(num_blocks)]
         self.filled_hash: dict[int, bytes] = {}
 
-    def _write(self, seq, start, n):
-        for pos in range(start, start + n):
+    def _write(self, seq, start, n, drafts=()):
+        tokens = seq.token_ids[:start + n] + list(drafts)  # drafts: written like tokens, verified or not
+        for pos in range(start, start + n + len(drafts)):
             page = seq.block_ids[pos // BS]
-            self.pages[page][pos % BS] = seq.token_ids[pos]
+            self.pages[page][pos % BS] = tokens[pos]
             if pos % BS == BS - 1:
-                self.filled_hash[page] = chain_hash(seq.token_ids[:pos + 1])
+                self.filled_hash[page] = chain_hash(tokens[:pos + 1])
 
     def import_kv(self, seq, latents):
         super().import_kv(seq, latents)
@@ -51,6 +54,37 @@ class PageWritingRunner(FakeRunner):
         for s in sched.scheduled:
             self._write(s.seq, s.start, s.num_new_tokens)
         return super().execute(sched)
+
+
+class SpeculatingRunner(PageWritingRunner):
+    """Drafts for every sequence the scheduler gave draft slots: the true next tokens for a seeded number of them,
+    then wrong ones (written into the pages all the same); verification accepts the true ones."""
+
+    num_speculative_tokens = 3
+
+    def __init__(self, num_blocks, seed):
+        super().__init__(num_blocks)
+        self.rng = random.Random(seed)
+        self.drafted = self.accepted = 0
+
+    def execute(self, sched):
+        self.steps.append([(s.seq.request_id, s.start, s.num_new_tokens + s.num_draft_tokens) for s in sched.scheduled])
+        out = {}
+        for s in sched.scheduled:
+            seq, d = s.seq, s.num_draft_tokens
+            run = [next_token(seq.token_ids)]
+            for _ in range(d):
+                run.append(next_token(seq.token_ids + run))
+            a = self.rng.randrange(d + 1) if d else 0
+            drafts = run[:a] + [0] * (d - a)  # token 0 is never the true next token
+            self._write(seq, s.start, s.num_new_tokens, drafts)
+            if d:
+                out[seq.request_id] = Accepted(run[:a + 1], [None] * (a + 1), d, a)
+                self.drafted, self.accepted = self.drafted + d, self.accepted + a
+            elif s.samples:
+                out[seq.request_id] = (run[0], None)
+            seq.draft_state = SimpleNamespace(end=s.start + (1 + a if d else s.num_new_tokens))
+        return out
 
 
 def check_invariants(engine: Engine, runner: PageWritingRunner) -> None:
@@ -66,6 +100,8 @@ def check_invariants(engine: Engine, runner: PageWritingRunner) -> None:
     assert sum(h is not None for h in bm.hashes) == len(bm.cached)
     assert all(not s.block_ids and s.num_computed_tokens == 0 for s in sched.waiting), "a waiting request holds pages"
     assert len(sched.running) <= MAX_SEQS
+    for s in sched.running:  # no pages past its tokens (rejected drafts' went back)
+        assert len(s.block_ids) <= bm.blocks_needed(s.num_tokens), s
     for s in sched.running:  # every computed token sits in the sequence's own page
         for i in range(0, s.num_computed_tokens, BS):
             n = min(BS, s.num_computed_tokens - i)
@@ -77,11 +113,11 @@ def random_prompt(rng: random.Random, prefixes: list[list[int]]) -> list[int]:
     return head + [rng.randrange(3, 100) for _ in range(rng.randrange(1, 200))]
 
 
-def run_workload(seed: int, num_ops: int = 2000) -> dict:
+def run_workload(seed: int, num_ops: int = 2000, speculate: bool = False) -> dict:
     rng = random.Random(seed)
     cfg = EngineConfig("fake", cache=CacheConfig(enable_prefix_caching=True),
                        scheduler=SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET, mode="decode"))
-    runner = PageWritingRunner(NUM_BLOCKS)
+    runner = SpeculatingRunner(NUM_BLOCKS, seed) if speculate else PageWritingRunner(NUM_BLOCKS)
     engine = Engine(cfg, runner=runner)
     prefixes = [[rng.randrange(3, 100) for _ in range(3 * BS)] for _ in range(3)]
     requests, outputs, finished, aborted, rejected = {}, {}, {}, set(), 0
@@ -130,7 +166,8 @@ def run_workload(seed: int, num_ops: int = 2000) -> dict:
         if rid not in aborted:
             assert finished[rid] == "length" and len(outputs[rid]) == max_tokens, rid
     return dict(preemptions=engine.scheduler.num_preemptions, imports=len(runner.imported),
-                prefix_hits=engine.block_manager.hits, finished=len(finished), aborted=len(aborted), rejected=rejected)
+                prefix_hits=engine.block_manager.hits, finished=len(finished), aborted=len(aborted), rejected=rejected,
+                drafted=getattr(runner, "drafted", 0), accepted=getattr(runner, "accepted", 0))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -139,3 +176,12 @@ def test_random_workloads_keep_the_cache_consistent_and_always_progress(seed):
     # The workload exercised what it is meant to: pressure, imports, shared prefixes, aborts.
     assert seen["preemptions"] > 0 and seen["imports"] > 0 and seen["prefix_hits"] > 0, seen
     assert seen["finished"] > 50 and seen["aborted"] > 0, seen
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_speculative_workloads_keep_the_cache_consistent(seed):
+    """Draft slots in the budget and the pages, rejected drafts rolled back, only verified tokens hashed, max_tokens
+    met exactly: the same invariants and the same outputs with speculative steps."""
+    seen = run_workload(seed, speculate=True)
+    assert seen["preemptions"] > 0 and seen["imports"] > 0 and seen["prefix_hits"] > 0, seen
+    assert 0 < seen["accepted"] < seen["drafted"] and seen["finished"] > 50, seen

@@ -1,13 +1,14 @@
 """Speculative verification math alone: greedy drafts accepted exactly while the target's argmax matches,
 sampled output distributed as the target's (chi-square, with greedy-only acceptance as a negative control
-that must fail), seeded draws independent of the batch, and accepted runs cut where plain decoding stops."""
+that must fail), seeded draws independent of the batch, and rejected drafts' pages rolled back (the engine's cut of
+accepted runs at stops is tests/test_spec_engine.py's)."""
 import pytest
 import torch
 from scipy.stats import chisquare
 
 from rayinfer.engine.sampler import Sampler
 from rayinfer.engine.sequence import Sequence
-from rayinfer.engine.speculative import Seeds, cut_run, draft_tokens, verify
+from rayinfer.engine.speculative import Seeds, draft_tokens, verify, verify_greedy
 from rayinfer.messages import SamplingParams
 
 V = 6
@@ -56,6 +57,9 @@ def test_greedy_rows_accept_while_the_argmax_matches():
     drafts = torch.where(torch.rand(b, k) < 0.6, target[:, :k].argmax(-1), torch.randint(0, V, (b, k)))
     tokens, n_emit = verify(p, q, drafts, Seeds.of(list(range(b)), [0] * b))
     best = target.argmax(-1)
+    fast, n_fast = verify_greedy(best, drafts)  # the engine's shortcut for all-greedy batches
+    assert torch.equal(n_fast, n_emit) and all(fast[r, :n].tolist() == tokens[r, :n].tolist()
+                                               for r, n in enumerate(n_emit.tolist()))
     for r in range(b):
         match = (drafts[r] == best[r, :k]).long().tolist() + [0]
         n = match.index(0) + 1
@@ -89,17 +93,6 @@ def test_target_probs_is_the_samplers_filtered_distribution():
     assert torch.allclose(probs[2].sum(), torch.tensor(1.0))
     top = logits[2].topk(3).indices
     assert torch.allclose(probs[2][top], (logits[2][top] / 0.7).softmax(-1))
-
-
-@pytest.mark.parametrize("run,remaining,stop,want", [
-    ([4, 5, 6], 10, set(), ([4, 5, 6], False)),
-    ([4, 5, 6], 2, set(), ([4, 5], True)),
-    ([4, 5, 6], 10, {5}, ([4, 5], True)),
-    ([4, 5, 6], 1, {5}, ([4], True)),
-    ([4, 5, 6], 3, set(), ([4, 5, 6], True)),
-])
-def test_an_accepted_run_is_cut_where_plain_decoding_stops(run, remaining, stop, want):
-    assert cut_run(run, remaining, stop) == want
 
 
 def test_rejected_drafts_pages_roll_back_and_only_verified_tokens_are_hashed():

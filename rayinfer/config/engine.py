@@ -1,6 +1,6 @@
-"""How one engine runs: cache, scheduler and expert-parallel options, and their flat form.
+"""How one engine runs: cache, scheduler, expert-parallel and speculative options, and their flat form.
 
-`EngineConfig` nests `CacheConfig`, `SchedulerConfig` and `ParallelConfig`; `from_options`
+`EngineConfig` nests `CacheConfig`, `SchedulerConfig`, `ParallelConfig` and `SpeculativeConfig`; `from_options`
 builds it from the flat keyword options users pass to `LLM(...)`, naming any unknown or bad
 option. Frozen and validated when built; values derived at run time (the number of cache
 pages, the placement of experts) live with the objects that derive them.
@@ -110,6 +110,22 @@ _TOP_OPTIONS = ("dtype", "device", "seed", "enforce_eager", "null_runner")  # En
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """MTP speculative decoding: `num_speculative_tokens` drafts per decode step from the checkpoint's MTP module
+    (chained on its own outputs when more than one), verified by the target in the same forward; 0: off."""
+
+    num_speculative_tokens: int = 0
+
+    def __post_init__(self):
+        k = self.num_speculative_tokens
+        check_field(isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_SPECULATIVE_TOKENS,
+                    "num_speculative_tokens", k, f"must be an integer in [0, {MAX_SPECULATIVE_TOKENS}] (0: off)")
+
+
+MAX_SPECULATIVE_TOKENS = 8  # chained drafts past a few accept almost nothing; more is a typo, not a setting
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     dtype: str = "float32"
@@ -120,6 +136,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
         check_field(isinstance(self.model, str) and self.model, "model", self.model, "must name a preset or a directory")
@@ -133,7 +150,8 @@ class EngineConfig:
     @staticmethod
     def from_options(model: str, **options) -> "EngineConfig":
         """Flat keyword options (the `LLM(...)` / CLI form) -> nested, validated config."""
-        groups = {"cache": (CacheConfig, {}), "scheduler": (SchedulerConfig, {}), "parallel": (ParallelConfig, {})}
+        groups = {"cache": (CacheConfig, {}), "scheduler": (SchedulerConfig, {}), "parallel": (ParallelConfig, {}),
+                  "speculative": (SpeculativeConfig, {})}
         top = {}
         renames = {"scheduler_mode": "mode"}
         for key, value in options.items():

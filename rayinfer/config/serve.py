@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 
-from rayinfer.config.engine import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_bytes
+from rayinfer.config.engine import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig,
+                                    parse_bytes)
 from rayinfer.config.model import ConfigError, check_field
 
 ROLES = ("prefill", "decode", "mixed")
@@ -59,7 +60,8 @@ class AutoscalingConfig:
 # are the engine's own; a role only adds which ones it carries (kv_cache_memory may also be left to the deployment's).
 ROLE_ENGINE_OPTIONS = ((SchedulerConfig, "max_num_seqs"), (SchedulerConfig, "max_num_batched_tokens"),
                        (CacheConfig, "kv_cache_memory"), (ParallelConfig, "num_redundant_experts"),
-                       (ParallelConfig, "enable_overlap"), (ParallelConfig, "eplb_interval_s"))
+                       (ParallelConfig, "enable_overlap"), (ParallelConfig, "eplb_interval_s"),
+                       (SpeculativeConfig, "num_speculative_tokens"))
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class RoleConfig:
     kv_cache_memory: int | None = None  # None: the deployment's kv_cache_memory
     enable_overlap: bool = ParallelConfig.enable_overlap
     eplb_interval_s: float = ParallelConfig.eplb_interval_s  # live rebalancing period; 0: off
+    # MTP drafts per decode step (a prefill role never drafts); in single-rank gangs only so far
+    num_speculative_tokens: int = SpeculativeConfig.num_speculative_tokens
     autoscaling: AutoscalingConfig | None = None  # None: `num_gangs` gangs, always
 
     def __post_init__(self):
@@ -84,6 +88,9 @@ class RoleConfig:
         for section in {s for s, _ in ROLE_ENGINE_OPTIONS}:  # the engine checks its own options
             section(**{n: v for s, n in ROLE_ENGINE_OPTIONS if s is section
                        and (v := getattr(self, n)) is not None})
+        check_field(not self.num_speculative_tokens or self.ep_size == 1, "num_speculative_tokens",
+                    self.num_speculative_tokens, f"needs ep_size 1 (got {self.ep_size}): speculative decoding does not "
+                    "run in expert-parallel gangs yet")
 
     def engine_options(self) -> dict:
         """This role's engine options, as `EngineConfig.from_options` takes them (unset ones left out)."""
@@ -214,6 +221,14 @@ class ServeConfig:
         if decode:
             cfg = replace(cfg, decode=replace(cfg.decode, ep_size=decode), mixed=replace(cfg.mixed, ep_size=decode))
         return cfg
+
+
+    def with_speculation(self, k: int | None) -> "ServeConfig":
+        """The flag override of the decoding roles' (decode, mixed) MTP drafts per step."""
+        if k is None:
+            return self
+        return replace(self, decode=replace(self.decode, num_speculative_tokens=k),
+                       mixed=replace(self.mixed, num_speculative_tokens=k))
 
 
 def _only_known(raw, cls, where: str) -> None:

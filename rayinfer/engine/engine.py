@@ -1,7 +1,8 @@
 """One rank's engine: requests in, token deltas out, one step at a time.
 
 `step()` is the whole loop body: schedule, run, postprocess. Postprocessing appends sampled
-tokens, detokenizes, applies stop conditions and releases finished sequences' pages. The engine
+tokens (a speculative step's accepted run one by one, so stops cut it where plain decoding would),
+detokenizes, applies stop conditions and releases finished sequences' and rejected drafts' pages. The engine
 is synchronous and single-threaded; `AsyncEngine` (async_engine.py) drives it from a thread for
 servers. Requests that cannot be served (too long, token ids outside the vocabulary, stop strings
 without a tokenizer) are rejected at `add_request` with a clear ValueError. A step that raises for one
@@ -18,8 +19,8 @@ from rayinfer.config import EngineConfig
 from rayinfer.engine.block_manager import BlockManager
 from rayinfer.engine.detokenizer import IncrementalDetokenizer
 from rayinfer.engine.scheduler import Scheduler, SchedulerOutput
-from rayinfer.engine.sequence import PendingKV, Sequence, SeqStatus
-from rayinfer.messages import Delta, EngineRequest, RequestFailed
+from rayinfer.engine.sequence import Accepted, PendingKV, Sequence, SeqStatus
+from rayinfer.messages import Delta, EngineRequest, RequestFailed, fold_delta
 from rayinfer.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -41,7 +42,9 @@ class Engine:
             runner.sampler.grammar = Grammars(self.tokenizer, runner.vocab_size, runner.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, getattr(runner, "num_speculative_tokens", 0))
+        k = self.scheduler.num_speculative_tokens  # acceptance per draft position, for the rank's metrics
+        self.spec_counts = {"spec_draft_tokens": [0] * k, "spec_accepted_tokens": [0] * k} if k else {}
         self.seqs: dict[str, Sequence] = {}
         self.eos = set(runner.eos_token_ids)
         self.max_model_len = self.runner.max_model_len
@@ -199,7 +202,7 @@ class Engine:
             seq = s.seq
             prompt_part = max(0, min(s.start + s.num_new_tokens, seq.num_prompt_tokens) - s.start)
             self.counters["prefill_tokens_computed"] += prompt_part
-            self.counters["decode_tokens_computed"] += s.num_new_tokens - prompt_part
+            self.counters["decode_tokens_computed"] += s.num_new_tokens + s.num_draft_tokens - prompt_part
             seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.commit(seq)
             if self.disk is not None:
@@ -209,10 +212,37 @@ class Engine:
                 try:
                     if isinstance(result, BaseException):  # the runner failed this row alone
                         raise result
-                    deltas.append(self._append(seq, *result))
+                    deltas.append(self._append_run(seq, result) if isinstance(result, Accepted)
+                                  else self._append(seq, *result))
                 except Exception as e:  # noqa: BLE001 - one request's sampling or stop checks
                     self._fail(seq, "sampling or its stop checks", e)
+            if s.num_draft_tokens and not seq.finished:  # rejected drafts' pages go back
+                self.block_manager.trim(seq, seq.num_tokens)
         return deltas
+
+    def _append_run(self, seq: Sequence, run: Accepted) -> Delta:
+        """A verified speculative run, appended token by token as plain decoding would (so stop tokens, stop
+        strings, min_tokens and max_tokens cut it where they would); the accepted drafts' KV becomes computed."""
+        delta = None
+        for token, logprobs in zip(run.tokens, run.logprobs):
+            d = self._append(seq, token, logprobs)
+            if delta is None:
+                delta = d
+            else:
+                fold_delta(delta, d)
+            if seq.finish_reason is not None:
+                break
+        k = len(self.spec_counts["spec_draft_tokens"])  # per draft position: drafted, accepted
+        delta.spec_draft_tokens = [int(j < run.num_drafts) for j in range(k)]
+        delta.spec_accepted_tokens = [int(j < run.num_accepted) for j in range(k)]
+        for key, counts in self.spec_counts.items():
+            self.spec_counts[key] = [a + b for a, b in zip(counts, getattr(delta, key))]
+        if not seq.finished:
+            seq.num_computed_tokens += run.num_accepted
+            self.block_manager.commit(seq)
+            if self.disk is not None:
+                self.disk.written(seq)
+        return delta
 
     def _append(self, seq: Sequence, token: int, logprobs) -> Delta:
         if seq.params.max_tokens == 0:
@@ -240,7 +270,7 @@ class Engine:
             self.counters["cached_tokens"] += seq.num_cached_tokens
         delta = Delta(seq.request_id, [token], text, [logprobs] if logprobs is not None else None,
                       seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens,
-                      seq.prompt_logprobs if first else None)
+                      prompt_logprobs=seq.prompt_logprobs if first else None)
         if seq.finish_reason:
             self._finish(seq)
         return delta
@@ -252,7 +282,7 @@ class Engine:
         self.counters["cached_tokens"] += seq.num_cached_tokens
         self._finish(seq)
         return Delta(seq.request_id, [], "", [] if seq.params.logprobs is not None else None, "length",
-                     seq.num_prompt_tokens, seq.num_cached_tokens, seq.prompt_logprobs)
+                     seq.num_prompt_tokens, seq.num_cached_tokens, prompt_logprobs=seq.prompt_logprobs)
 
     def _hand_off(self, seq: Sequence) -> None:
         """A prefill rank's job ends at the first token: keep the prompt's latents for the decode rank."""
@@ -285,7 +315,7 @@ class Engine:
                     attention_work=attention, kv_usage=bm.usage, kv_blocks_total=bm.num_blocks,
                     kv_blocks_used=bm.num_allocated_blocks(), kv_used_tokens=bm.num_allocated_blocks() * bm.block_size,
                     kv_capacity_tokens=bm.num_blocks * bm.block_size, max_num_seqs=self.config.scheduler.max_num_seqs,
-                    num_preemptions=sched.num_preemptions,
+                    num_preemptions=sched.num_preemptions, **{k: list(v) for k, v in self.spec_counts.items()},
                     prefix_hit_rate=bm.hits / bm.queries if bm.queries else 0.0, taken_at=time.time(),
                     **(self.disk.stats() if self.disk is not None else {}))
 

@@ -3,7 +3,8 @@
 Turns a `SchedulerOutput` into a `ForwardBatch` (flattened token ids, positions, block tables,
 cache slots), runs the forward over every token of the step at once (so each MoE layer runs
 once per step), and samples a next token for each sequence whose chunk reached its end. Decode-only
-steps replay from per-bucket graphs where `cuda_graphs` allows (one rank, CUDA, not `enforce_eager`).
+steps replay from per-bucket graphs where `cuda_graphs` allows (one rank, CUDA, not `enforce_eager`). With
+`num_speculative_tokens` a single-rank step runs through `drafter.MtpDrafter` instead (drafts, one verifying forward).
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(model: DeepseekV3, dtype: torch.dtype) -> int:
+    """Every layer's latent, and the MTP module's where it is loaded (the drafter runs module 0)."""
     cfg = model.cfg
-    return cfg.num_hidden_layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+    layers = cfg.num_hidden_layers + min(len(model.mtp), 1)
+    return layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def kv_cache_pages(config: EngineConfig, model: DeepseekV3, max_model_len: int) -> int:
@@ -50,7 +53,9 @@ class ModelRunner:
         self.config = config
         self.dtype = getattr(torch, config.dtype)
         self.device = torch.device(config.device)
-        self.model = model if model is not None else load_model(config.model, self.dtype, self.device)
+        # Drafts only where sequences decode: a prefill rank hands each one off after its first token.
+        spec = config.speculative.num_speculative_tokens if config.scheduler.mode != "prefill" else 0
+        self.model = model if model is not None else load_model(config.model, self.dtype, self.device, mtp=spec > 0)
         self.ctx = ctx  # expert-parallel context; None in a single-process engine
         cfg = self.model.cfg
         self.max_model_len = min(config.scheduler.max_model_len or cfg.max_position_embeddings,
@@ -64,7 +69,7 @@ class ModelRunner:
                                       device=self.device) for _ in range(cfg.num_hidden_layers)]
         # Decode-only steps of a single-rank CUDA engine replay from graphs over padded buckets (see cuda_graphs).
         self.decode_buckets = self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and not spec:  # verify steps are not graphed yet
             self.use_graphs(CudaGraphCapture())
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = set(cfg.eos_token_id)
@@ -73,6 +78,11 @@ class ModelRunner:
         # out-of-range token id in the sampler would (see `_sample`).
         self.fault = None
         self.checkpoint_path = self.model.checkpoint_path
+        self.drafter, self.num_speculative_tokens = None, spec  # the scheduler gives decoding sequences `spec` drafts
+        if spec:
+            from rayinfer.engine.drafter import MtpDrafter
+
+            self.drafter = MtpDrafter(self, spec)
 
     def use_graphs(self, capture) -> str | None:
         """Replays decode-only steps through `capture` (CUDA graphs, or a CPU stand-in); returns why not, if not."""
@@ -134,23 +144,24 @@ class ModelRunner:
                 f"layout=[layers,{PAGE_SIZE},{self.kv_caches[0].shape[-1]}]; weights={weights_digest(m)}")
 
     def prepare(self, items: list[tuple]) -> tuple[torch.Tensor, ForwardBatch]:
-        """items: (sequence, first position, number of tokens) -> (token ids [T], ForwardBatch)."""
+        """items: (sequence, first position, number of tokens[, their token ids]) -> (token ids [T], ForwardBatch).
+        Token ids default to the sequence's own; speculative drafts, not in them yet, are given."""
         dev = self.device
         if not items:  # an idle rank's share of a gang step
             empty = torch.zeros(0, dtype=torch.long, device=dev)
             return empty, ForwardBatch(empty, [], [], torch.zeros(0, 1, dtype=torch.long, device=dev), empty,
                                        self.kv_caches)
         ids, pos, slots = [], [], []
-        width = max(len(seq.block_ids) for seq, _, _ in items)
+        width = max(len(item[0].block_ids) for item in items)
         tables = torch.zeros(len(items), width, dtype=torch.long)  # [B, max_pages], built on the host
-        for i, (seq, start, n) in enumerate(items):
-            ids.extend(seq.token_ids[start:start + n])
+        for i, (seq, start, n, *given) in enumerate(items):
+            ids.extend(given[0] if given else seq.token_ids[start:start + n])
             p = torch.arange(start, start + n)
             blocks = torch.tensor(seq.block_ids)
             tables[i, : len(seq.block_ids)] = blocks
             pos.append(p)
             slots.append(blocks[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE)
-        batch = ForwardBatch(to_device(torch.cat(pos), dev), [n for _, _, n in items], [s + n for _, s, n in items],
+        batch = ForwardBatch(to_device(torch.cat(pos), dev), [it[2] for it in items], [it[1] + it[2] for it in items],
                              to_device(tables, dev), to_device(torch.cat(slots), dev), self.kv_caches)
         return to_device(torch.tensor(ids), dev), batch
 
@@ -174,6 +185,8 @@ class ModelRunner:
         this rank in their all-to-alls."""
         if not sched.scheduled and self.ctx is None:
             return {}
+        if self.drafter is not None:
+            return self.drafter.execute(sched)
         rows, seqs = [], []
         if self.ctx is None:
             items = [(s.seq, s.start, s.num_new_tokens) for s in sched.scheduled]

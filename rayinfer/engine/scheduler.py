@@ -33,6 +33,9 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
     start: int  # first position computed in this step
+    # Speculative slots after the new tokens (a decoding sequence's drafts): pages are allocated for them and
+    # they count in the token budget, but only the drafts the target verifies become computed tokens.
+    num_draft_tokens: int = 0
 
     @property
     def samples(self) -> bool:
@@ -48,13 +51,14 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_new_tokens + s.num_draft_tokens for s in self.scheduled)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, num_speculative_tokens: int = 0):
         self.config = config
         self.bm = block_manager
+        self.num_speculative_tokens = num_speculative_tokens  # drafts per decoding sequence, where they fit
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -93,6 +97,9 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_pending_tokens, budget)
+            drafts = self._num_drafts(seq, budget - n)
+            if drafts and not self.bm.can_append(seq, n + drafts):
+                drafts = 0  # speculation never preempts anyone
             while not self.bm.can_append(seq, n):
                 victim = next(s for s in reversed(self.running) if id(s) not in done)
                 self._preempt(victim, out)
@@ -100,7 +107,7 @@ class Scheduler:
                     break
             if seq.status is not SeqStatus.RUNNING:
                 continue
-            budget -= self._run(seq, n, out)
+            budget -= self._run(seq, n, out, drafts)
             done.add(id(seq))
         # New admissions only when nothing had to be preempted: admitting would just evict again.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
@@ -154,10 +161,18 @@ class Scheduler:
         skip = hit // self.bm.block_size - kv.first_page
         return kv.payload[skip:] if skip >= 0 else []
 
-    def _run(self, seq: Sequence, n: int, out: SchedulerOutput) -> int:
-        self.bm.append(seq, n)
-        out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
-        return n
+    def _num_drafts(self, seq: Sequence, budget: int) -> int:
+        """Draft slots for a decoding sequence: k where the budget allows, never more than its output can still
+        take after the next token (so a draft's position is always inside max_tokens and the context)."""
+        if not self.num_speculative_tokens or not seq.can_draft:
+            return 0
+        left = seq.params.max_tokens - seq.num_output_tokens - 1
+        return max(0, min(self.num_speculative_tokens, budget, left))
+
+    def _run(self, seq: Sequence, n: int, out: SchedulerOutput, drafts: int = 0) -> int:
+        self.bm.append(seq, n + drafts)
+        out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens, drafts))
+        return n + drafts
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)

@@ -37,6 +37,17 @@ class PendingKV:
     first_page: int | None = None
 
 
+@dataclass
+class Accepted:
+    """What a speculative step emits for one sequence: its accepted drafts, then one corrected or bonus token
+    (`tokens`, with their logprobs or Nones), out of `num_drafts` drafted; the engine appends them one by one."""
+
+    tokens: list[int]
+    logprobs: list
+    num_drafts: int
+    num_accepted: int
+
+
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  arrival_time: float | None = None):
@@ -58,6 +69,9 @@ class Sequence:
         self.sample_seed: int | None = params.seed
         self.detokenizer = None
         self.pending_kv: PendingKV | None = None  # imported when admitted; dropped if preempted or aborted
+        # The drafter's state (engine/drafter.py): the target's hidden rows of the last positions computed, which
+        # the MTP module has not seen yet; `end` is the first position after them.
+        self.draft_state = None
         # params.prompt_logprobs: entry p for prompt token p, filled by position as its chunks run (engine/prompt_logprobs)
         self.prompt_logprobs: list[dict[int, float] | None] | None = \
             [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None
@@ -78,6 +92,13 @@ class Sequence:
     def num_pending_tokens(self) -> int:
         """Tokens still to compute before the next sample."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def can_draft(self) -> bool:
+        """Whether the drafter can propose this sequence's next tokens: it is decoding, and the drafter saw the
+        target's hidden states up to its last computed token (not so after a KV import or a preemption)."""
+        st = self.draft_state
+        return st is not None and st.end == self.num_computed_tokens and self.num_pending_tokens == 1
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -1,6 +1,6 @@
-"""Speculative decoding math: drafting from the MTP module's distribution, verifying drafts against the
-target's, and cutting an accepted run where the plain engine would have stopped. Pure tensor code, no
-engine state; the runner-side orchestration (which forward produces which logits) lives elsewhere.
+"""Speculative decoding math: drafting from the MTP module's distribution and verifying drafts against the
+target's. Pure tensor code, no engine state: the step's orchestration is engine/drafter.py's, and an accepted
+run is cut where plain decoding stops by the engine appending it token by token (`Engine._append_run`).
 
 Verification is standard speculative sampling (Leviathan et al.; Chen et al.): draft token x drawn from q is
 kept with probability min(1, p(x) / q(x)); at the first rejection the token is drawn from the residual
@@ -88,27 +88,24 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, seeds: Seeds,
     return tokens, n_emit
 
 
-def cut_run(tokens: list[int], remaining: int, stop_ids: set[int]) -> tuple[list[int], bool]:
-    """An accepted run -> (the prefix the plain engine would have emitted, whether it stopped): at most
-    `remaining` tokens, ending at (and including) the first stop token. Stop strings are cut by the
-    detokenizer as for plain decoding, since it sees these tokens one by one."""
-    out = []
-    for t in tokens[:max(remaining, 0)]:
-        out.append(t)
-        if t in stop_ids:
-            return out, True
-    return out, len(out) >= remaining
+def verify_greedy(best: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify` for greedy rows without distributions: best [B, k+1] the target's argmax at the k draft positions
+    and the one after, drafts [B, k] -> (tokens [B, k+1], n_emit [B]). Accepted drafts equal the argmax there, and
+    the corrected or bonus token is the argmax after them, so the emitted tokens are the argmax row itself."""
+    accepted = (best[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)  # [B] leading matches
+    return best, accepted + 1
 
 
 def verify_views(seqs: list, drafts: list[list[int]]) -> list:
     """Each sequence followed by its drafts, one view per verified position (k + 1 per sequence, row-major):
     view j holds the sequence's tokens plus drafts[:j], so penalties and min_tokens see at draft position j
     the history plain decoding would have had there. Views share params and sample_seed, not token lists."""
-    out = []
-    for seq, d in zip(seqs, drafts):
-        for j in range(len(d) + 1):
-            v = Sequence(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.params)
-            v.token_ids = seq.token_ids + list(d[:j])
-            v.sample_seed = seq.sample_seed
-            out.append(v)
-    return out
+    return [view(seq, d[:j]) for seq, d in zip(seqs, drafts) for j in range(len(d) + 1)]
+
+
+def view(seq: Sequence, drafts: list[int]) -> Sequence:
+    """`seq` as if `drafts` had been appended: what the filters see at the position after them."""
+    v = Sequence(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.params)
+    v.token_ids = seq.token_ids + list(drafts)
+    v.sample_seed = seq.sample_seed
+    return v

@@ -86,9 +86,18 @@ class MTPLayer(Block):
 
     def predict(self, hidden: torch.Tensor, next_embeds: torch.Tensor, batch: ForwardBatch, ctx=None):
         """hidden, next_embeds [T, H] -> (logits [T, V], this module's hidden [T, H])."""
+        x = self.propose(hidden, next_embeds, batch, ctx)
+        return self.head(x), x
+
+    def propose(self, hidden: torch.Tensor, next_embeds: torch.Tensor, batch: ForwardBatch, ctx=None) -> torch.Tensor:
+        """hidden, next_embeds [T, H] -> this module's hidden [T, H] (its KV written), without the head: a drafter
+        needs the logits of one row per sequence, not of every row it catches up on."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
-        x = super().forward(x, batch, ctx)
-        return self.shared_head.head(self.shared_head.norm(x)), x
+        return super().forward(x, batch, ctx)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """This module's hidden [T, H] -> logits [T, V] for the token two positions on."""
+        return self.shared_head.head(self.shared_head.norm(x))
 
 
 class DeepseekV3(nn.Module):
