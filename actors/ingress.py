@@ -14,6 +14,7 @@ import asyncio
 import math
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import replace
 
 from fastapi import Request
@@ -206,27 +207,29 @@ class Ingress:
     async def _choice(self, req: EngineRequest):
         """Deltas of one choice, to its end however many ranks fail on the way (actors/resume.py)."""
         own_request_identity()
-        async for d in self.runner.run(req):
-            yield d
+        async with aclosing(self.runner.run(req)) as deltas:
+            async for d in deltas:
+                yield d
 
     async def _deltas(self, spec, rid: str, index: int):
         """One choice's deltas with latency metrics recorded."""
         req = self._request(spec, rid, index)
         start = last = time.time()
         times: list[float] = []  # when each output token arrived: for TPOT and the KV read per token
-        async for d in self._choice(req):
-            now = time.time()
-            if d.token_ids:
-                if last == start:
-                    self.metrics.ttft.observe(now - start, self.metrics.tags)
-                else:
-                    self.metrics.itl.observe((now - last) / len(d.token_ids), self.metrics.tags)
-                last = now
-                times += [now] * len(d.token_ids)
-            if d.finish_reason:
-                self._count_usage(d, index % spec.n == 0)
-                self.metrics.finished(len(req.prompt_token_ids), times)
-            yield d
+        async with aclosing(self._choice(req)) as choice:  # closed with this one: its rank call cancelled at once
+            async for d in choice:
+                now = time.time()
+                if d.token_ids:
+                    if last == start:
+                        self.metrics.ttft.observe(now - start, self.metrics.tags)
+                    else:
+                        self.metrics.itl.observe((now - last) / len(d.token_ids), self.metrics.tags)
+                    last = now
+                    times += [now] * len(d.token_ids)
+                if d.finish_reason:
+                    self._count_usage(d, index % spec.n == 0)
+                    self.metrics.finished(len(req.prompt_token_ids), times)
+                yield d
 
     def _count_usage(self, d: Delta, first_choice_of_prompt: bool) -> None:
         if first_choice_of_prompt:
@@ -235,8 +238,9 @@ class Ingress:
 
     async def _collect(self, spec, rid: str, index: int) -> ChoiceResult:
         out = empty_choice(spec, index)
-        async for d in self._deltas(spec, rid, index):
-            fold(out, d)
+        async with aclosing(self._deltas(spec, rid, index)) as deltas:
+            async for d in deltas:
+                fold(out, d)
         inc(self.metrics.generation_tokens, len(out.token_ids), self.metrics.tags)
         return out
 
@@ -248,8 +252,11 @@ class Ingress:
 
         async def pump(index: int) -> None:
             try:
-                async for d in self._deltas(spec, rid, index):
-                    await queue.put((index, d))
+                # a cancelled pump closes its choice's generators now, not when the garbage collector finds them:
+                # that close is what cancels the rank call and frees the request's KV
+                async with aclosing(self._deltas(spec, rid, index)) as deltas:
+                    async for d in deltas:
+                        await queue.put((index, d))
                 await queue.put((index, None))
             except Exception as e:  # noqa: BLE001 - reported in-band, as OpenAI streams do
                 await queue.put((index, e))
