@@ -162,10 +162,15 @@ class RankReplica:
             if not self.calls_from[channel]:
                 del self.calls_from[channel]
 
-    async def _run_on_channel(self, request: bytes, channel: str):
-        req = unpack(request, EngineRequest)
+    def _take_arrived(self, req: EngineRequest):
+        """The KV `accept_kv` took for `req` (None: it re-prefills), its sampling seed set on `req`."""
         kv, rng, _ = self.arrived.pop(req.request_id, (None, None, 0))
         req.rng_state = rng if rng is not None else req.rng_state
+        return kv
+
+    async def _run_on_channel(self, request: bytes, channel: str):
+        req = unpack(request, EngineRequest)
+        kv = self._take_arrived(req)
         box = self._outbox(channel)
         done = self.loop.submit(req, box, kv)
         del kv  # the engine holds it until the scheduler imports it
@@ -253,10 +258,12 @@ class RankReplica:
         """Continues a request whose prefill ran elsewhere, with the KV `accept_kv` took (or `handoff`'s);
         re-prefills if there is none."""
         req = unpack(request, EngineRequest)
-        kv, rng, _ = self.arrived.pop(req.request_id, (None, None, 0))
-        if handoff is not None:
-            kv, rng = await self._fetch(req.request_id, len(req.prompt_token_ids), handoff), handoff.rng_state
-        req.rng_state = rng if rng is not None else req.rng_state
+        if handoff is None:
+            kv = self._take_arrived(req)
+        else:
+            self.arrived.pop(req.request_id, None)
+            kv = await self._fetch(req.request_id, len(req.prompt_token_ids), handoff)
+            req.rng_state = handoff.rng_state if handoff.rng_state is not None else req.rng_state
         async with aclosing(self.loop.stream(req, kv)) as deltas:
             del kv  # the engine holds it until the scheduler imports it
             async for delta in deltas:

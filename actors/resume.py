@@ -144,17 +144,12 @@ class ChoiceRunner:
         call = None  # the rank call in flight: cancelled explicitly, as our fresh request id hides it from Serve
         try:
             t0 = time.monotonic()
-            if self.mixed is not None:
-                call, deltas = self._run(self.mixed, "mixed", req, cost, attempt, deadline, "first_step", t0)
-                async with aclosing(deltas):  # closed at once when the choice stops: its queue goes with it
-                    async for d in deltas:
-                        if d.finish_reason is not None:
-                            call = None  # the request ended on the rank: its call ends by itself, no cancel
-                        yield d
-                return
-            # A fresh choice starts on a prefill rank; one with output (or whose prefill role is down) goes
-            # straight to a decode rank, which computes prompt + output as one prefill.
-            if not req.output_token_ids and health.HEALTH.available("prefill"):
+            handle, role, phase = self.mixed, "mixed", "first_step"
+            # A fresh disaggregated choice starts on a prefill rank; one with output (or whose prefill role is
+            # down) goes straight to a decode rank, which computes prompt + output as one prefill.
+            if self.mixed is None:
+                handle, role, phase = self.decode, "decode", "first_decode"
+            if self.mixed is None and not req.output_token_ids and health.HEALTH.available("prefill"):
                 call = self.prefill.prefill.remote(_wire(req, attempt), cost=cost)
                 raw, handoff = await self._bounded(call, attempt, deadline, "prefill")
                 self.phase("prefill", time.monotonic() - t0)
@@ -174,11 +169,11 @@ class ChoiceRunner:
                 t0 = time.monotonic()
                 self.phase("kv_handoff", t0 - t1)
                 cost = dict(cost, replica=replica)
-            call, deltas = self._run(self.decode, "decode", req, cost, attempt, deadline, "first_decode", t0)
-            async with aclosing(deltas):
+            call, deltas = self._run(handle, role, req, cost, attempt, deadline, phase, t0)
+            async with aclosing(deltas):  # closed at once when the choice stops: its queue goes with it
                 async for d in deltas:
                     if d.finish_reason is not None:
-                        call = None
+                        call = None  # the request ended on the rank: its call ends by itself, no cancel
                     yield d
         except (asyncio.CancelledError, GeneratorExit):
             if call is not None:  # the client left (or the choice moves on): the rank aborts it and frees its KV
